@@ -1,0 +1,25 @@
+"""ptprobe: a userspace probe agent for Linux x86-64, built on ptrace.
+
+    import ptprobe
+    with ptprobe.run(["./prog", "arg"]) as session:        # or ptprobe.attach(pid)
+        probe = session.probe("uprobe:./prog:compute", handler)
+        status = session.wait()
+    probe.hits
+"""
+
+from .errors import (FaultError, HandlerError, InstructionBoundaryError, NoSuchProcessError,
+                     ObjectFileError, ProbeSpecError, ProgramStartError, PtprobeError,
+                     SitePatchedError, SymbolNotFoundError, TracePermissionError, TracerError)
+from .hit import Hit, Regs
+from .patching import Site
+from .session import Observer, Probe, Session, attach, run
+from .spec import ProbeSpec, parse_spec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "run", "attach", "Session", "Probe", "Site", "Hit", "Regs", "Observer", "ProbeSpec", "parse_spec",
+    "PtprobeError", "ProbeSpecError", "NoSuchProcessError", "TracePermissionError", "ObjectFileError",
+    "SymbolNotFoundError", "InstructionBoundaryError", "SitePatchedError", "ProgramStartError",
+    "FaultError", "TracerError", "HandlerError", "__version__",
+]

@@ -1,0 +1,262 @@
+"""The ``ptprobe`` command. Uses only the public API of :mod:`ptprobe`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from typing import IO, Dict, List, Optional, Sequence
+
+import ptprobe
+from ptprobe.errors import ProbeSpecError, PtprobeError
+
+EXIT_USAGE = 2
+EXIT_INTERNAL = 70
+
+_EPILOG = """\
+probe specs:
+  uprobe:PATH:SYMBOL[+OFFSET]   function entry, or an instruction inside it
+  uprobe:PATH:0xADDRESS         an instruction by its address in the file
+  usdt:PATH:PROVIDER:NAME       USDT probes (* and ? wildcards)
+  PATH is a file path or a mapped object's name as /proc/PID/maps shows it (libc.so.6).
+
+exit codes: run exits with the program's status (and dies by the same signal);
+  2 bad usage or probe spec, 3 no such process, 4 permission denied,
+  5 not an ELF file, 6 symbol not found, 7 not an instruction boundary,
+  8 site already patched, 9 program cannot be started, 10 memory fault,
+  11 tracer error, 70 internal error.
+"""
+
+
+class _CliObserver(ptprobe.Observer):
+    def __init__(self, err: IO[str]) -> None:
+        self.err = err
+
+    def notice(self, text: str) -> None:
+        print(f"ptprobe: {text}", file=self.err)
+
+    def handler_error(self, probe: ptprobe.Probe, hit: ptprobe.Hit, error: BaseException) -> None:
+        print(f"ptprobe: probe {probe.name}: {type(error).__name__}: {error}", file=self.err)
+
+
+class _Printer:
+    def __init__(self, out: IO[str], as_json: bool, fmt: Optional[str]) -> None:
+        self.out = out
+        self.as_json = as_json
+        self.fmt = fmt
+
+    def __call__(self, hit: ptprobe.Hit) -> None:
+        args = hit.args
+        if self.as_json:
+            record = {"probe": hit.probe.name, "pid": hit.pid, "tid": hit.tid, "address": hit.address,
+                      "args": args}
+            self.out.write(json.dumps(record) + "\n")
+            return
+        if self.fmt is not None:
+            self.out.write(_format(self.fmt, hit, args) + "\n")
+            return
+        shown = " ".join(f"{a:#x}" if isinstance(a, int) else repr(a) for a in args)
+        self.out.write(f"{hit.probe.name} pid={hit.pid} tid={hit.tid} address={hit.address:#x} args: {shown}\n")
+
+
+def _format(fmt: str, hit: ptprobe.Hit, args: Sequence) -> str:
+    """printf-style: %d %u %x %s (string at the address) %p %f %%, one per argument in order."""
+    out: List[str] = []
+    i = 0
+    n = 0
+    while i < len(fmt):
+        c = fmt[i]
+        if c != "%" or i + 1 == len(fmt):
+            out.append(c)
+            i += 1
+            continue
+        conv = fmt[i + 1]
+        i += 2
+        if conv == "%":
+            out.append("%")
+            continue
+        value = args[n] if n < len(args) else 0
+        n += 1
+        if conv == "d":
+            v = int(value)
+            out.append(str(v - (1 << 64) if v >> 63 else v))
+        elif conv == "u":
+            out.append(str(int(value)))
+        elif conv == "x":
+            out.append(f"{int(value):x}")
+        elif conv == "p":
+            out.append(f"{int(value):#x}")
+        elif conv == "f":
+            out.append(str(float(value)))
+        elif conv == "s":
+            try:
+                out.append(hit.read_str(int(value)))
+            except PtprobeError:
+                out.append(f"<bad address {int(value):#x}>")
+        else:
+            out.append("%" + conv)
+    out.append("")
+    return "".join(out).replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ptprobe", description="Probe instructions of a process with ptrace: function entries, "
+        "offsets, USDT probes.", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ptprobe {ptprobe.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-p", "--probe", action="append", default=[], metavar="SPEC",
+                       help="a probe spec (repeat for more)")
+        p.add_argument("--json", action="store_true", help="one JSON object per hit")
+        p.add_argument("-f", "--format", metavar="FMT",
+                       help="printf-style line per hit over the arguments: %%d %%u %%x %%p %%f %%s")
+        p.add_argument("-o", "--output", metavar="FILE", help="write hits to FILE instead of stdout")
+        p.add_argument("--slots", choices=("return", "seed"), default="return",
+                       help="slot kind for 5-byte NOP sites (default: return)")
+        p.add_argument("--no-seccomp", action="store_true",
+                       help="install no seccomp filter: int3 for every site")
+        p.add_argument("--max-trampoline-pages", type=int, default=64, metavar="N",
+                       help="at most N slot pages per process (default 64)")
+        p.add_argument("--no-follow", action="store_true", help="do not trace forked children")
+        p.add_argument("-q", "--quiet", action="store_true", help="print no hits (counts only)")
+
+    run = sub.add_parser("run", help="start a program under tracing",
+                         description="Start PROGRAM with the probes armed before its own code runs.")
+    common(run)
+    run.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
+
+    att = sub.add_parser("attach", help="attach to a running process",
+                         description="Attach to every thread of PID; detach on Ctrl-C, SIGTERM, SIGHUP, "
+                         "--duration or the process's exit.")
+    att.add_argument("pid", metavar="PID")
+    common(att)
+    att.add_argument("--duration", type=float, metavar="SECONDS", help="detach after SECONDS")
+    att.add_argument("--allow-no-new-privs", action="store_true",
+                     help="allow setting no_new_privs in the process (irrevocable) so that jmp slots "
+                     "can be used without CAP_SYS_ADMIN")
+    return parser
+
+
+def _summary(session: ptprobe.Session, probes: List[ptprobe.Probe], err: IO[str]) -> None:
+    for probe in probes:
+        kinds: Dict[str, int] = {}
+        for site in probe.sites:
+            kinds[site.mechanism] = kinds.get(site.mechanism, 0) + 1
+        how = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "not armed"
+        print(f"ptprobe: {probe.name}: {probe.hits} hits ({how})", file=err)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    err = sys.stderr
+    observer = _CliObserver(err)
+    out: IO[str] = sys.stdout
+    if args.output:
+        try:
+            out = open(args.output, "w")
+        except OSError as exc:
+            print(f"ptprobe: cannot open {args.output}: {exc.strerror}", file=err)
+            return EXIT_USAGE
+    if args.max_trampoline_pages < 0:
+        print("ptprobe: --max-trampoline-pages must be >= 0", file=err)
+        return EXIT_USAGE
+    printer = None if args.quiet else _Printer(out, args.json, args.format)
+    options = dict(slots=args.slots, seccomp=not args.no_seccomp,
+                   max_trampoline_pages=args.max_trampoline_pages, follow=not args.no_follow,
+                   observer=observer)
+    try:
+        specs = [ptprobe.parse_spec(s) for s in args.probe]
+    except ProbeSpecError as exc:
+        print(f"ptprobe: {exc}", file=err)
+        return exc.exit_code
+    session: Optional[ptprobe.Session] = None
+    probes: List[ptprobe.Probe] = []
+    stop_signal: List[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop_signal.append(signum)
+        if session is not None:
+            session.request_stop()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        if args.command == "run":
+            program = list(args.program)
+            if program and program[0] == "--":
+                program = program[1:]
+            if not program:
+                print("ptprobe: run needs a program: ptprobe run [-p SPEC]... -- PROGRAM [ARGS...]", file=err)
+                return EXIT_USAGE
+            session = ptprobe.run(program, **options)
+        else:
+            try:
+                pid = int(args.pid)
+            except ValueError:
+                print(f"ptprobe: {args.pid!r} is not a process id", file=err)
+                return EXIT_USAGE
+            session = ptprobe.attach(pid, allow_no_new_privs=args.allow_no_new_privs, **options)
+        with session:
+            for spec in specs:
+                probes.append(session.probe(spec, printer))
+            if stop_signal:
+                session.detach()
+            elif args.command == "attach":
+                status = session.wait(timeout=args.duration)
+                session.detach()
+                if status is not None:
+                    observer.notice(f"process {session.main_pid} exited "
+                                    + (f"with status {status}" if status >= 0 else f"by signal {-status}"))
+            else:
+                session.wait()
+                session.detach()
+        out.flush()
+        _summary(session, probes, err)
+        if args.command == "run":
+            status = session.returncode if session.returncode is not None else 0
+            if status < 0:
+                _die_by(-status)
+            return status
+        return 0
+    except PtprobeError as exc:
+        print(f"ptprobe: {exc}", file=err)
+        if session is not None and probes:
+            _summary(session, probes, err)
+        return exc.exit_code
+    except BrokenPipeError:
+        return 1
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if out is not sys.stdout:
+            out.close()
+
+
+def _die_by(sig: int) -> None:
+    """End the way the program did: by the same signal (without a core dump)."""
+    try:
+        import resource
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ImportError, ValueError, OSError):
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+    os.kill(os.getpid(), sig)
+    os._exit(128 + sig)
+
+
+def entry() -> None:
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    entry()

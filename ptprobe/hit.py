@@ -1,0 +1,143 @@
+"""What a handler sees: :class:`Hit` and its register view :class:`Regs`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Set, Union
+
+from . import linux
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .patching import Site
+    from .process import Process
+    from .session import Probe
+
+_U64 = (1 << 64) - 1
+
+#: The registers a handler can read and write by name.
+REGISTER_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
+                  "r12", "r13", "r14", "r15", "rip", "eflags", "fs_base", "gs_base",
+                  "cs", "ss", "ds", "es", "fs", "gs")
+_STACKED = ("rax", "r11", "rcx")      # saved on the stack by a slot, in this order from rsp
+
+
+class Regs:
+    """The program's registers at the probe site, read and written by name.
+
+    ``hit.regs.rdi`` reads, ``hit.regs.rdi = 5`` writes (the program sees the
+    new value after the site), ``hit.regs.rip = address`` resumes elsewhere.
+    ``rflags`` is another name for ``eflags``. The view is the same whether the
+    hit came through an int3 or a slot.
+    """
+
+    __slots__ = ("_raw", "_values", "_dirty", "_loader")
+
+    def __init__(self, raw: linux.Registers, values: Dict[str, int],
+                 loader: Optional[Callable[["Regs"], None]] = None) -> None:
+        self._raw = raw
+        self._values = values           # values that differ from the raw registers
+        self._dirty: Set[str] = set()
+        self._loader = loader           # fills rax/r11/rcx from the slot's stack on demand
+
+    def _get(self, name: str) -> int:
+        value = self._values.get(name)
+        if value is not None:
+            return value
+        if self._loader is not None and name in _STACKED:
+            self._loader(self)
+            self._loader = None
+            return self._values[name]
+        return getattr(self._raw, name)
+
+    def _set(self, name: str, value: int) -> None:
+        if self._loader is not None and name in _STACKED:
+            self._loader(self)
+            self._loader = None
+        self._values[name] = int(value) & _U64
+        self._dirty.add(name)
+
+    @property
+    def changed(self) -> Set[str]:
+        """Names of the registers a handler wrote."""
+        return self._dirty
+
+    def as_dict(self) -> Dict[str, int]:
+        return {name: self._get(name) for name in REGISTER_NAMES}
+
+    def __getitem__(self, name: str) -> int:
+        if name == "rflags":
+            name = "eflags"
+        if name not in REGISTER_NAMES:
+            raise KeyError(name)
+        return self._get(name)
+
+    def __setitem__(self, name: str, value: int) -> None:
+        if name == "rflags":
+            name = "eflags"
+        if name not in REGISTER_NAMES:
+            raise KeyError(name)
+        self._set(name, value)
+
+    def __repr__(self) -> str:
+        return "Regs(" + ", ".join(f"{k}={v:#x}" for k, v in self.as_dict().items()) + ")"
+
+
+def _reg_property(name: str) -> property:
+    def getter(self: Regs) -> int:
+        return self._get(name)
+
+    def setter(self: Regs, value: int) -> None:
+        self._set(name, value)
+
+    return property(getter, setter, doc=f"The program's {name}.")
+
+
+for _name in REGISTER_NAMES:
+    setattr(Regs, _name, _reg_property(_name))
+Regs.rflags = _reg_property("eflags")  # type: ignore[attr-defined]
+
+
+class Hit:
+    """One probe hit. Valid only while the handler runs."""
+
+    __slots__ = ("pid", "tid", "address", "probe", "regs", "site", "_process", "_args", "_xmm")
+
+    def __init__(self, probe: "Probe", site: "Site", tid: int, regs: Regs) -> None:
+        self.probe = probe
+        self.site = site
+        self.pid: int = site.process.pid
+        self.tid = tid
+        self.address: int = site.address
+        self.regs = regs
+        self._process: "Process" = site.process
+        self._args: Optional[List[Union[int, float]]] = None
+        self._xmm: Optional[linux.FpRegisters] = None
+
+    @property
+    def args(self) -> List[Union[int, float]]:
+        """Arguments: for uprobes the SysV integer argument registers
+        (rdi, rsi, rdx, rcx, r8, r9); for USDT probes the values the probe's
+        argument specs describe."""
+        if self._args is None:
+            self._args = self.probe._arguments(self)
+        return self._args
+
+    def xmm(self, index: int) -> bytes:
+        """The 16 bytes of register xmm*index*."""
+        if self._xmm is None:
+            self._xmm = linux.get_fpregs(self.tid)
+        return linux.xmm_bytes(self._xmm, index)
+
+    def read(self, address: int, size: int) -> bytes:
+        """Read *size* bytes of the process's memory."""
+        return self._process.mem.read(address, size)
+
+    def read_str(self, address: int, limit: int = 4096, encoding: str = "utf-8") -> str:
+        """Read a NUL-terminated string (at most *limit* bytes), decoded."""
+        return self._process.mem.read_cstring(address, limit).decode(encoding, "replace")
+
+    def write(self, address: int, data: bytes) -> None:
+        """Write *data* into the process's memory."""
+        self._process.mem.write(address, bytes(data))
+
+    def __repr__(self) -> str:
+        return f"<Hit {self.probe.name} pid={self.pid} tid={self.tid} at {self.address:#x}>"

@@ -1,0 +1,367 @@
+"""The one module over ptrace, waitpid and /proc.
+
+Everything ptprobe asks of the kernel goes through here: ptrace requests (the
+raw call comes from python-ptrace; the requests, options and events it lacks
+are declared here), the register structures, a few raw syscalls (tgkill,
+kcmp), process memory through ``/proc/PID/mem`` and the parsing of
+``/proc/PID/maps`` and ``/proc/PID/status``. Kernel errors are translated into
+:mod:`ptprobe.errors` exceptions where they enter.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as _errno
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional
+
+from ptrace.binding import func as _pt
+from ptrace.binding.linux_struct import siginfo as _siginfo
+from ptrace.binding.linux_struct import user_fpregs_struct as _fpregs
+from ptrace.binding.linux_struct import user_regs_struct as _regs
+
+from .errors import FaultError, NoSuchProcessError, TracePermissionError, TracerError
+
+# --- ptrace requests ---------------------------------------------------------
+PTRACE_CONT = 7
+PTRACE_KILL = 8
+PTRACE_SINGLESTEP = 9
+PTRACE_GETREGS = 12
+PTRACE_SETREGS = 13
+PTRACE_GETFPREGS = 14
+PTRACE_SETFPREGS = 15
+PTRACE_DETACH = 17
+PTRACE_SETOPTIONS = 0x4200
+PTRACE_GETEVENTMSG = 0x4201
+PTRACE_GETSIGINFO = 0x4202
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_LISTEN = 0x4208
+
+# --- ptrace options ----------------------------------------------------------
+PTRACE_O_TRACESYSGOOD = 0x1
+PTRACE_O_TRACEFORK = 0x2
+PTRACE_O_TRACEVFORK = 0x4
+PTRACE_O_TRACECLONE = 0x8
+PTRACE_O_TRACEEXEC = 0x10
+PTRACE_O_TRACEVFORKDONE = 0x20
+PTRACE_O_TRACEEXIT = 0x40
+PTRACE_O_TRACESECCOMP = 0x80
+PTRACE_O_EXITKILL = 0x100000
+
+# --- ptrace events (status >> 16) --------------------------------------------
+PTRACE_EVENT_FORK = 1
+PTRACE_EVENT_VFORK = 2
+PTRACE_EVENT_CLONE = 3
+PTRACE_EVENT_EXEC = 4
+PTRACE_EVENT_VFORK_DONE = 5
+PTRACE_EVENT_EXIT = 6
+PTRACE_EVENT_SECCOMP = 7
+PTRACE_EVENT_STOP = 128
+
+# --- wait flags ----------------------------------------------------------------
+WALL = 0x40000000
+WNOTHREAD = 0x20000000
+
+# --- misc kernel numbers -----------------------------------------------------
+SI_KERNEL = 0x80
+TRAP_TRACE = 2
+SYS_mmap = 9
+SYS_munmap = 11
+SYS_close = 3
+SYS_prctl = 157
+SYS_ftruncate = 77
+SYS_seccomp = 317
+SYS_memfd_create = 319
+SYS_restart_syscall = 219
+SYS_tgkill = 234
+SYS_kcmp = 312
+SYS_getpid = 39
+KCMP_VM = 1
+PR_SET_NO_NEW_PRIVS = 38
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_TSYNC = 1
+PROT_READ = 1
+PROT_WRITE = 2
+PROT_EXEC = 4
+MAP_SHARED = 0x01
+MAP_PRIVATE = 0x02
+MAP_FIXED = 0x10
+MAP_ANONYMOUS = 0x20
+MAP_FIXED_NOREPLACE = 0x100000
+MFD_CLOEXEC = 1
+ERESTARTSYS = 512
+ERESTARTNOINTR = 513
+ERESTARTNOHAND = 514
+ERESTART_RESTARTBLOCK = 516
+CAP_SYS_ADMIN = 21
+
+Registers = _regs
+FpRegisters = _fpregs
+SigInfo = _siginfo
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+def _translate(exc: OSError, tid: int, what: str) -> Exception:
+    if exc.errno == _errno.ESRCH:
+        return NoSuchProcessError(f"{what}: no such process or thread {tid}", tid)
+    if exc.errno == _errno.EPERM or exc.errno == _errno.EACCES:
+        return TracePermissionError(f"{what}: operation not permitted on {tid}", tid)
+    return TracerError(f"{what} on {tid} failed: {os.strerror(exc.errno or 0)}")
+
+
+def _ptrace(request: int, tid: int, addr: int = 0, data: int = 0, what: str = "ptrace") -> int:
+    try:
+        return _pt.ptrace(request, tid, addr, data)
+    except _pt.PtraceError as exc:
+        raise _translate(OSError(exc.errno, str(exc)), tid, what) from None
+
+
+def seize(tid: int, options: int) -> None:
+    """PTRACE_SEIZE *tid* with *options* (the thread keeps running)."""
+    _ptrace(PTRACE_SEIZE, tid, 0, options, "attach")
+
+
+def interrupt(tid: int) -> None:
+    _ptrace(PTRACE_INTERRUPT, tid, 0, 0, "interrupt")
+
+
+def listen(tid: int) -> None:
+    _ptrace(PTRACE_LISTEN, tid, 0, 0, "listen")
+
+
+def cont(tid: int, sig: int = 0) -> None:
+    _ptrace(PTRACE_CONT, tid, 0, sig, "continue")
+
+
+def singlestep(tid: int, sig: int = 0) -> None:
+    _ptrace(PTRACE_SINGLESTEP, tid, 0, sig, "single-step")
+
+
+def detach(tid: int, sig: int = 0) -> None:
+    _ptrace(PTRACE_DETACH, tid, 0, sig, "detach")
+
+
+def set_options(tid: int, options: int) -> None:
+    _ptrace(PTRACE_SETOPTIONS, tid, 0, options, "set options")
+
+
+def get_regs(tid: int) -> Registers:
+    regs = Registers()
+    _ptrace(PTRACE_GETREGS, tid, 0, ctypes.addressof(regs), "read registers")
+    return regs
+
+
+def set_regs(tid: int, regs: Registers) -> None:
+    _ptrace(PTRACE_SETREGS, tid, 0, ctypes.addressof(regs), "write registers")
+
+
+def get_fpregs(tid: int) -> FpRegisters:
+    regs = FpRegisters()
+    _ptrace(PTRACE_GETFPREGS, tid, 0, ctypes.addressof(regs), "read fp registers")
+    return regs
+
+
+def set_fpregs(tid: int, regs: FpRegisters) -> None:
+    _ptrace(PTRACE_SETFPREGS, tid, 0, ctypes.addressof(regs), "write fp registers")
+
+
+def get_event_msg(tid: int) -> int:
+    """PTRACE_GETEVENTMSG with the 8-byte buffer the kernel writes."""
+    value = ctypes.c_ulong()
+    _ptrace(PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(value), "read event message")
+    return value.value
+
+
+def get_siginfo(tid: int) -> SigInfo:
+    info = SigInfo()
+    _ptrace(PTRACE_GETSIGINFO, tid, 0, ctypes.addressof(info), "read signal info")
+    return info
+
+
+def copy_regs(regs: Registers) -> Registers:
+    new = Registers()
+    ctypes.memmove(ctypes.addressof(new), ctypes.addressof(regs), ctypes.sizeof(Registers))
+    return new
+
+
+def xmm_bytes(fpregs: FpRegisters, index: int) -> bytes:
+    """The 16 bytes of xmm*index* from a user_fpregs_struct."""
+    offset = FpRegisters.xmm_space.offset + 16 * index
+    return ctypes.string_at(ctypes.addressof(fpregs) + offset, 16)
+
+
+def tgkill(tgid: int, tid: int, sig: int) -> None:
+    if _syscall(SYS_tgkill, tgid, tid, sig) < 0:
+        err = ctypes.get_errno()
+        raise _translate(OSError(err, os.strerror(err)), tid, "tgkill")
+
+
+def share_memory(pid1: int, pid2: int) -> bool:
+    """True when the two processes share one address space (kcmp KCMP_VM)."""
+    res = _syscall(SYS_kcmp, pid1, pid2, KCMP_VM, 0, 0)
+    if res < 0:
+        err = ctypes.get_errno()
+        raise _translate(OSError(err, os.strerror(err)), pid2, "kcmp")
+    return res == 0
+
+
+# --- wait ----------------------------------------------------------------------
+def wait_any() -> "tuple[int, int]":
+    """waitpid(-1, __WALL | __WNOTHREAD): tracees of this OS thread and its children."""
+    return os.waitpid(-1, WALL | WNOTHREAD)
+
+
+def wait_tid(tid: int) -> int:
+    return os.waitpid(tid, WALL)[1]
+
+
+# --- /proc ---------------------------------------------------------------------
+class Memory:
+    """Reads and writes another process's memory through ``/proc/PID/mem``.
+
+    Writes are ptrace-forced: they reach read-only and executable pages too.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        try:
+            self._fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NoSuchProcessError(f"no such process: {pid}", pid) from None
+        except PermissionError:
+            raise TracePermissionError(f"cannot open the memory of process {pid}: permission denied", pid) from None
+
+    def read(self, address: int, size: int) -> bytes:
+        try:
+            data = os.pread(self._fd, size, address)
+        except OSError as exc:
+            raise FaultError(f"cannot read {size} bytes at {address:#x} in process {self.pid}: "
+                             f"{os.strerror(exc.errno or 0)}", address) from None
+        if len(data) != size:
+            raise FaultError(f"cannot read {size} bytes at {address:#x} in process {self.pid}", address)
+        return data
+
+    def write(self, address: int, data: bytes) -> None:
+        try:
+            done = os.pwrite(self._fd, data, address)
+        except OSError as exc:
+            raise FaultError(f"cannot write {len(data)} bytes at {address:#x} in process {self.pid}: "
+                             f"{os.strerror(exc.errno or 0)}", address) from None
+        if done != len(data):
+            raise FaultError(f"short write at {address:#x} in process {self.pid}", address)
+
+    def read_u64(self, address: int) -> int:
+        return int.from_bytes(self.read(address, 8), "little")
+
+    def read_cstring(self, address: int, limit: int = 4096) -> bytes:
+        out = b""
+        chunk = 64
+        while len(out) < limit:
+            try:
+                data = os.pread(self._fd, chunk, address + len(out))
+            except OSError:
+                data = b""
+            if not data:
+                if out or chunk == 1:
+                    break
+                chunk = 1
+                continue
+            nul = data.find(b"\0")
+            if nul >= 0:
+                return out + data[:nul]
+            out += data
+        if not out:
+            raise FaultError(f"cannot read a string at {address:#x} in process {self.pid}", address)
+        return out[:limit]
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One line of ``/proc/PID/maps``."""
+
+    start: int
+    end: int
+    perms: str
+    offset: int
+    dev: str
+    inode: int
+    path: str
+
+    @property
+    def is_exec(self) -> bool:
+        return "x" in self.perms
+
+
+def read_maps(pid: int) -> List[Mapping]:
+    try:
+        with open(f"/proc/{pid}/maps") as fh:
+            lines = fh.read().splitlines()
+    except FileNotFoundError:
+        raise NoSuchProcessError(f"no such process: {pid}", pid) from None
+    except PermissionError:
+        raise TracePermissionError(f"cannot read the maps of process {pid}: permission denied", pid) from None
+    maps = []
+    for line in lines:
+        parts = line.split(None, 5)
+        if len(parts) < 5:
+            continue
+        start, end = (int(x, 16) for x in parts[0].split("-"))
+        maps.append(Mapping(start, end, parts[1], int(parts[2], 16), parts[3], int(parts[4]),
+                            parts[5] if len(parts) > 5 else ""))
+    return maps
+
+
+def read_status(pid: int) -> Dict[str, str]:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            text = fh.read()
+    except (FileNotFoundError, ProcessLookupError):
+        raise NoSuchProcessError(f"no such process: {pid}", pid) from None
+    except PermissionError:
+        raise TracePermissionError(f"cannot read the status of process {pid}", pid) from None
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+def iter_threads(pid: int) -> Iterator[int]:
+    try:
+        names = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        raise NoSuchProcessError(f"no such process: {pid}", pid) from None
+    for name in names:
+        yield int(name)
+
+
+def thread_group(tid: int) -> Optional[int]:
+    try:
+        return int(read_status(tid)["Tgid"])
+    except (NoSuchProcessError, KeyError, ValueError):
+        return None
+
+
+def has_cap_sys_admin(pid: int) -> bool:
+    caps = int(read_status(pid).get("CapEff", "0"), 16)
+    return bool(caps & (1 << CAP_SYS_ADMIN))
+
+
+def exe_identity(path: str) -> "tuple[int, int]":
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino)
+
+
+def mapping_identity(mapping: Mapping) -> "tuple[int, int]":
+    major, minor = (int(x, 16) for x in mapping.dev.split(":"))
+    return (os.makedev(major, minor), mapping.inode)

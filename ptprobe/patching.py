@@ -1,0 +1,549 @@
+"""Patching a process: trampoline pages, slots, the seccomp filter, sites.
+
+One :class:`Patcher` per traced address space. It maps trampoline pages with
+remote syscalls, writes code only through ``/proc/PID/mem`` (so the tracee
+never has a writable and executable mapping), and turns probe addresses into
+armed :class:`Site` objects: a ``jmp`` into a slot for 5-byte NOP sites, an
+``int3`` otherwise. Every call here expects all threads of the process to be
+stopped.
+
+Pages are private mappings of a memfd named ``ptprobe`` (``/memfd:ptprobe``
+in ``/proc/PID/maps``). A read-only 1 MiB mapping of the same kind, the
+*record*, holds the seccomp filter, the list of pages and which slot belongs to
+which site, so that a later attach finds all of it again.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+from . import arch, linux
+from .arch import PAGE_SIZE
+from .errors import SitePatchedError, TracerError
+from .process import LoadedObject, Process, Thread
+
+MEMFD_NAME = b"ptprobe\0"
+RECORD_SIZE = 1 << 20
+RECORD_MAGIC = b"PTPROBE\x01"
+_HDR = struct.Struct("<8sQQQQ")        # magic, flags, nr, n_pages, n_slots
+_FPROG_AT = 64
+_FILTER_AT = 80
+_PAGES_AT = 1024
+_PAGES_MAX = (8192 - 1024) // 16
+_SLOTS_AT = 8192
+_SLOTS_MAX = (RECORD_SIZE - 8192) // 16
+FLAG_FILTER = 1
+FLAG_FILTER_FAILED = 2
+_KINDS = {"seed": 1, "return": 2, "xol": 3}
+_KIND_NAMES = {v: k for k, v in _KINDS.items()}
+_STRIDE = {"seed": arch.SEED_SLOT_SIZE, "return": arch.RETURN_SLOT_SIZE, "xol": arch.XOL_ENTRY_SIZE}
+_MMAP_MIN = 0x10000
+_REACH = 0x7FFF0000
+
+
+def _bpf(code: int, jt: int, jf: int, k: int) -> bytes:
+    return struct.pack("<HBBI", code, jt, jf, k)
+
+
+def seccomp_filter(nr: int) -> bytes:
+    """The BPF program: TRACE for x86-64 syscall *nr*, ALLOW for everything else."""
+    ld_w_abs, jeq_k, ret_k = 0x20, 0x15, 0x06
+    return b"".join([
+        _bpf(ld_w_abs, 0, 0, 4),                   # A = seccomp_data.arch
+        _bpf(jeq_k, 0, 3, 0xC000003E),             # AUDIT_ARCH_X86_64 ? next : allow
+        _bpf(ld_w_abs, 0, 0, 0),                   # A = seccomp_data.nr
+        _bpf(jeq_k, 0, 1, nr),                     # nr ? trace : allow
+        _bpf(ret_k, 0, 0, 0x7FF00000),             # SECCOMP_RET_TRACE
+        _bpf(ret_k, 0, 0, 0x7FFF0000),             # SECCOMP_RET_ALLOW
+    ])
+
+
+@dataclass
+class Page:
+    """One trampoline page: slots of one kind, or out-of-line copies (``xol``)."""
+
+    address: int
+    kind: str
+    owners: Dict[int, int] = field(default_factory=dict)   # slot index -> resume address
+    used: int = 0                                          # xol: bytes used
+
+    @property
+    def stride(self) -> int:
+        return _STRIDE[self.kind]
+
+    @property
+    def capacity(self) -> int:
+        return PAGE_SIZE // self.stride
+
+
+@dataclass
+class Site:
+    """One armed probe address in one process."""
+
+    address: int                  # the probe address (what handlers see as rip)
+    process: Process
+    obj: Optional[LoadedObject]
+    mechanism: str                # "int3" or "jmp"
+    patch_at: int                 # where the patch bytes go
+    original: bytes               # the bytes the patch replaces (as in the file)
+    patched: bytes
+    resume: int                   # where the program continues after an emulated/slot hit
+    insn: Optional[arch.Instruction] = None
+    xol: Optional[int] = None     # out-of-line copy of the displaced instruction
+    emulate: bool = False         # int3 on a NOP: rip = resume
+    slot: Optional[int] = None
+    slot_kind: Optional[str] = None
+    fallback_reason: Optional[str] = None
+    probes: list = field(default_factory=list)
+    armed: bool = False
+    internal: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def __repr__(self) -> str:
+        return f"<Site {self.address:#x} {self.mechanism} pid={self.process.pid}>"
+
+
+class Patcher:
+    """Arms and disarms sites in one address space."""
+
+    def __init__(self, process: Process, *, slots: str = "return", seccomp: bool = True,
+                 allow_no_new_privs: bool = True, max_pages: int = 64,
+                 notice: Callable[[str], None] = lambda text: None) -> None:
+        if slots not in ("return", "seed"):
+            raise ValueError("slots must be 'return' or 'seed'")
+        self.process = process
+        self.slot_kind = slots
+        self.use_seccomp = seccomp
+        self.allow_no_new_privs = allow_no_new_privs
+        self.max_pages = max_pages
+        self.notice = notice
+        self.sites: Dict[int, Site] = {}          # probe address -> site
+        self.int3_sites: Dict[int, Site] = {}     # int3 address + 1 -> site (hot lookup)
+        self.retired: Dict[int, Site] = {}        # int3 address + 1 -> disarmed site (late traps)
+        self.pages: Dict[int, Page] = {}
+        self.slot_owner: Dict[int, int] = {}      # resume address -> slot address
+        self.slot_sites: Dict[int, Site] = {}     # slot address -> site
+        self.record: Optional[int] = None
+        self._record_flags = 0
+        self._nnp_hint_given = False
+        self._load_record()
+
+    # --- the record -------------------------------------------------------------
+    def _load_record(self) -> None:
+        """Find the record and pages an earlier ptprobe left in this process."""
+        for m in self.process.maps(refresh=True):
+            if m.path.startswith("/memfd:ptprobe") and m.end - m.start == RECORD_SIZE and m.perms.startswith("r--"):
+                try:
+                    header = self.process.mem.read(m.start, _HDR.size)
+                except Exception:
+                    continue
+                magic, flags, nr, n_pages, n_slots = _HDR.unpack(header)
+                if magic != RECORD_MAGIC:
+                    continue
+                self.record = m.start
+                self._record_flags = flags
+                if flags & FLAG_FILTER and nr == arch.SLOT_SYSCALL_NR:
+                    self.process.filter_state = "installed"
+                elif flags & FLAG_FILTER_FAILED:
+                    self.process.filter_state = "failed"
+                table = self.process.mem.read(m.start + _PAGES_AT, 16 * min(n_pages, _PAGES_MAX))
+                for i in range(0, len(table), 16):
+                    addr, kind = struct.unpack_from("<QQ", table, i)
+                    if kind in _KIND_NAMES:
+                        self.pages[addr] = Page(addr, _KIND_NAMES[kind])
+                slots = self.process.mem.read(m.start + _SLOTS_AT, 16 * min(n_slots, _SLOTS_MAX))
+                for i in range(0, len(slots), 16):
+                    slot, resume = struct.unpack_from("<QQ", slots, i)
+                    page = self.pages.get(slot & ~0xFFF)
+                    if page is None:
+                        continue
+                    if page.kind == "xol":
+                        page.used = max(page.used, slot - page.address + arch.XOL_ENTRY_SIZE)
+                    else:
+                        page.owners[(slot - page.address) // page.stride] = resume
+                        self.slot_owner[resume] = slot
+                for page in self.pages.values():
+                    if page.kind == "xol" and page.address == min(
+                            p.address for p in self.pages.values() if p.kind == "xol"):
+                        self.process.syscall_gadget = page.address
+                return
+
+    def _write_header(self) -> None:
+        assert self.record is not None
+        n_pages = len(self.pages)
+        n_slots = self._n_slot_records
+        self.process.mem.write(self.record, _HDR.pack(RECORD_MAGIC, self._record_flags,
+                                                      arch.SLOT_SYSCALL_NR, n_pages, n_slots))
+
+    @property
+    def _n_slot_records(self) -> int:
+        return getattr(self, "_slot_records", 0)
+
+    def _remember_slot(self, slot: int, resume: int) -> None:
+        if self.record is None:
+            return
+        n = self._n_slot_records
+        if n >= _SLOTS_MAX:
+            return
+        self.process.mem.write(self.record + _SLOTS_AT + 16 * n, struct.pack("<QQ", slot, resume))
+        self._slot_records = n + 1
+        self._write_header()
+
+    # --- mapping pages ----------------------------------------------------------
+    def _memfd_map(self, address: int, size: int, prot: int, fixed: bool) -> Optional[int]:
+        """Map *size* bytes of a new ``ptprobe`` memfd; None when it cannot be placed."""
+        proc = self.process
+        thread = proc.any_stopped_thread()
+        name_at = proc.scratch_address(thread, len(MEMFD_NAME))
+        proc.mem.write(name_at, MEMFD_NAME)
+        fd, _ = proc.syscall(linux.SYS_memfd_create, name_at, linux.MFD_CLOEXEC, thread=thread)
+        flags = linux.MAP_PRIVATE | (linux.MAP_FIXED_NOREPLACE if fixed else 0)
+        if fd < 0:
+            result, _ = proc.syscall(linux.SYS_mmap, address, size, prot, flags | linux.MAP_ANONYMOUS,
+                                     (1 << 64) - 1, 0, thread=thread)
+        else:
+            try:
+                res, _ = proc.syscall(linux.SYS_ftruncate, fd, size, thread=thread)
+                result = res if res < 0 else proc.syscall(linux.SYS_mmap, address, size, prot, flags, fd, 0,
+                                                          thread=thread)[0]
+            finally:
+                proc.syscall(linux.SYS_close, fd, thread=thread)
+        proc.invalidate_maps()
+        if result < 0 and result > -4096:
+            return None
+        if fixed and result != address:
+            proc.syscall(linux.SYS_munmap, result, size, thread=thread)
+            return None
+        return result
+
+    def _ensure_record(self) -> None:
+        if self.record is not None:
+            return
+        address = self._memfd_map(0, RECORD_SIZE, linux.PROT_READ, fixed=False)
+        if address is None:
+            raise TracerError(f"cannot map ptprobe's record in process {self.process.pid}")
+        self.record = address
+        self._record_flags = 0
+        self._slot_records = 0
+        self._write_header()
+
+    def _candidates(self, near: Tuple[int, int], below_only: bool) -> Iterable[int]:
+        """Free page addresses near the range *near*, nearest first."""
+        lo, hi = near
+        maps = sorted(self.process.maps(refresh=True), key=lambda m: m.start)
+        gaps: List[Tuple[int, int]] = []
+        prev_end = _MMAP_MIN
+        for m in maps:
+            if m.start > prev_end:
+                gaps.append((prev_end, m.start))
+            prev_end = max(prev_end, m.end)
+        gaps.append((prev_end, 0x7FFFFFFFF000))
+        below = []
+        above = []
+        for start, end in gaps:
+            start = (start + 0xFFF) & ~0xFFF
+            end &= ~0xFFF
+            # keep one free page on each side, so as not to glue onto other mappings
+            start += PAGE_SIZE
+            end -= PAGE_SIZE
+            if end - start < PAGE_SIZE:
+                continue
+            if end <= lo:
+                below.append(end - PAGE_SIZE)
+            elif start >= hi and not below_only:
+                above.append(start)
+        below.sort(key=lambda a: lo - a)
+        above.sort(key=lambda a: a - hi)
+        out = []
+        for a in below + above:
+            if a + PAGE_SIZE - lo <= _REACH and hi - a <= _REACH:
+                out.append(a)
+        return out[:16]
+
+    def _new_page(self, kind: str, near_obj: Optional[LoadedObject], addresses: List[int]) -> Optional[Page]:
+        if kind != "xol" and sum(1 for p in self.pages.values() if p.kind != "xol") >= self.max_pages:
+            return None
+        if len(self.pages) >= _PAGES_MAX:
+            return None
+        self._ensure_record()
+        if near_obj is not None:
+            near = (near_obj.start, near_obj.end)
+            # the main executable: never above it, where brk grows
+            below_only = not near_obj.elf.is_pie or near_obj.path == self._exe_path()
+        else:
+            near = (min(addresses), max(addresses) + 16)
+            below_only = False
+        for candidate in self._candidates(near, below_only):
+            if not arch.page_in_reach(candidate, addresses):
+                continue
+            address = self._memfd_map(candidate, PAGE_SIZE, linux.PROT_READ | linux.PROT_EXEC, fixed=True)
+            if address is None:
+                continue
+            page = Page(address, kind)
+            if kind == "seed":
+                self.process.mem.write(address, arch.seed_slot_code() * page.capacity)
+            else:
+                self.process.mem.write(address, b"\xcc" * PAGE_SIZE)
+            if kind == "xol" and self.process.syscall_gadget is None:
+                self.process.mem.write(address, b"\x0f\x05\xcc\xcc")
+                page.used = arch.XOL_ENTRY_SIZE
+                self.process.syscall_gadget = address
+            self.pages[address] = page
+            index = len(self.pages) - 1
+            self.process.mem.write(self.record + _PAGES_AT + 16 * index, struct.pack("<QQ", address, _KINDS[kind]))
+            self._write_header()
+            return page
+        return None
+
+    def _exe_path(self) -> str:
+        try:
+            import os
+            return os.readlink(f"/proc/{self.process.pid}/exe")
+        except OSError:
+            return ""
+
+    # --- slots -------------------------------------------------------------------
+    def _get_slot(self, site_jmp: int, resume: int, obj: Optional[LoadedObject]) -> Optional[int]:
+        kind = self.slot_kind
+        slot = self.slot_owner.get(resume)
+        if slot is not None:
+            page = self.pages.get(slot & ~0xFFF)
+            if page is not None and page.kind == kind:
+                return slot
+            return None      # owned by a slot of the other kind: keep that slot's site on int3
+        reach = [site_jmp, site_jmp + 5, resume]
+        for page in self.pages.values():
+            if page.kind == kind and len(page.owners) < page.capacity and arch.page_in_reach(page.address, reach):
+                return self._take_slot(page, resume)
+        page = self._new_page(kind, obj, reach)
+        if page is None:
+            return None
+        return self._take_slot(page, resume)
+
+    def _take_slot(self, page: Page, resume: int) -> int:
+        index = next(i for i in range(page.capacity) if i not in page.owners)
+        page.owners[index] = resume
+        slot = page.address + index * page.stride
+        if page.kind == "return":
+            self.process.mem.write(slot, arch.return_slot_code(slot, resume))
+        self.slot_owner[resume] = slot
+        self._remember_slot(slot, resume)
+        return slot
+
+    def lookup_slot(self, rip: int) -> Optional[Site]:
+        """The site whose slot made the syscall that stopped at *rip* (hot path)."""
+        return self.slot_sites.get(rip)
+
+    def slot_stop_address(self, slot: int) -> int:
+        return slot + arch.SEED_SLOT_SIZE
+
+    def _get_xol(self, insn: arch.Instruction, obj: Optional[LoadedObject]) -> Tuple[Optional[int], Optional[bytes]]:
+        for page in list(self.pages.values()) + [None]:  # type: ignore[list-item]
+            if page is None:
+                page = self._new_page("xol", obj, [insn.address, insn.address + insn.size])
+                if page is None:
+                    return None, None
+            elif page.kind != "xol" or page.used + arch.XOL_ENTRY_SIZE > PAGE_SIZE:
+                continue
+            at = page.address + page.used
+            code = arch.displaced_code(insn, at)
+            if code is None:
+                if page.address in self.pages and page.used == (arch.XOL_ENTRY_SIZE if page.address == self.process.syscall_gadget else 0):
+                    return None, None
+                continue
+            self.process.mem.write(at, code)
+            page.used += arch.XOL_ENTRY_SIZE
+            self._remember_slot(at, insn.address)
+            return at, code
+        return None, None
+
+    # --- the seccomp filter -------------------------------------------------------
+    def _ensure_filter(self) -> bool:
+        proc = self.process
+        if not self.use_seccomp:
+            return False
+        if proc.filter_state != "none":
+            return proc.filter_state == "installed"
+        status = linux.read_status(proc.pid)
+        nnp = status.get("NoNewPrivs", "0") == "1"
+        if not nnp and not linux.has_cap_sys_admin(proc.pid):
+            if not self.allow_no_new_privs:
+                if not self._nnp_hint_given:
+                    self._nnp_hint_given = True
+                    self.notice("process %d lacks CAP_SYS_ADMIN: using int3; --allow-no-new-privs enables "
+                                "the faster jmp slots (sets the irrevocable no_new_privs flag)" % proc.pid)
+                return False
+        self._ensure_record()
+        assert self.record is not None
+        thread = proc.any_stopped_thread()
+        if not nnp and not linux.has_cap_sys_admin(proc.pid):
+            res, _ = proc.syscall(linux.SYS_prctl, linux.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, thread=thread)
+            if res != 0:
+                self.notice(f"cannot set no_new_privs in process {proc.pid}: using int3")
+                return self._filter_failed()
+        program = seccomp_filter(arch.SLOT_SYSCALL_NR)
+        proc.mem.write(self.record + _FILTER_AT, program)
+        proc.mem.write(self.record + _FPROG_AT, struct.pack("<HxxxxxxQ", len(program) // 8,
+                                                            self.record + _FILTER_AT))
+        res, _ = proc.syscall(linux.SYS_seccomp, linux.SECCOMP_SET_MODE_FILTER,
+                              linux.SECCOMP_FILTER_FLAG_TSYNC, self.record + _FPROG_AT, thread=thread)
+        if res != 0:
+            why = f"thread {res} could not be synchronised" if res > 0 else f"error {-res}"
+            self.notice(f"cannot install the seccomp filter in process {proc.pid} ({why}): using int3")
+            return self._filter_failed()
+        self._record_flags |= FLAG_FILTER
+        self._write_header()
+        _, stopped = proc.syscall(arch.SLOT_SYSCALL_NR, thread=thread)
+        if not stopped:
+            self.notice(f"another seccomp filter in process {proc.pid} overrules ptprobe's: using int3")
+            self._record_flags |= FLAG_FILTER_FAILED
+            self._write_header()
+            proc.filter_state = "failed"
+            return False
+        proc.filter_state = "installed"
+        return True
+
+    def _filter_failed(self) -> bool:
+        self.process.filter_state = "failed"
+        return False
+
+    # --- sites --------------------------------------------------------------------------
+    def prepare(self, address: int, obj: Optional[LoadedObject], file_code: bytes,
+                insn: arch.Instruction) -> Site:
+        """Decide how to arm *address* (not yet written). *file_code* holds the file's bytes there."""
+        proc = self.process
+        site = self.sites.get(address)
+        if site is not None:
+            return site
+        jmp = arch.classify_site(file_code)
+        if jmp is not None:
+            patch_at = address + jmp.jmp_offset
+            original = file_code[jmp.jmp_offset:jmp.jmp_offset + 5]
+            resume = address + jmp.resume_offset
+        else:
+            patch_at = address
+            original = file_code[:1]
+            resume = address + insn.size
+        current = proc.mem.read(patch_at, len(original))
+        reused_slot: Optional[int] = None
+        if current != original:
+            reused_slot = self._recognise_jmp(patch_at, current, resume)
+            if reused_slot is None:
+                raise SitePatchedError(
+                    f"the code at {address:#x} in process {proc.pid} differs from the file "
+                    f"({current.hex()} instead of {original.hex()}): already patched by someone else", address)
+        if jmp is not None and self.use_seccomp:
+            slot = reused_slot
+            if slot is None and self._ensure_filter():
+                slot = self._get_slot(patch_at, resume, obj)
+            elif slot is not None and not self._ensure_filter():
+                slot = None
+            if slot is not None:
+                site = Site(address, proc, obj, "jmp", patch_at, original, arch.jmp_rel32(patch_at, slot),
+                            resume, insn=insn, slot=slot, slot_kind=self.pages[slot & ~0xFFF].kind)
+                site.armed = reused_slot is not None
+                self.sites[address] = site
+                self.slot_sites[slot + arch.SEED_SLOT_SIZE] = site
+                return site
+        site = Site(address, proc, obj, "int3", patch_at, original, b"\xcc", resume, insn=insn)
+        if jmp is not None:
+            site.emulate = True          # the whole NOP (or combo) is skipped
+            if self.use_seccomp and proc.filter_state == "installed":
+                site.fallback_reason = "no free slot within reach"
+            elif self.use_seccomp and proc.filter_state != "installed":
+                site.fallback_reason = "no seccomp filter"
+        elif arch.is_nop(insn):
+            site.emulate = True
+        else:
+            site.xol, _ = self._get_xol(insn, obj)
+        if reused_slot is not None:
+            # an earlier ptprobe's jmp, now served by int3: repair it
+            proc.mem.write(patch_at, original)
+        self.sites[address] = site
+        return site
+
+    def _recognise_jmp(self, patch_at: int, current: bytes, resume: int) -> Optional[int]:
+        if len(current) != 5 or current[0] != 0xE9:
+            return None
+        target = (patch_at + 5 + int.from_bytes(current[1:], "little", signed=True)) & ((1 << 64) - 1)
+        page = self.pages.get(target & ~0xFFF)
+        if page is None or page.kind == "xol":
+            return None
+        if self.slot_owner.get(resume) != target:
+            return None
+        return target
+
+    def write(self, sites: Iterable[Site]) -> None:
+        """Write the patches of *sites* (one write per site)."""
+        for site in sites:
+            if site.armed:
+                continue
+            self.process.mem.write(site.patch_at, site.patched)
+            site.armed = True
+            if site.mechanism == "int3":
+                self.int3_sites[site.address + 1] = site
+                self.retired.pop(site.address + 1, None)
+
+    def disarm(self, site: Site) -> None:
+        """Put the original bytes back at *site*."""
+        if site.armed:
+            try:
+                self.process.mem.write(site.patch_at, site.original)
+            finally:
+                site.armed = False
+        self.sites.pop(site.address, None)
+        if site.mechanism == "int3":
+            self.int3_sites.pop(site.address + 1, None)
+            self.retired[site.address + 1] = site
+        elif site.slot is not None:
+            self.slot_sites.pop(site.slot + arch.SEED_SLOT_SIZE, None)
+
+    def disarm_all(self) -> None:
+        for site in list(self.sites.values()):
+            self.disarm(site)
+
+    def slot_frame_at(self, rip: int, after_syscall: bool = False) -> Optional[Tuple[int, int, int]]:
+        """(slot address, offset, resume address) when *rip* lies inside an owned slot.
+
+        At a syscall stop rip is just past the syscall (offset 16), which for
+        seed slots is also where the next slot starts: *after_syscall* tells.
+        """
+        page = self.pages.get((rip - 1) & ~0xFFF if after_syscall else rip & ~0xFFF)
+        if page is None or page.kind == "xol":
+            return None
+        if after_syscall:
+            offset = arch.SEED_SLOT_SIZE
+            slot = rip - offset
+            if (slot - page.address) % page.stride:
+                return None
+        else:
+            offset = (rip - page.address) % page.stride
+            slot = rip - offset
+            if offset > arch.SEED_SLOT_SIZE:
+                return None   # in a self-returning slot's tail: it finishes by itself
+        resume = page.owners.get((slot - page.address) // page.stride)
+        if resume is None:
+            return None
+        return slot, offset, resume
+
+    def fork(self, child: Process) -> "Patcher":
+        """The patcher of a child that got a copy of this address space."""
+        new = Patcher.__new__(Patcher)
+        new.__dict__.update(self.__dict__)
+        new.process = child
+        new.pages = {a: Page(p.address, p.kind, dict(p.owners), p.used) for a, p in self.pages.items()}
+        new.slot_owner = dict(self.slot_owner)
+        new.sites = {}
+        for address, site in self.sites.items():
+            copy = Site(**{**site.__dict__, "process": child, "probes": list(site.probes)})
+            new.sites[address] = copy
+        new.int3_sites = {a + 1: s for a, s in new.sites.items() if s.mechanism == "int3" and s.armed}
+        new.slot_sites = {s.slot + arch.SEED_SLOT_SIZE: s for s in new.sites.values()
+                          if s.slot is not None and s.armed}
+        new.retired = dict(self.retired)
+        return new

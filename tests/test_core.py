@@ -1,0 +1,833 @@
+"""End-to-end tests of the engine through the Python API.
+
+Real C targets built with gcc at test time, real processes, real ptrace. The
+targets print what they compute, so a traced run is compared with an untraced
+one. Synchronisation with running targets goes through pipes and /proc, never
+through sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import capstone
+import pytest
+from capstone import x86_const
+from elftools.elf.elffile import ELFFile
+
+from conftest import build
+
+import ptprobe
+from ptprobe import errors
+
+REPO = Path(__file__).resolve().parent.parent
+
+NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+
+
+# ---------------------------------------------------------------------------- ELF helpers
+
+def symbol(path: str, name: str) -> Tuple[int, int]:
+    """(link-time address, size) of symbol *name* in *path* (symtab, then dynsym)."""
+    with open(path, "rb") as fh:
+        elf = ELFFile(fh)
+        for section_name in (".symtab", ".dynsym"):
+            table = elf.get_section_by_name(section_name)
+            if table is None:
+                continue
+            for sym in table.get_symbol_by_name(name) or ():
+                if sym["st_shndx"] != "SHN_UNDEF":
+                    return sym["st_value"], sym["st_size"]
+    raise LookupError(f"{name} not in {path}")
+
+
+def file_offset(path: str, address: int) -> int:
+    """The file offset of link-time *address* (through the PT_LOAD headers)."""
+    with open(path, "rb") as fh:
+        for seg in ELFFile(fh).iter_segments():
+            if seg["p_type"] == "PT_LOAD" and seg["p_vaddr"] <= address < seg["p_vaddr"] + seg["p_filesz"]:
+                return address - seg["p_vaddr"] + seg["p_offset"]
+    raise LookupError(f"{address:#x} is not in a PT_LOAD segment of {path}")
+
+
+def file_bytes(path: str, address: int, size: int) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(file_offset(path, address))
+        return fh.read(size)
+
+
+def decode(path: str, name: str) -> List[capstone.CsInsn]:
+    """The instructions of function *name*, at link-time addresses."""
+    address, size = symbol(path, name)
+    assert size > 0, f"{name} has no size"
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    md.detail = True
+    insns = list(md.disasm(file_bytes(path, address, size), address))
+    assert sum(i.size for i in insns) == size, f"{name} did not decode completely"
+    return insns
+
+
+def is_rip_relative(insn: capstone.CsInsn) -> bool:
+    return any(op.type == x86_const.X86_OP_MEM and op.mem.base == x86_const.X86_REG_RIP
+               for op in insn.operands)
+
+
+def runtime_address(pid: int, path: str, address: int) -> int:
+    """Where link-time *address* of file *path* is mapped in process *pid*."""
+    off = file_offset(path, address)
+    st = os.stat(path)
+    with open(f"/proc/{pid}/maps") as fh:
+        for line in fh:
+            fields = line.split()
+            if len(fields) < 6 or int(fields[4]) != st.st_ino:
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            map_off = int(fields[2], 16)
+            if map_off <= off < map_off + (end - start):
+                return start + off - map_off
+    raise LookupError(f"{path}+{off:#x} is not mapped in {pid}")
+
+
+def mapping_of(pid: int, address: int) -> str:
+    """The pathname of the mapping that holds *address* in *pid* ('' if anonymous)."""
+    with open(f"/proc/{pid}/maps") as fh:
+        for line in fh:
+            fields = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= address < end:
+                return fields[5].strip() if len(fields) > 5 else ""
+    raise LookupError(f"{address:#x} is not mapped in {pid}")
+
+
+def read_mem(pid: int, address: int, size: int) -> bytes:
+    with open(f"/proc/{pid}/mem", "rb") as fh:
+        fh.seek(address)
+        return fh.read(size)
+
+
+def write_mem(pid: int, address: int, data: bytes) -> None:
+    with open(f"/proc/{pid}/mem", "r+b", buffering=0) as fh:
+        fh.seek(address)
+        fh.write(data)
+
+
+def proc_status(pid: int) -> Dict[str, str]:
+    out = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            out[key] = value.strip()
+    return out
+
+
+def tracer_pid(pid: int) -> int:
+    return int(proc_status(pid)["TracerPid"])
+
+
+def code_in_memory(pid: int, path: str, name: str) -> Tuple[bytes, bytes]:
+    """(bytes of function *name* in the process, the same bytes in the file)."""
+    address, size = symbol(path, name)
+    return read_mem(pid, runtime_address(pid, path, address), size), file_bytes(path, address, size)
+
+
+def program_lines(text: str) -> List[str]:
+    """Program output without the line that shows its pid."""
+    return [line for line in text.splitlines() if not line.startswith("pid ")]
+
+
+# ---------------------------------------------------------------------------- processes
+
+class Lines:
+    """Lines from a pipe, with a timeout on each read (not a synchronising sleep)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buf = b""
+
+    def readline(self, timeout: float = 15.0) -> str:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("no line from the target within %.0f s" % timeout)
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                chunk = os.read(self.fd, 65536)
+                if not chunk:
+                    raise AssertionError("the target closed its output (did it die?)")
+                self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode()
+
+    def drain(self) -> List[str]:
+        """Every complete line available now."""
+        while select.select([self.fd], [], [], 0)[0]:
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                break
+            self.buf += chunk
+        *lines, self.buf = self.buf.split(b"\n")
+        return [line.decode() for line in lines]
+
+
+class LoopTarget:
+    """core_loop running untraced: calls work() forever, reports progress on a pipe."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.proc = subprocess.Popen([path], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self.pid = self.proc.pid
+        self.lines = Lines(self.proc.stdout.fileno())
+        ready = self.lines.readline()
+        assert ready == f"ready {self.pid}", ready
+
+    def last_progress(self) -> int:
+        """The last counter value printed so far (0 if none)."""
+        value = 0
+        for line in self.lines.drain():
+            if line.startswith("progress "):
+                value = int(line.split()[1])
+        return value
+
+    def assert_alive_untraced_and_original(self, names: Sequence[str] = ("work",),
+                                           patched: Optional[Dict[str, bytes]] = None) -> None:
+        """Not traced, still making progress, and the code of *names* as in the file
+        (or as the test patched it)."""
+        assert self.proc.poll() is None, f"target died: {self.proc.returncode}"
+        assert tracer_pid(self.pid) == 0
+        assert proc_status(self.pid)["State"][0] in "RS", proc_status(self.pid)["State"]
+        for name in names:
+            memory, original = code_in_memory(self.pid, self.path, name)
+            expected = (patched or {}).get(name, original)
+            assert memory == expected, f"{name}: {memory.hex()} in memory, expected {expected.hex()}"
+        before = self.last_progress()
+        while True:
+            line = self.lines.readline()
+            if line.startswith("progress ") and int(line.split()[1]) > before:
+                break
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+        self.proc.stdout.close()
+
+
+@pytest.fixture
+def loop_binary() -> str:
+    return build("core_loop.c", "-O1")
+
+
+@pytest.fixture
+def loop_target(loop_binary) -> Iterator[LoopTarget]:
+    target = LoopTarget(loop_binary)
+    try:
+        yield target
+    finally:
+        target.close()
+
+
+class Captured:
+    text = ""
+
+
+@contextlib.contextmanager
+def captured_stdout() -> Iterator[Captured]:
+    """Redirect fd 1 (inherited by programs ptprobe.run starts) to a file."""
+    result = Captured()
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 1)
+        try:
+            yield result
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+            tmp.seek(0)
+            result.text = tmp.read().decode(errors="replace")
+
+
+@contextlib.contextmanager
+def watchdog(seconds: float, pids: List[int]) -> Iterator[None]:
+    """SIGKILL every pid in *pids* if the block takes longer than *seconds*, so a
+    hang in the engine ends the test (as a failure) instead of the run."""
+    fired = []
+
+    def fire() -> None:
+        fired.append(True)
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+    assert not fired, f"watchdog: the traced program ran for more than {seconds} s and was killed"
+
+
+class RecordingObserver(ptprobe.Observer):
+    def __init__(self) -> None:
+        self.notices: List[str] = []
+        self.handler_errors: List[str] = []
+
+    def notice(self, text: str) -> None:
+        self.notices.append(text)
+
+    def handler_error(self, probe, hit, error) -> None:
+        self.handler_errors.append(f"{probe.name}: {type(error).__name__}: {error}")
+
+
+def run_traced(argv: Sequence[str], probes: Sequence[Tuple[str, object]], timeout: float = 60.0,
+               **options) -> Tuple[int, str, List[ptprobe.Probe], RecordingObserver]:
+    """Run *argv* with *probes* armed; (status, stdout, probes, observer)."""
+    observer = options.pop("observer", None) or RecordingObserver()
+    pids: List[int] = []
+    with captured_stdout() as out:
+        with watchdog(timeout, pids):
+            with ptprobe.run(list(argv), observer=observer, **options) as session:
+                pids.append(session.main_pid)
+                armed = [session.probe(spec, handler) for spec, handler in probes]
+                status = session.wait()
+    assert not observer.handler_errors, observer.handler_errors
+    return status, out.text, armed, observer
+
+
+def untraced(argv: Sequence[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
+
+
+def mechanisms(probe: ptprobe.Probe) -> List[str]:
+    return [site.mechanism for site in probe.sites]
+
+
+# ---------------------------------------------------------------------------- threads
+
+ITERATIONS = 1000
+
+
+def first_body_instruction(path: str, name: str) -> capstone.CsInsn:
+    """The first instruction after the entry that is a real computation (not a NOP),
+    before any branch: it runs exactly once per call."""
+    for insn in decode(path, name)[1:]:
+        if insn.group(capstone.CS_GRP_JUMP) or insn.group(capstone.CS_GRP_RET) \
+                or insn.group(capstone.CS_GRP_CALL):
+            break
+        if insn.mnemonic in ("mov", "movabs", "imul", "add", "lea", "xor", "shl", "sub"):
+            return insn
+    raise AssertionError(f"no suitable instruction in {name}")
+
+
+@pytest.mark.parametrize("where", ["offset", "nop5"])
+def test_threads_each_hit_exactly(where):
+    path = build("core_threads.c", "-O1", "-pthread")
+    expected = untraced([path, str(ITERATIONS)])
+    assert expected.returncode == 0
+    compute, _ = symbol(path, "compute")
+    if where == "offset":
+        insn = first_body_instruction(path, "compute")
+        assert insn.mnemonic != "nop"
+        spec = f"uprobe:{path}:compute+{insn.address - compute}"
+        mechanism = "int3"
+    else:
+        spec = f"uprobe:{path}:compute_nop5"
+        mechanism = "jmp"
+    per_tid: Counter = Counter()
+
+    def handler(hit):
+        per_tid[hit.tid] += 1
+
+    status, out, (probe,), _ = run_traced([path, str(ITERATIONS)], [(spec, handler)])
+    assert status == 0
+    assert out == expected.stdout
+    assert len(per_tid) == 4, per_tid
+    assert sorted(per_tid.values()) == [ITERATIONS] * 4
+    assert probe.hits == 4 * ITERATIONS
+    assert mechanisms(probe) == [mechanism]
+
+
+# ---------------------------------------------------------------------------- attach / detach
+
+@pytest.mark.parametrize("name, mechanism", [("work", "int3"), ("work_nop5", "jmp")])
+def test_attach_probe_detach(loop_target, name, mechanism):
+    target = loop_target
+    seen = []
+    with ptprobe.attach(target.pid, observer=RecordingObserver()) as session:
+        probe = session.probe(f"uprobe:{target.path}:{name}", lambda hit: seen.append(hit.args[0]))
+        assert mechanisms(probe) == [mechanism]
+        # the site is armed in memory while attached
+        memory, original = code_in_memory(target.pid, target.path, "work")
+        assert memory != original
+        assert session.wait(timeout=0.5) is None
+        session.detach()
+    assert probe.hits > 0
+    assert len(seen) == probe.hits
+    # work(i) is called with i = 1, 2, 3, ...: consecutive while probed
+    assert seen == list(range(seen[0], seen[0] + len(seen)))
+    target.assert_alive_untraced_and_original(("work", "spare"))
+
+
+def test_attach_twice(loop_target):
+    """A second attach after a detach works and finds the process as the first left it."""
+    target = loop_target
+    for _ in range(2):
+        with ptprobe.attach(target.pid, observer=RecordingObserver()) as session:
+            probe = session.probe(f"uprobe:{target.path}:work_nop5")
+            assert session.wait(timeout=0.3) is None
+            session.detach()
+        assert probe.hits > 0
+        target.assert_alive_untraced_and_original(("work",))
+
+
+# ---------------------------------------------------------------------------- executables, libraries
+
+@pytest.mark.parametrize("flags", [("-fpie", "-pie"), ("-fno-pie", "-no-pie")], ids=["pie", "no-pie"])
+def test_pie_and_non_pie(flags):
+    path = build("core_simple.c", "-O1", *flags)
+    expected = untraced([path])
+    link_address, _ = symbol(path, "compute")
+    addresses = set()
+    args = []
+
+    def handler(hit):
+        addresses.add((hit.address, runtime_address(hit.pid, path, link_address)))
+        args.append(hit.args[0])
+
+    status, out, (probe,), _ = run_traced([path], [(f"uprobe:{path}:compute", handler)])
+    assert status == 0
+    assert program_lines(out) == program_lines(expected.stdout)
+    assert probe.hits == 11
+    assert args == list(range(10)) + [5]
+    ((seen, actual),) = addresses
+    assert seen == actual
+    if "-no-pie" in flags:
+        assert seen == link_address
+
+
+def test_probe_by_file_address():
+    path = build("core_sites.c", "-O0", "-fno-omit-frame-pointer")
+    insn = next(i for i in decode(path, "read_global") if is_rip_relative(i))
+    expected = untraced([path])
+    status, out, (probe,), _ = run_traced([path], [(f"uprobe:{path}:{insn.address:#x}", None)])
+    assert status == 0
+    assert out == expected.stdout
+    assert probe.hits == 5
+
+
+def build_libuser() -> Tuple[str, str]:
+    lib = build("core_lib.c", output="libcorelib.so", shared=True)
+    libdir = os.path.dirname(lib)
+    exe = build("core_libuser.c", f"-L{libdir}", "-lcorelib", f"-Wl,-rpath,{libdir}")
+    return exe, lib
+
+
+@pytest.mark.parametrize("spec, soname, calls", [
+    ("uprobe:libcorelib.so:lib_compute", "libcorelib.so", 6),
+    ("uprobe:libc.so.6:getpid", "libc.so.6", 3),
+])
+def test_library_probe_by_mapped_name(spec, soname, calls):
+    exe, _ = build_libuser()
+    expected = untraced([exe])
+    where = []
+
+    def handler(hit):
+        where.append(mapping_of(hit.pid, hit.address))
+
+    status, out, (probe,), _ = run_traced([exe], [(spec, handler)])
+    assert status == 0
+    assert out == expected.stdout
+    if soname == "libcorelib.so":
+        assert probe.hits == calls
+    else:
+        assert probe.hits >= calls
+    assert where and all(os.path.basename(p) == soname for p in where), where
+
+
+def test_library_probe_by_path():
+    exe, lib = build_libuser()
+    expected = untraced([exe])
+    status, out, (probe,), _ = run_traced([exe], [(f"uprobe:{lib}:lib_compute", None)])
+    assert status == 0
+    assert out == expected.stdout
+    assert probe.hits == 6
+
+
+# ---------------------------------------------------------------------------- exit status
+
+@pytest.mark.parametrize("mode, status", [("", 0), ("exit7", 7), ("segv", -signal.SIGSEGV),
+                                          ("abort", -signal.SIGABRT)])
+def test_exit_status(mode, status):
+    path = build("core_simple.c", "-O1")
+    argv = [path, mode] if mode else [path]
+    assert untraced(argv).returncode == status
+    got, out, (probe,), _ = run_traced(argv, [(f"uprobe:{path}:compute", None)])
+    assert got == status
+    assert probe.hits == 11
+    assert "total 298" in out
+
+
+def test_wait_timeout_in_run_mode():
+    """wait(timeout) returns None while the program runs; a later wait() gets the status."""
+    path = build("core_loop.c", "-O1")
+    pids: List[int] = []
+    with captured_stdout():
+        with watchdog(60, pids):
+            with ptprobe.run([path], observer=RecordingObserver()) as session:
+                pids.append(session.main_pid)
+                probe = session.probe(f"uprobe:{path}:work")
+                assert session.wait(timeout=0.3) is None
+                assert probe.hits > 0
+                os.kill(session.main_pid, signal.SIGTERM)
+                assert session.wait() == -signal.SIGTERM
+
+
+# ---------------------------------------------------------------------------- kinds of sites
+
+SITES_FLAGS = ("-O0", "-fno-omit-frame-pointer")
+
+
+def site_offset(path: str, kind: str) -> Tuple[str, int, str]:
+    """(function, offset, mnemonic) of the instruction of *kind* in core_sites."""
+    if kind == "push":
+        insns = decode(path, "add")
+        assert (insns[0].mnemonic, insns[0].op_str) == ("push", "rbp")
+        return "add", 0, "push"
+    if kind == "ret":
+        insns = decode(path, "with_ret")
+        ret = [i for i in insns if i.mnemonic == "ret"][-1]
+        return "with_ret", ret.address - insns[0].address, "ret"
+    if kind == "rip-load":
+        insns = decode(path, "read_global")
+        insn = next(i for i in insns if is_rip_relative(i))
+        assert insn.operands[1].type == x86_const.X86_OP_MEM
+        return "read_global", insn.address - insns[0].address, insn.mnemonic
+    if kind == "rip-store":
+        insns = decode(path, "bump")
+        insn = [i for i in insns if is_rip_relative(i)][-1]
+        assert insn.operands[0].type == x86_const.X86_OP_MEM
+        return "bump", insn.address - insns[0].address, insn.mnemonic
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["push", "ret", "rip-load", "rip-store", "nop"])
+@pytest.mark.parametrize("seccomp", [True, False], ids=["seccomp", "no-seccomp"])
+def test_site_kinds(kind, seccomp):
+    path = build("core_sites.c", *SITES_FLAGS)
+    expected = untraced([path])
+    if kind == "nop":
+        address, _ = symbol(path, "nop_site")
+        assert file_bytes(path, address, 1) == b"\x90"
+        spec = f"uprobe:{path}:nop_site"
+    else:
+        function, offset, _ = site_offset(path, kind)
+        address = symbol(path, function)[0] + offset
+        spec = f"uprobe:{path}:{function}+{offset}" if offset else f"uprobe:{path}:{function}"
+    rips = set()
+
+    def handler(hit):
+        rips.add((hit.address, hit.regs.rip, runtime_address(hit.pid, path, address)))
+
+    status, out, (probe,), _ = run_traced([path], [(spec, handler)], seccomp=seccomp)
+    assert status == 0
+    assert out == expected.stdout
+    assert probe.hits == 5
+    assert mechanisms(probe) == ["int3"]
+    ((hit_address, rip, actual),) = rips
+    assert hit_address == rip == actual
+
+
+def test_all_site_kinds_at_once():
+    path = build("core_sites.c", *SITES_FLAGS)
+    expected = untraced([path])
+    specs = [f"uprobe:{path}:nop_site"]
+    for kind in ("push", "ret", "rip-load", "rip-store"):
+        function, offset, _ = site_offset(path, kind)
+        specs.append(f"uprobe:{path}:{function}+{offset}")
+    status, out, probes, _ = run_traced([path], [(s, None) for s in specs])
+    assert status == 0
+    assert out == expected.stdout
+    assert [p.hits for p in probes] == [5] * len(specs)
+
+
+# ---------------------------------------------------------------------------- registers
+
+GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11", "r12", "r13",
+        "r14", "r15")
+REG_VALUES = {name: (k + 1) * 0x1111111111111111 for k, name in enumerate(GPRS)}
+REDZONE = b"".join(struct.pack("<Q", 0x5245445A4F4E4500 + i) for i in range(16))
+ROUNDS = 4
+
+
+def register_checker(path: str, site: str) -> Tuple[object, List[str]]:
+    """A handler that checks what it sees at a core_regs site; problems go to the list."""
+    problems: List[str] = []
+    count = [0]
+    link_address, _ = symbol(path, site)
+
+    def handler(hit):
+        mode = count[0] & 1
+        count[0] += 1
+        regs = hit.regs
+        for name, want in REG_VALUES.items():
+            got = getattr(regs, name)
+            if got != want:
+                problems.append(f"hit {count[0]}: {name} = {got:#x}, want {want:#x}")
+        if regs.rip != hit.address or hit.address != runtime_address(hit.pid, path, link_address):
+            problems.append(f"rip {regs.rip:#x}, address {hit.address:#x}")
+        want_flags = 0x44 if mode else 0x85
+        if regs.eflags & 0x8C5 != want_flags or regs.rflags != regs.eflags:
+            problems.append(f"hit {count[0]}: eflags {regs.eflags:#x}, want {want_flags:#x} in 0x8c5")
+        if regs.eflags & 0x500:
+            problems.append(f"hit {count[0]}: TF or DF set in {regs.eflags:#x}")
+        if list(hit.args) != [REG_VALUES[r] for r in ("rdi", "rsi", "rdx", "rcx", "r8", "r9")]:
+            problems.append(f"args {[hex(a) for a in hit.args]}")
+        zone = hit.read(regs.rsp - 128, 128)
+        if zone != REDZONE:
+            problems.append(f"red zone below rsp {regs.rsp:#x}: {zone.hex()}")
+
+    return handler, problems
+
+
+@pytest.mark.parametrize("site, options, mechanism", [
+    ("regs_site_mov", {}, "int3"),
+    ("regs_site_nop", {}, "int3"),
+    ("regs_site_nop5", {}, "jmp"),
+    ("regs_site_nop5", {"slots": "seed"}, "jmp"),
+    ("regs_site_nop5", {"seccomp": False}, "int3"),
+], ids=["mov-int3", "nop1-int3", "nop5-return-slot", "nop5-seed-slot", "nop5-int3"])
+def test_registers_and_flags_preserved(site, options, mechanism):
+    path = build("core_regs.c", "-O1")
+    expected = untraced([path, str(ROUNDS)])
+    assert expected.returncode == 0, expected.stdout
+    handler, problems = register_checker(path, site)
+    status, out, (probe,), _ = run_traced([path, str(ROUNDS)], [(f"uprobe:{path}:{site}", handler)],
+                                          **options)
+    assert out == expected.stdout
+    assert status == 0
+    assert probe.hits == ROUNDS
+    assert not problems, problems
+    assert mechanisms(probe) == [mechanism]
+
+
+def test_registers_three_sites_in_a_row():
+    """Three consecutive probed instructions (out-of-line, emulated, slot) in one pass."""
+    path = build("core_regs.c", "-O1")
+    expected = untraced([path, str(ROUNDS)])
+    checks = [register_checker(path, s) for s in ("regs_site_mov", "regs_site_nop", "regs_site_nop5")]
+    status, out, probes, _ = run_traced(
+        [path, str(ROUNDS)],
+        [(f"uprobe:{path}:{s}", h) for s, (h, _) in zip(("regs_site_mov", "regs_site_nop", "regs_site_nop5"), checks)])
+    assert out == expected.stdout
+    assert status == 0
+    assert [p.hits for p in probes] == [ROUNDS] * 3
+    assert [pr for _, pr in checks] == [[], [], []]
+
+
+# ---------------------------------------------------------------------------- handlers that change things
+
+def test_handler_writes_argument_register():
+    path = build("core_simple.c", "-O1")
+    after = []
+
+    def handler(hit):
+        if hit.args[0] == 5:
+            hit.regs.rdi = 7
+            after.append(hit.regs.rdi)
+
+    status, out, (probe,), _ = run_traced([path], [(f"uprobe:{path}:compute", handler)])
+    assert status == 0
+    assert "compute(5) = 50" in out.splitlines()
+    # compute(5) inside the sum of compute(0..9) became compute(7) too: 298 - 26 + 50
+    assert "total 322" in out.splitlines()
+    assert after == [7, 7]
+
+
+def test_handler_writes_memory():
+    path = build("core_simple.c", "-O1")
+    before = []
+
+    def handler(hit):
+        address = hit.args[0]
+        before.append(hit.read(address, 4))
+        hit.write(address, struct.pack("<i", 1234))
+
+    status, out, (probe,), _ = run_traced([path], [(f"uprobe:{path}:touch", handler)])
+    assert status == 0
+    assert "secret 1234" in out.splitlines()
+    assert before == [struct.pack("<i", 1)]
+
+
+@pytest.mark.parametrize("options", [{}, {"slots": "seed"}, {"seccomp": False}],
+                         ids=["return-slot", "seed-slot", "int3"])
+def test_handler_writes_registers_at_nop5(options):
+    """rax (kept on the slot's stack) and r12 (a plain register) written by the handler
+    reach the program, which reports them as mismatches."""
+    path = build("core_regs.c", "-O1")
+
+    def handler(hit):
+        hit.regs.rax = 0x0123456789ABCDEF
+        hit.regs.r12 = 0x42
+
+    status, out, (probe,), _ = run_traced([path, "2"], [(f"uprobe:{path}:regs_site_nop5", handler)],
+                                          **options)
+    assert status == 1
+    lines = out.splitlines()
+    for r in range(2):
+        assert f"round {r}: rax = 0123456789abcdef, want 1111111111111111" in lines
+        assert f"round {r}: r12 = 0000000000000042, want cccccccccccccccc" in lines
+    # nothing else changed
+    assert len(lines) == 5, lines
+
+
+def test_handler_moves_rip():
+    """Writing rip resumes elsewhere: skipping touch()'s body by resuming at its ret."""
+    path = build("core_simple.c", "-O1")
+    insns = decode(path, "touch")
+    ret = [i for i in insns if i.mnemonic == "ret"][-1]
+    base, _ = symbol(path, "touch")
+
+    def handler(hit):
+        hit.regs.rip = hit.address + (ret.address - base)
+
+    status, out, (probe,), _ = run_traced([path], [(f"uprobe:{path}:touch", handler)])
+    assert status == 0
+    assert probe.hits == 1
+    assert "secret 1" in out.splitlines()
+
+
+# ---------------------------------------------------------------------------- the program's own SIGTRAP
+
+@pytest.mark.parametrize("how", ["raise", "int3"])
+def test_program_sigtrap_reaches_its_handler(how):
+    path = build("core_trap.c", "-O1")
+    expected = untraced([path, how])
+    assert expected.returncode == 0 and "trap handled" in expected.stdout
+    status, out, (probe,), _ = run_traced([path, how], [(f"uprobe:{path}:compute", None)])
+    assert "trap handled" in out.splitlines()
+    assert out == expected.stdout
+    assert status == 0
+    assert probe.hits == 2
+
+
+# ---------------------------------------------------------------------------- errors (Python API)
+
+def reaped_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_api_no_such_process():
+    with pytest.raises(errors.NoSuchProcessError) as info:
+        ptprobe.attach(reaped_pid())
+    assert info.value.exit_code == 3
+
+
+def test_api_program_start_error(tmp_path):
+    with pytest.raises(errors.ProgramStartError) as info:
+        ptprobe.run([str(tmp_path / "no-such-program")])
+    assert info.value.exit_code == 9
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to nobody")
+def test_api_permission_denied(loop_target):
+    script = ("import sys, ptprobe\n"
+              "try:\n"
+              "    ptprobe.attach(int(sys.argv[1]))\n"
+              "except ptprobe.PtprobeError as exc:\n"
+              "    print(type(exc).__name__, exc.exit_code)\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1")
+    result = subprocess.run([*NOBODY, sys.executable, "-c", script, str(loop_target.pid)],
+                            capture_output=True, text=True, env=env, cwd="/", timeout=60)
+    assert result.stdout.strip() == "TracePermissionError 4", (result.stdout, result.stderr)
+    loop_target.assert_alive_untraced_and_original(("work",))
+
+
+@pytest.fixture
+def text_file(tmp_path) -> str:
+    path = tmp_path / "notes.txt"
+    path.write_text("this is not an ELF file\n")
+    return str(path)
+
+
+def bad_specs(path: str, function: str, text_file: str) -> List[Tuple[str, str, type]]:
+    """(id, spec, exception class) for every kind of bad probe; *function* in *path*
+    starts with an instruction longer than one byte."""
+    first = decode(path, function)[0]
+    assert first.size > 1
+    return [
+        ("bad-spec-kind", "kprobe:do_sys_open", errors.ProbeSpecError),
+        ("bad-spec-empty", "uprobe:", errors.ProbeSpecError),
+        ("bad-spec-offset", f"uprobe:{path}:{function}+zz", errors.ProbeSpecError),
+        ("not-elf", f"uprobe:{text_file}:main", errors.ObjectFileError),
+        ("missing-file", f"uprobe:{path}.missing:main", errors.ObjectFileError),
+        ("missing-symbol", f"uprobe:{path}:no_such_function", errors.SymbolNotFoundError),
+        ("lib-missing-symbol", "uprobe:libc.so.6:no_such_function_in_libc", errors.SymbolNotFoundError),
+        ("boundary", f"uprobe:{path}:{function}+1", errors.InstructionBoundaryError),
+    ]
+
+
+BAD_IDS = ["bad-spec-kind", "bad-spec-empty", "bad-spec-offset", "not-elf", "missing-file",
+           "missing-symbol", "lib-missing-symbol", "boundary"]
+
+
+@pytest.mark.parametrize("case", BAD_IDS)
+def test_api_bad_probe_in_attach_mode(loop_target, text_file, case):
+    target = loop_target
+    spec, exc_class = {c[0]: c[1:] for c in bad_specs(target.path, "work", text_file)}[case]
+    with ptprobe.attach(target.pid, observer=RecordingObserver()) as session:
+        with pytest.raises(exc_class) as info:
+            session.probe(spec)
+        assert info.value.exit_code == {errors.ProbeSpecError: 2, errors.ObjectFileError: 5,
+                                        errors.SymbolNotFoundError: 6,
+                                        errors.InstructionBoundaryError: 7}[exc_class]
+        # the session is still usable after the error
+        good = session.probe(f"uprobe:{target.path}:work")
+        assert session.wait(timeout=0.2) is None
+    assert good.hits > 0
+    target.assert_alive_untraced_and_original(("work", "spare"))
+
+
+def test_api_site_already_patched(loop_target):
+    target = loop_target
+    address, _ = symbol(target.path, "spare")
+    runtime = runtime_address(target.pid, target.path, address)
+    original = read_mem(target.pid, runtime, 1)
+    assert original != b"\xcc"
+    write_mem(target.pid, runtime, b"\xcc")
+    patched_code, _ = code_in_memory(target.pid, target.path, "spare")
+    with ptprobe.attach(target.pid, observer=RecordingObserver()) as session:
+        with pytest.raises(errors.SitePatchedError) as info:
+            session.probe(f"uprobe:{target.path}:spare")
+        assert info.value.exit_code == 8
+    # ptprobe neither "repaired" nor otherwise touched the foreign patch
+    target.assert_alive_untraced_and_original(("work", "spare"), patched={"spare": patched_code})
+
+
+def test_api_bad_probe_in_run_mode(text_file):
+    path = build("core_simple.c", "-O1")
+    for case, spec, exc_class in bad_specs(path, "compute", text_file):
+        with captured_stdout() as out:
+            with ptprobe.run([path], observer=RecordingObserver()) as session:
+                with pytest.raises(exc_class):
+                    session.probe(spec)
+                status = session.wait()
+        assert status == 0, case
+        assert "total 298" in out.text, case
