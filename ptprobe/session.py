@@ -88,10 +88,6 @@ class Probe:
         return f"<Probe {self.name} hits={self.hits} sites={len(self.sites)}>"
 
 
-class _Wakeup(BaseException):
-    """Raised by a signal handler to break out of a blocking waitpid."""
-
-
 class Session:
     """A traced program. Create with :func:`run` or :func:`attach`."""
 
@@ -117,7 +113,6 @@ class Session:
         self.attached = False
         self._holding = 0
         self._stop_requested = False
-        self._in_wait = False
         self._pause = False
         self._owner = threading.get_ident()
         self._armed: Dict[int, Set[Tuple[int, Tuple[int, int]]]] = {}   # pid -> {(id(probe), obj identity)}
@@ -343,11 +338,11 @@ class Session:
         if not elf.is_executable_address(address):
             raise InstructionBoundaryError(f"{address:#x} is not in executable code of {elf.path}", address)
         if address != start:
-            code = elf.read(start, max(size, address - start + 16))
+            code = elf.read(start, max(size, address - start + 16), partial=True)
             if not arch.is_instruction_start(code, start, address):
                 raise InstructionBoundaryError(
                     f"{address:#x} is not on an instruction boundary in {elf.path}", address)
-        if arch.decode(elf.read(address, 16) if True else b"", address) is None:
+        if arch.decode(elf.read(address, 16, partial=True), address) is None:
             raise InstructionBoundaryError(f"no valid instruction at {address:#x} in {elf.path}", address)
         yield address, None
 
@@ -396,7 +391,7 @@ class Session:
         notes = []
         for vaddr, note in self._locations(probe, obj.elf):
             address = obj.runtime(vaddr)
-            code = obj.elf.read(vaddr, 16)
+            code = obj.elf.read(vaddr, 16, partial=True)
             insn = arch.decode(code, address)
             if insn is None:
                 raise InstructionBoundaryError(f"no valid instruction at {address:#x}", address)
@@ -490,27 +485,26 @@ class Session:
         return self.returncode
 
     def request_stop(self) -> None:
-        """Make :meth:`wait` return soon. Safe to call from a signal handler."""
+        """Make :meth:`wait` return soon. Call it from the session's thread, or
+        from a signal handler when the session runs in the main thread."""
         self._stop_requested = True
-        if self._in_wait:
-            raise _Wakeup()
+        # wake a blocking waitpid: interrupting one running thread makes a stop
+        for thread in list(self.threads.values()):
+            if not thread.stopped and not thread.exited and not thread.interrupted:
+                try:
+                    linux.interrupt(thread.tid)
+                    thread.interrupted = True
+                except PtprobeError:
+                    continue
+                break
 
     def _step_loop(self) -> None:
         """Wait for one event and handle it."""
-        if self._stop_requested and self._holding == 0:
-            return
         try:
-            self._in_wait = True
-            if self._stop_requested and self._holding == 0:
-                return
             tid, status = linux.wait_any()
-        except _Wakeup:
-            return
         except ChildProcessError:
             self._all_gone()
             return
-        finally:
-            self._in_wait = False
         self._dispatch(tid, status)
 
     def _all_gone(self) -> None:

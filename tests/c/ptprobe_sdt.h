@@ -34,10 +34,17 @@
  *     PTPROBE_SDT_ENABLED(provider, name)                nonzero while a tracer counts it
  *
  * Arguments must be integers, enums, pointers, float or double (long double
- * and aggregates are not supported).
+ * and aggregates are not supported). With the default "nri" constraint a
+ * float/double travels in a general register ("8f@%rax": the register holds
+ * its bits); "nor" lets the compiler name its memory location instead.
+ * Needs GNU C (named asm operands, ", ##__VA_ARGS__", __builtin_choose_expr).
  */
 #ifndef PTPROBE_SDT_H
 #define PTPROBE_SDT_H
+
+#if !defined(__GNUC__) || defined(__STRICT_ANSI__) || defined(__cplusplus)
+#error "ptprobe_sdt.h needs GNU C (gcc or clang, -std=gnu99 or later; not C++)"
+#endif
 
 #define PTPROBE_SDT_NOP_1    "nop"
 #define PTPROBE_SDT_NOP_5    ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00"
@@ -76,7 +83,7 @@
 #define _PTPROBE_SDT_ITYPE(x) \
     __typeof__(__builtin_choose_expr(_PTPROBE_SDT_IS_INT(x), (x), 0U))
 #define _PTPROBE_SDT_SIGNED(x) \
-    ((_PTPROBE_SDT_ITYPE(x))-1 < (_PTPROBE_SDT_ITYPE(x))0)
+    ((_PTPROBE_SDT_ITYPE(x))-1 < (_PTPROBE_SDT_ITYPE(x))1)
 #define _PTPROBE_SDT_BYTES(x) \
     ((int)(_PTPROBE_SDT_IS_PTR(x) ? sizeof(void *) : sizeof(x)))
 /* The size code: -N signed integer, N unsigned integer or pointer,

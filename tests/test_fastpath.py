@@ -1,0 +1,688 @@
+"""The jmp fast path (DESIGN.md sections 1-4 and 6), end to end on real C targets.
+
+Every target lives in tests/c/fast_*.c (plus fastlib_sites.c); the register checks are
+done by the targets themselves (fast_regcheck.c) and reported by their exit status, so
+a broken engine shows up as a failing program, not just as a wrong count.
+
+Engine internals used (no public API exists for them): ``Session.threads``,
+``Site.patch_at``, ``ptprobe.linux.get_regs/singlestep/wait_tid`` (single-stepping a
+thread into a seed slot before detaching, in test_seed_detach_inside_slot).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import pytest
+from elftools.elf.elffile import ELFFile
+
+from conftest import build
+
+import ptprobe
+from ptprobe import arch, linux
+
+REPO = Path(__file__).resolve().parent.parent
+NOP5 = bytes.fromhex("0f1f440000")
+SLOTS = pytest.mark.parametrize("slots", ["seed", "return"])
+EPROTO = 71
+LINE_TIMEOUT = 30.0          # guard against hangs only; nothing asserts on time
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _build(name: str, *flags: str) -> str:
+    extra = ("fast_regcheck.c",) if name in ("fast_regs.c", "fast_nrcall.c", "fast_hammer.c") else ()
+    if name == "fast_hammer.c":
+        flags = flags + ("-pthread",)
+    return build(name, *flags, extra_sources=extra)
+
+
+def _symbols(path: str) -> Dict[str, int]:
+    with open(path, "rb") as fh:
+        elf = ELFFile(fh)
+        table = elf.get_section_by_name(".symtab")
+        return {sym.name: sym["st_value"] for sym in table.iter_symbols() if sym.name}
+
+
+def _probe_k(path: str) -> List[int]:
+    """The 16 constants of fast_regcheck.c, read from the binary."""
+    with open(path, "rb") as fh:
+        elf = ELFFile(fh)
+        sym = elf.get_section_by_name(".symtab").get_symbol_by_name("probe_k")[0]
+        addr = sym["st_value"]
+        for seg in elf.iter_segments():
+            if seg["p_type"] == "PT_LOAD" and seg["p_vaddr"] <= addr < seg["p_vaddr"] + seg["p_filesz"]:
+                fh.seek(seg["p_offset"] + addr - seg["p_vaddr"])
+                data = fh.read(128)
+                return [int.from_bytes(data[i:i + 8], "little") for i in range(0, 128, 8)]
+    raise AssertionError("probe_k not found")
+
+
+def _load_base(pid: int, path: str) -> int:
+    """Run-time address of file offset 0 of *path* in *pid* (ET_DYN objects)."""
+    real = os.path.realpath(path)
+    with open(f"/proc/{pid}/maps") as fh:
+        for line in fh:
+            parts = line.split()
+            if len(parts) >= 6 and parts[5] == real and int(parts[2], 16) == 0:
+                return int(parts[0].split("-")[0], 16)
+    raise AssertionError(f"{path} is not mapped in {pid}")
+
+
+def _runtime(pid: int, path: str, symbol: str) -> int:
+    value = _symbols(path)[symbol]
+    with open(path, "rb") as fh:
+        if ELFFile(fh).header["e_type"] == "ET_EXEC":
+            return value
+    return _load_base(pid, path) + value
+
+
+def _read_mem(pid: int, address: int, size: int) -> bytes:
+    with open(f"/proc/{pid}/mem", "rb") as fh:
+        fh.seek(address)
+        return fh.read(size)
+
+
+def _status(pid: int) -> Dict[str, str]:
+    out = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            out[key] = value.strip()
+    return out
+
+
+def _mechanisms(probe) -> List[str]:
+    return [s.mechanism for s in probe.sites]
+
+
+def _env() -> Dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+class Lines:
+    """Collects the lines a pipe delivers, on a thread of its own."""
+
+    def __init__(self, stream) -> None:
+        self.lines: List[str] = []
+        self._queue: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream) -> None:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode(errors="replace").rstrip("\n")
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self.lines.append("<EOF>")
+            self._cond.notify_all()
+
+    def wait_for(self, predicate, what: str) -> List[str]:
+        """Block until predicate(lines) holds (or the stream ends); return the lines."""
+        with self._cond:
+            ok = self._cond.wait_for(lambda: predicate(self.lines) or "<EOF>" in self.lines,
+                                     timeout=LINE_TIMEOUT)
+            if not ok or not predicate(self.lines):
+                raise AssertionError(f"never saw {what}; last lines: {self.lines[-10:]}")
+            return list(self.lines)
+
+    def count(self, prefix: str) -> int:
+        with self._cond:
+            return sum(1 for line in self.lines if line.startswith(prefix))
+
+
+class Hammer:
+    """fast_hammer running as a child, its stdout collected."""
+
+    def __init__(self, binary: str, threads: int, every: int, prefix: Sequence = ()) -> None:
+        self.binary = binary
+        self.proc = subprocess.Popen(list(prefix) + [binary, str(threads), str(every)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.pid = self.proc.pid
+        self.out = Lines(self.proc.stdout)
+        self.out.wait_for(lambda ls: "ready" in ls, "ready")
+
+    def send(self, data: bytes) -> None:
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def failures(self) -> List[str]:
+        return [line for line in self.out.lines if line.startswith("FAIL")]
+
+    def finish(self) -> int:
+        """Tell it to stop; return its exit status (it checks every pass itself)."""
+        try:
+            self.send(b"q")
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        status = self.proc.wait(timeout=LINE_TIMEOUT)
+        self.out.wait_for(lambda ls: "<EOF>" in ls, "end of output")
+        return status
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+
+def _wait_for_hits(session, probe, at_least: int = 1, rounds: int = 500) -> None:
+    """Run the event loop in short slices until *probe* has *at_least* hits."""
+    for _ in range(rounds):
+        status = session.wait(timeout=0.02)
+        assert status is None, f"the program ended (status {status}) while traced"
+        if probe.hits >= at_least:
+            return
+    raise AssertionError(f"only {probe.hits} hits, wanted {at_least}")
+
+
+def _run(argv, spec_handlers, **options):
+    """ptprobe.run *argv* with probes (spec, handler); return (status, probes)."""
+    with ptprobe.run(argv, **options) as session:
+        probes = [session.probe(spec, handler) for spec, handler in spec_handlers]
+        status = session.wait()
+    return status, probes
+
+
+# --------------------------------------------------------------------------- red zone
+
+
+@SLOTS
+def test_red_zone_survives_1000_hits(slots, capfd):
+    binary = _build("fast_redzone.c")
+    status, (probe,) = _run([binary, "1000"], [(f"uprobe:{binary}:rz_site", None)], slots=slots)
+    out = capfd.readouterr().out
+    assert "redzone bad=0" in out, out
+    assert status == 0
+    assert _mechanisms(probe) == ["jmp"]
+    assert probe.sites[0].slot_kind == slots
+    assert probe.hits == 1000
+
+
+# --------------------------------------------------------------------------- registers
+
+
+@SLOTS
+def test_registers_survive_site_and_handler_sees_program_values(slots, capfd):
+    binary = _build("fast_regs.c")
+    k = _probe_k(binary)
+    seed, passes = 0x0123456789ABCDEF, 64
+    problems: List[str] = []
+    seen: List[int] = []
+
+    def handler(hit):
+        r = hit.regs
+        s = r.rdi ^ k[5]                      # rdi = seed ^ k[5]
+        seen.append(s)
+        for name, index in (("rax", 0), ("rcx", 2), ("r11", 11), ("rbx", 1), ("rdx", 3),
+                            ("rsi", 4), ("rbp", 6), ("r8", 8), ("r9", 9), ("r10", 10),
+                            ("r12", 12), ("r13", 13), ("r14", 14), ("r15", 15)):
+            if r[name] != s ^ k[index]:
+                problems.append(f"pass {s - seed}: {name}={r[name]:#x}, program had {s ^ k[index]:#x}")
+        flags = ((s >> 8) & 0xCD5) | 0x202
+        if r.eflags & 0xFD7 != flags:
+            problems.append(f"pass {s - seed}: rflags={r.eflags:#x}, program had {flags:#x}")
+        if r.rip != hit.address:
+            problems.append(f"rip={r.rip:#x}, site {hit.address:#x}")
+        xmm = hit.xmm(0)
+        if xmm != s.to_bytes(8, "little") + (s ^ (1 << 64) - 1).to_bytes(8, "little"):
+            problems.append(f"pass {s - seed}: xmm0={xmm.hex()}")
+        # probe_regs keeps the seed at [rsp] and out at [rsp+8], and stored rsp in out[19]
+        frame = hit.read(r.rsp, 16)
+        out_at = int.from_bytes(frame[8:], "little")
+        if int.from_bytes(frame[:8], "little") != s or \
+                int.from_bytes(hit.read(out_at + 19 * 8, 8), "little") != r.rsp:
+            problems.append(f"pass {s - seed}: rsp={r.rsp:#x} is not the program's rsp")
+
+    status, (probe,) = _run([binary, "check", hex(seed), str(passes)],
+                            [(f"uprobe:{binary}:regs_site", handler)], slots=slots)
+    out = capfd.readouterr().out
+    assert f"check ok {passes}" in out, out
+    assert status == 0
+    assert _mechanisms(probe) == ["jmp"]
+    assert probe.hits == passes
+    assert probe.errors == 0
+    assert problems == []
+    assert seen == [seed + i for i in range(passes)]
+
+
+@SLOTS
+def test_handler_writes_rax_rcx_r11_rbx(slots, capfd):
+    binary = _build("fast_regs.c")
+    new = {"rax": 0xAAAA00000000AAAA, "rcx": 0xCCCC0000CCCC0001, "r11": 0x1111000011110011,
+           "rbx": 0xBBBB0000BBBB000B}
+
+    def handler(hit):
+        for name, value in new.items():
+            setattr(hit.regs, name, value)
+
+    status, (probe,) = _run([binary, "modify", "0x77"], [(f"uprobe:{binary}:regs_site", handler)],
+                            slots=slots)
+    out = capfd.readouterr().out
+    assert status == 0, out                   # every other register came through unchanged
+    assert _mechanisms(probe) == ["jmp"]
+    assert probe.hits == 1 and probe.errors == 0
+    want = " ".join(f"{name}={value:#x}" for name, value in new.items())
+    assert want in out, out
+
+
+@SLOTS
+def test_handler_moves_rip(slots, capfd):
+    binary = _build("fast_regs.c")
+    syms = _symbols(binary)
+    delta = syms["jump_target"] - syms["jump_site"]
+
+    def handler(hit):
+        hit.regs.rip = hit.address + delta
+
+    status, (probe,) = _run([binary, "jump"], [(f"uprobe:{binary}:jump_site", handler)], slots=slots)
+    out = capfd.readouterr().out
+    assert status == 0
+    assert "jump 2" in out, out
+    assert _mechanisms(probe) == ["jmp"]
+    assert probe.hits == 1 and probe.errors == 0
+
+    status, (probe,) = _run([binary, "jump"], [(f"uprobe:{binary}:jump_site", None)], slots=slots)
+    out = capfd.readouterr().out
+    assert status == 0 and "jump 1" in out, out
+    assert probe.hits == 1
+
+
+# --------------------------------------------------------------------------- the slot syscall
+
+
+@SLOTS
+def test_program_making_the_slot_syscall_gets_eproto(slots, capfd):
+    binary = _build("fast_nrcall.c")
+    nr = arch.SLOT_SYSCALL_NR
+    status, (probe,) = _run([binary, str(nr)], [(f"uprobe:{binary}:regs_site", None)], slots=slots)
+    out = capfd.readouterr().out
+    assert f"libc ret=-1 errno={EPROTO}" in out, out
+    assert f"raw ret=-{EPROTO}" in out, out
+    assert status == 0, out                   # registers intact, both site passes intact
+    assert _mechanisms(probe) == ["jmp"]
+    assert probe.hits == 2
+
+
+# --------------------------------------------------------------------------- slot exhaustion
+
+
+@SLOTS
+def test_300_sites_with_one_trampoline_page(slots, capfd):
+    binary = _build("fast_many.c")
+    with ptprobe.run([binary, "3"], slots=slots, max_trampoline_pages=1) as session:
+        probes = [session.probe(f"uprobe:{binary}:site_{i}") for i in range(300)]
+        status = session.wait()
+    out = capfd.readouterr().out
+    assert status == 0 and "many 3" in out, out
+    mechanisms = [p.sites[0].mechanism for p in probes]
+    per_page = arch.PAGE_SIZE // (arch.SEED_SLOT_SIZE if slots == "seed" else arch.RETURN_SLOT_SIZE)
+    assert per_page == (256 if slots == "seed" else 64)
+    assert mechanisms.count("jmp") == per_page
+    assert mechanisms.count("int3") == 300 - per_page
+    jmp_sites = [p.sites[0] for p in probes if p.sites[0].mechanism == "jmp"]
+    assert {s.slot_kind for s in jmp_sites} == {slots}
+    assert len({s.slot for s in jmp_sites}) == per_page          # one slot per site
+    assert len({s.slot & ~0xFFF for s in jmp_sites}) == 1         # all in the one page
+    assert [p.hits for p in probes] == [3] * 300
+
+
+# --------------------------------------------------------------------------- detach
+
+
+@SLOTS
+def test_attach_detach_50_times_while_two_threads_hammer(slots):
+    binary = _build("fast_hammer.c")
+    spec = f"uprobe:{binary}:regs_site"
+    hammer = Hammer(binary, 2, 20000)
+    try:
+        site_address = _runtime(hammer.pid, binary, "regs_site")
+        mechanisms = set()
+        for cycle in range(50):
+            session = ptprobe.attach(hammer.pid, slots=slots)
+            try:
+                probe = session.probe(spec)
+                mechanisms.update((s.mechanism, s.slot_kind) for s in probe.sites)
+                _wait_for_hits(session, probe, at_least=5)
+            finally:
+                session.detach()
+            assert hammer.proc.poll() is None, f"cycle {cycle}: the program died: {hammer.out.lines[-5:]}"
+            assert hammer.failures() == [], f"cycle {cycle}"
+            assert _read_mem(hammer.pid, site_address, 5) == NOP5, f"cycle {cycle}"
+            assert _status(hammer.pid)["TracerPid"] == "0"
+        assert mechanisms == {("jmp", slots)}
+        # it runs on untraced: both threads still report progress
+        before = {t: hammer.out.count(t) for t in ("t1 ", "t2 ")}
+        hammer.out.wait_for(lambda ls: all(sum(1 for x in ls if x.startswith(t)) > before[t]
+                                           for t in before), "progress after the last detach")
+        assert hammer.finish() == 0
+        assert hammer.failures() == []
+        assert any(line.startswith("done ") for line in hammer.out.lines)
+    finally:
+        hammer.kill()
+
+
+SEED_OFFSETS = (0, 5, 6, 8, 9, 14)
+
+
+def test_seed_detach_inside_slot():
+    """Single-step a thread to each instruction boundary of a seed slot, then detach.
+
+    Internals: Session.threads, Site.patch_at/slot, ptprobe.linux.get_regs/singlestep/wait_tid.
+    """
+    binary = _build("fast_hammer.c")
+    spec = f"uprobe:{binary}:regs_site"
+    hammer = Hammer(binary, 0, 1000)            # only the main thread, passing the site on "g"
+    try:
+        site_address = _runtime(hammer.pid, binary, "regs_site")
+        slots_seen = set()
+        for n, offset in enumerate(SEED_OFFSETS, start=1):
+            session = ptprobe.attach(hammer.pid, slots="seed")
+            try:
+                probe = session.probe(spec)
+                site = probe.sites[0]
+                assert (site.mechanism, site.slot_kind) == ("jmp", "seed")
+                slots_seen.add(site.slot)
+                tid = hammer.pid
+                assert tid in session.threads and session.threads[tid].stopped
+                hammer.send(b"g")               # it sits in read(0): let it go to the site
+                for _ in range(200000):
+                    if linux.get_regs(tid).rip == site.patch_at:
+                        break
+                    _step(tid)
+                else:
+                    raise AssertionError("the thread never reached the site")
+                _step(tid)                      # the jmp
+                assert linux.get_regs(tid).rip == site.slot
+                for boundary in SEED_OFFSETS[1:SEED_OFFSETS.index(offset) + 1]:
+                    _step(tid)
+                    assert linux.get_regs(tid).rip == site.slot + boundary
+                assert linux.get_regs(tid).rip == site.slot + offset
+            finally:
+                session.detach()
+            hammer.out.wait_for(lambda ls, n=n: f"ok {n}" in ls or hammer.failures(), f"ok {n}")
+            assert hammer.failures() == [], f"offset {offset}"
+            assert hammer.proc.poll() is None, f"offset {offset}: the program died"
+            assert _read_mem(hammer.pid, site_address, 5) == NOP5
+        assert len(slots_seen) == 1
+        assert hammer.finish() == 0
+        assert hammer.failures() == []
+    finally:
+        hammer.kill()
+
+
+def _step(tid: int) -> None:
+    linux.singlestep(tid)
+    status = linux.wait_tid(tid)
+    assert os.WIFSTOPPED(status) and os.WSTOPSIG(status) == signal.SIGTRAP and status >> 16 == 0, \
+        f"unexpected stop {status:#x} while single-stepping"
+
+
+def test_cli_sigkilled_self_returning_slots_keep_program_alive():
+    binary = _build("fast_hammer.c")
+    hammer = Hammer(binary, 2, 5000)
+    cli = None
+    try:
+        site_address = _runtime(hammer.pid, binary, "regs_site")
+        cli = subprocess.Popen([sys.executable, "-m", "ptprobe", "attach", str(hammer.pid), "--slots",
+                                "return", "-p", f"uprobe:{binary}:regs_site"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=str(REPO))
+        hits = Lines(cli.stdout)
+        hits.wait_for(lambda ls: sum(1 for x in ls if "regs_site" in x) >= 200, "200 hit lines from the CLI")
+        assert _read_mem(hammer.pid, site_address, 1) == b"\xe9"     # the jmp is in place
+        cli.send_signal(signal.SIGKILL)
+        assert cli.wait(timeout=LINE_TIMEOUT) == -signal.SIGKILL
+        # the tracer is gone and the site still jumps into the slots: the program runs on
+        assert _read_mem(hammer.pid, site_address, 1) == b"\xe9"
+        for task in os.listdir(f"/proc/{hammer.pid}/task"):
+            assert _status(int(task))["TracerPid"] == "0"
+        before = {t: hammer.out.count(t) for t in ("t1 ", "t2 ")}
+        hammer.out.wait_for(lambda ls: all(sum(1 for x in ls if x.startswith(t)) >= before[t] + 3
+                                           for t in before), "progress after the tracer died")
+        assert hammer.proc.poll() is None
+        assert hammer.finish() == 0
+        assert hammer.failures() == []
+    finally:
+        if cli is not None and cli.poll() is None:
+            cli.kill()
+            cli.wait()
+        hammer.kill()
+
+
+# --------------------------------------------------------------------------- re-attach
+
+
+@SLOTS
+def test_reattach_reuses_slot_and_filter(slots):
+    binary = _build("fast_hammer.c")
+    spec = f"uprobe:{binary}:regs_site"
+    hammer = Hammer(binary, 0, 1000)
+    try:
+        assert _status(hammer.pid)["Seccomp_filters"] == "0"
+        slot_addresses = []
+        filters = []
+        for n in (1, 2):
+            session = ptprobe.attach(hammer.pid, slots=slots)
+            try:
+                probe = session.probe(spec)
+                assert _mechanisms(probe) == ["jmp"]
+                assert probe.sites[0].slot_kind == slots
+                slot_addresses.append(probe.sites[0].slot)
+                filters.append(_status(hammer.pid)["Seccomp_filters"])
+                hammer.send(b"g")
+                _wait_for_hits(session, probe, at_least=1)
+                assert probe.hits == 1
+            finally:
+                session.detach()
+            hammer.out.wait_for(lambda ls, n=n: f"ok {n}" in ls or hammer.failures(), f"ok {n}")
+        assert filters == ["1", "1"]
+        assert _status(hammer.pid)["Seccomp_filters"] == "1"
+        assert slot_addresses[0] == slot_addresses[1]
+        assert hammer.finish() == 0
+        assert hammer.failures() == []
+    finally:
+        hammer.kill()
+
+
+# --------------------------------------------------------------------------- site forms
+
+
+def _forms_build():
+    lib = build("fastlib_sites.c", "-Wl,-soname,libfastsites.so", shared=True, output="libfastsites.so")
+    libdir = os.path.dirname(lib)
+    exe = build("fast_forms.c", "-DWITH_LIB", "-pg", "-mfentry", "-mnop-mcount", "-fno-pie", "-no-pie",
+                f"-L{libdir}", "-lfastsites", f"-Wl,-rpath,{libdir}")
+    return exe, lib
+
+
+@SLOTS
+def test_nop_combos_fentry_and_shared_library(slots, capfd):
+    exe, lib = _forms_build()
+    syms = _symbols(exe)
+    fentry = syms["fentry_func"]
+    with open(exe, "rb") as fh:
+        elf = ELFFile(fh)
+        text = elf.get_section_by_name(".text")
+        code = text.data()[fentry - text["sh_addr"]:][:9]
+    if code[:4] == bytes.fromhex("f30f1efa"):                # endbr64 first (-fcf-protection)
+        fentry += 4
+        code = code[4:]
+    assert code[:5] == NOP5, code.hex()
+    expected = {"form_a": syms["form_a"], "form_b": syms["form_b"], "fentry": fentry}
+    rips: Dict[str, List[int]] = {name: [] for name in ("form_a", "form_b", "fentry", "lib")}
+
+    def recorder(name):
+        def handler(hit):
+            rips[name].append(hit.regs.rip)
+            if name == "lib":
+                expected.setdefault("lib", _load_base(hit.pid, lib) + _symbols(lib)["lib_site"])
+        return handler
+
+    n = 7
+    status, probes = _run([exe, str(n)], [
+        (f"uprobe:{exe}:form_a", recorder("form_a")),
+        (f"uprobe:{exe}:form_b", recorder("form_b")),
+        (f"uprobe:{exe}:{fentry:#x}", recorder("fentry")),
+        (f"uprobe:{lib}:lib_site", recorder("lib")),
+    ], slots=slots)
+    out = capfd.readouterr().out
+    assert status == 0, out
+    assert f"forms {n} {11 * n}" in out and f"fentry {n} {100 * n}" in out and f"lib {n} {3 * n}" in out, out
+    for probe in probes:
+        assert _mechanisms(probe) == ["jmp"], probe.name
+        site = probe.sites[0]
+        assert site.slot_kind == slots
+        assert abs(site.slot - site.address) < 1 << 31, f"{probe.name}: slot {site.slot:#x} is not near"
+        assert probe.hits == n and probe.errors == 0, probe.name
+    for name, seen in rips.items():
+        assert seen == [expected[name]] * n, name
+    lib_site = probes[3].sites[0]
+    exe_slot = probes[0].sites[0].slot
+    # the library's page is near the library (the exe's page may be out of its reach)
+    assert abs(lib_site.slot - expected["lib"]) < 1 << 31
+    assert exe_slot is not None
+
+
+# --------------------------------------------------------------------------- without seccomp
+
+
+def _programs():
+    return {
+        "redzone": (lambda: (_build("fast_redzone.c"), ["300"], "rz_site")),
+        "regs": (lambda: (_build("fast_regs.c"), ["check", "0x42", "40"], "regs_site")),
+        "forms": (lambda: (_forms_build()[0], ["4"], "form_b")),
+    }
+
+
+@pytest.mark.parametrize("program", ["redzone", "regs", "forms"])
+def test_no_seccomp_same_results_through_int3(program, capfd):
+    binary, args, symbol = _programs()[program]()
+    results = {}
+    for seccomp in (True, False):
+        rips: List[int] = []            # rip seen by the handler, relative to the probe address
+        status, (probe,) = _run([binary] + args, [(f"uprobe:{binary}:{symbol}",
+                                                   lambda hit: rips.append(hit.regs.rip - hit.address))],
+                                seccomp=seccomp)
+        out = capfd.readouterr().out
+        results[seccomp] = (status, out, probe.hits, rips, _mechanisms(probe))
+    assert results[True][4] == ["jmp"]
+    assert results[False][4] == ["int3"]
+    assert results[True][0] == results[False][0] == 0
+    assert results[True][1] == results[False][1]
+    assert results[True][2] == results[False][2] > 0
+    assert results[True][3] == results[False][3] == [0] * results[True][2]
+
+
+@pytest.mark.parametrize("flags,mechanism", [((), "jmp"), (("--slots", "seed"), "jmp"),
+                                             (("--no-seccomp",), "int3"),
+                                             (("--max-trampoline-pages", "0"), "int3")])
+def test_cli_run_summary(flags, mechanism):
+    binary = _build("fast_redzone.c")
+    spec = f"uprobe:{binary}:rz_site"
+    res = subprocess.run([sys.executable, "-m", "ptprobe", "run", "-q", *flags, "-p", spec, "--", binary, "250"],
+                         capture_output=True, text=True, env=_env(), cwd=str(REPO), timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "redzone bad=0" in res.stdout
+    assert f"ptprobe: {spec}: 250 hits (1 {mechanism})" in res.stderr, res.stderr
+
+
+# --------------------------------------------------------------------------- not root
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@pytest.fixture(scope="module")
+def nobody_dir():
+    """A directory nobody can read: the target binary, ptprobe and its dependencies."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv")
+    top = tempfile.mkdtemp(prefix="ptprobe-nobody-", dir="/tmp")
+    try:
+        os.chmod(top, 0o755)
+        py = os.path.join(top, "py")
+        os.mkdir(py)
+        shutil.copytree(REPO / "ptprobe", os.path.join(py, "ptprobe"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        import capstone
+        import elftools
+        import keystone
+        import ptrace
+        for module in (capstone, elftools, keystone, ptrace):
+            src = os.path.dirname(module.__file__)
+            shutil.copytree(src, os.path.join(py, os.path.basename(src)),
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(_build("fast_hammer.c"), os.path.join(top, "fast_hammer"))
+        for root, dirs, files in os.walk(top):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o755)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o755)
+        yield top
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def _nobody_python() -> str:
+    for candidate in ("/usr/bin/python3", sys.executable):
+        if os.path.exists(candidate):
+            res = subprocess.run(NOBODY + [candidate, "-c", "import sys; assert sys.version_info >= (3, 9)"],
+                                 capture_output=True)
+            if res.returncode == 0:
+                return candidate
+    pytest.skip("no python that nobody can run")
+
+
+def test_non_root_attach_needs_consent_for_slots(nobody_dir):
+    binary = os.path.join(nobody_dir, "fast_hammer")
+    python = _nobody_python()
+    env = dict(os.environ, PYTHONPATH=os.path.join(nobody_dir, "py"), HOME=nobody_dir)
+    env.pop("PYTHONHOME", None)
+    hammer = Hammer(binary, 2, 20000, prefix=NOBODY)
+    try:
+        status = _status(hammer.pid)
+        assert status["Uid"].split()[0] == "65534" and int(status["CapEff"], 16) == 0
+        assert status["NoNewPrivs"] == "0"
+        spec = f"uprobe:{binary}:regs_site"
+
+        def cli(*extra: str) -> subprocess.CompletedProcess:
+            return subprocess.run(NOBODY + [python, "-m", "ptprobe", "attach", str(hammer.pid), "-q",
+                                            "-p", spec, "--duration", "0.5", *extra],
+                                  capture_output=True, text=True, env=env, cwd=nobody_dir, timeout=60)
+
+        res = cli()
+        assert res.returncode == 0, res.stderr
+        assert "--allow-no-new-privs" in res.stderr, res.stderr
+        m = re.search(re.escape(f"ptprobe: {spec}: ") + r"(\d+) hits \(1 int3\)", res.stderr)
+        assert m and int(m.group(1)) > 0, res.stderr
+        assert _status(hammer.pid)["NoNewPrivs"] == "0"          # not set without consent
+        assert _status(hammer.pid)["Seccomp_filters"] == "0"
+
+        res = cli("--allow-no-new-privs")
+        assert res.returncode == 0, res.stderr
+        m = re.search(re.escape(f"ptprobe: {spec}: ") + r"(\d+) hits \(1 jmp\)", res.stderr)
+        assert m and int(m.group(1)) > 0, res.stderr
+        assert _status(hammer.pid)["NoNewPrivs"] == "1"
+        assert _status(hammer.pid)["Seccomp_filters"] == "1"
+
+        assert hammer.proc.poll() is None
+        assert _read_mem(hammer.pid, _runtime(hammer.pid, binary, "regs_site"), 5) == NOP5
+        assert hammer.finish() == 0
+        assert hammer.failures() == []
+    finally:
+        hammer.kill()
