@@ -50,15 +50,22 @@ class _Printer:
     def __call__(self, hit: ptprobe.Hit) -> None:
         args = hit.args
         if self.as_json:
-            record = {"probe": hit.probe.name, "pid": hit.pid, "tid": hit.tid, "address": hit.address,
-                      "args": args}
+            record = {"probe": hit.probe.name, "name": hit.name, "pid": hit.pid, "tid": hit.tid,
+                      "address": hit.address, "args": args}
             self.out.write(json.dumps(record) + "\n")
             return
         if self.fmt is not None:
             self.out.write(_format(self.fmt, hit, args) + "\n")
             return
-        shown = " ".join(f"{a:#x}" if isinstance(a, int) else repr(a) for a in args)
-        self.out.write(f"{hit.probe.name} pid={hit.pid} tid={hit.tid} address={hit.address:#x} args: {shown}\n")
+        shown = " ".join(_show(a) for a in args)
+        self.out.write(f"{hit.name} pid={hit.pid} tid={hit.tid} address={hit.address:#x} args: {shown}\n")
+
+
+def _show(value: object) -> str:
+    """Small integers in decimal, large ones (addresses, masks) in hex, floats as floats."""
+    if isinstance(value, int):
+        return str(value) if -0x10000 < value < 0x10000 else f"{value:#x}"
+    return repr(value)
 
 
 def _format(fmt: str, hit: ptprobe.Hit, args: Sequence) -> str:
@@ -138,7 +145,53 @@ def _parser() -> argparse.ArgumentParser:
     att.add_argument("--allow-no-new-privs", action="store_true",
                      help="allow setting no_new_privs in the process (irrevocable) so that jmp slots "
                      "can be used without CAP_SYS_ADMIN")
+    lst = sub.add_parser("list", help="list the USDT probes (and functions) of a file or process",
+                         description="List the USDT probes of an ELF file, or of every object mapped "
+                         "in a process: provider, name, sites, semaphore, argument spec.")
+    lst.add_argument("path", nargs="?", metavar="PATH", help="an executable or shared library")
+    lst.add_argument("--pid", type=int, help="a running process instead of a file")
+    lst.add_argument("--symbols", action="store_true", help="also list function symbols")
+    lst.add_argument("--json", action="store_true", help="JSON output")
     return parser
+
+
+def _list(args: argparse.Namespace, out: IO[str]) -> int:
+    from ptprobe import discover
+    if (args.path is None) == (args.pid is None):
+        raise ProbeSpecError("list needs a PATH or --pid PID (one of them)")
+    if args.pid is not None:
+        probes = list(discover.iter_process_usdt_probes(args.pid))
+        functions = list(discover.iter_process_functions(args.pid)) if args.symbols else []
+    else:
+        probes = list(discover.iter_usdt_probes(args.path))
+        functions = list(discover.iter_functions(args.path)) if args.symbols else []
+    if args.json:
+        records = [{"type": "usdt", "path": p.path, "provider": p.provider, "name": p.name,
+                    "addresses": list(p.addresses), "semaphore": p.semaphore, "args": p.args,
+                    "spec": p.spec} for p in probes]
+        records += [{"type": "function", "path": f.path, "name": f.name, "address": f.address,
+                     "size": f.size} for f in functions]
+        out.write(json.dumps(records, indent=1) + "\n")
+        return 0
+    by_path: Dict[str, List] = {}
+    for p in probes:
+        by_path.setdefault(p.path, []).append(p)
+    if not probes:
+        out.write("no USDT probes\n")
+    for path, group in by_path.items():
+        out.write(f"{path}\n")
+        width = max(len(f"{p.provider}:{p.name}") for p in group)
+        for p in sorted(group, key=lambda p: (p.provider, p.name)):
+            sites = ", ".join(f"{a:#x}" for a in p.addresses[:4]) + (" ..." if len(p.addresses) > 4 else "")
+            extra = f"  semaphore {p.semaphore:#x}" if p.semaphore else ""
+            out.write(f"  {p.provider + ':' + p.name:<{width}}  {sites}{extra}\n")
+            if p.args:
+                out.write(f"  {'':<{width}}  args: {p.args}\n")
+    if functions:
+        out.write("functions:\n")
+        for f in functions:
+            out.write(f"  {f.address:#014x} {f.size:6d}  {f.name}  ({os.path.basename(f.path)})\n")
+    return 0
 
 
 def _summary(session: ptprobe.Session, probes: List[ptprobe.Probe], err: IO[str]) -> None:
@@ -155,15 +208,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     err = sys.stderr
     observer = _CliObserver(err)
     out: IO[str] = sys.stdout
-    if args.output:
+    if getattr(args, "output", None):
         try:
             out = open(args.output, "w")
         except OSError as exc:
             print(f"ptprobe: cannot open {args.output}: {exc.strerror}", file=err)
             return EXIT_USAGE
-    if args.max_trampoline_pages < 0:
+    if getattr(args, "max_trampoline_pages", 0) < 0:
         print("ptprobe: --max-trampoline-pages must be >= 0", file=err)
         return EXIT_USAGE
+    if args.command == "list":
+        try:
+            return _list(args, out)
+        except PtprobeError as exc:
+            print(f"ptprobe: {exc}", file=err)
+            return exc.exit_code
     printer = None if args.quiet else _Printer(out, args.json, args.format)
     options = dict(slots=args.slots, seccomp=not args.no_seccomp,
                    max_trampoline_pages=args.max_trampoline_pages, follow=not args.no_follow,

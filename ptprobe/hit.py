@@ -113,6 +113,11 @@ class Hit:
         self._xmm: Optional[linux.FpRegisters] = None
 
     @property
+    def name(self) -> str:
+        """What was hit: ``symbol``, ``symbol+0x4``, or ``provider:name`` for USDT."""
+        return self.site.label
+
+    @property
     def args(self) -> List[Union[int, float]]:
         """Arguments: for uprobes the SysV integer argument registers
         (rdi, rsi, rdx, rcx, r8, r9); for USDT probes the values the probe's

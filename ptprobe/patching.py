@@ -99,6 +99,7 @@ class Site:
     probes: list = field(default_factory=list)
     armed: bool = False
     internal: bool = False
+    label: str = ""               # what is probed: "symbol+0x4", "provider:name"
 
     @property
     def pid(self) -> int:

@@ -409,12 +409,23 @@ class Session:
                 if site.fallback_reason and not probe.internal:
                     self.observer.notice(f"{probe.name}: site {site.address:#x} uses int3 "
                                          f"({site.fallback_reason})")
+            if not site.label:
+                site.label = self._label(probe, obj, obj.link_time(site.address), note)
             if note is not None:
                 probe._notes[site.address] = usdt.parse_args(note.args)
                 if note.semaphore:
                     sem = obj.runtime(note.semaphore) if obj.elf.is_pie else note.semaphore
                     probe._semaphores[site.address] = sem
                     self._adjust_semaphore(proc, sem, +1)
+
+    @staticmethod
+    def _label(probe: Probe, obj: LoadedObject, vaddr: int, note) -> str:
+        if note is not None:
+            return f"{note.provider}:{note.name}"
+        sym = obj.elf.symbol_at(vaddr)
+        if sym is None:
+            return f"{obj.name}:{vaddr:#x}"
+        return sym.name if vaddr == sym.address else f"{sym.name}+{vaddr - sym.address:#x}"
 
     def _adjust_semaphore(self, proc: Process, address: int, delta: int) -> None:
         counts = self._semaphores[proc.pid]

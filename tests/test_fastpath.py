@@ -5,8 +5,9 @@ done by the targets themselves (fast_regcheck.c) and reported by their exit stat
 a broken engine shows up as a failing program, not just as a wrong count.
 
 Engine internals used (no public API exists for them): ``Session.threads``,
-``Site.patch_at``, ``ptprobe.linux.get_regs/singlestep/wait_tid`` (single-stepping a
-thread into a seed slot before detaching, in test_seed_detach_inside_slot).
+``Session.processes[pid].mem``, ``Site.slot``, ``ptprobe.linux.cont/get_regs/set_regs/
+singlestep/wait_tid`` (stopping a thread inside a seed slot at each instruction boundary
+before detaching, in test_seed_detach_inside_slot).
 """
 
 from __future__ import annotations
@@ -384,7 +385,8 @@ SEED_OFFSETS = (0, 5, 6, 8, 9, 14)
 def test_seed_detach_inside_slot():
     """Single-step a thread to each instruction boundary of a seed slot, then detach.
 
-    Internals: Session.threads, Site.patch_at/slot, ptprobe.linux.get_regs/singlestep/wait_tid.
+    Internals: Session.threads, Session.processes[pid].mem, Site.slot,
+    ptprobe.linux.cont/get_regs/set_regs/singlestep/wait_tid.
     """
     binary = _build("fast_hammer.c")
     spec = f"uprobe:{binary}:regs_site"
@@ -401,14 +403,22 @@ def test_seed_detach_inside_slot():
                 slots_seen.add(site.slot)
                 tid = hammer.pid
                 assert tid in session.threads and session.threads[tid].stopped
-                hammer.send(b"g")               # it sits in read(0): let it go to the site
-                for _ in range(200000):
-                    if linux.get_regs(tid).rip == site.patch_at:
-                        break
-                    _step(tid)
-                else:
-                    raise AssertionError("the thread never reached the site")
-                _step(tid)                      # the jmp
+                # Run the thread into the slot, stopping it there with an int3 of our own in
+                # the slot's first byte (single-stepping to the site would step over
+                # probe_regs' popfq, after which the kernel takes the trap flag for the
+                # program's own).
+                mem = session.processes[hammer.pid].mem
+                first = mem.read(site.slot, 1)
+                mem.write(site.slot, b"\xcc")
+                hammer.send(b"g")               # it sits in read(0): let it pass the site
+                linux.cont(tid)
+                status = linux.wait_tid(tid)
+                mem.write(site.slot, first)
+                assert os.WIFSTOPPED(status) and os.WSTOPSIG(status) == signal.SIGTRAP, hex(status)
+                regs = linux.get_regs(tid)
+                assert regs.rip == site.slot + 1
+                regs.rip = site.slot
+                linux.set_regs(tid, regs)
                 assert linux.get_regs(tid).rip == site.slot
                 for boundary in SEED_OFFSETS[1:SEED_OFFSETS.index(offset) + 1]:
                     _step(tid)
