@@ -123,6 +123,8 @@ class Process:
         self.objects: Dict[Tuple[int, int], LoadedObject] = {}
         self.syscall_gadget: Optional[int] = None   # address of `syscall; int3` in a ptprobe page
         self.filter_state = "none"                   # "none" | "installed" | "failed"
+        self.release_on_stop = False                 # detach at the next stop (--no-follow)
+        self.shared_with: Optional[int] = None       # pid whose memory this process shares (vfork)
 
     # --- threads ------------------------------------------------------------------
     def add_thread(self, tid: int) -> Thread:

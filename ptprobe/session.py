@@ -527,6 +527,16 @@ class Session:
         self.attached = False
 
     def _dispatch(self, tid: int, status: int) -> None:
+        try:
+            self._handle(tid, status)
+        except NoSuchProcessError:
+            # the thread was killed while we handled its stop: its exit comes next
+            thread = self.threads.get(tid)
+            if thread is not None:
+                thread.stopped = False
+                thread.in_hit = None
+
+    def _handle(self, tid: int, status: int) -> None:
         thread = self.threads.get(tid)
         if thread is None:
             thread = self._claim(tid, status)
@@ -538,6 +548,10 @@ class Session:
         thread.stopped = True
         sig = os.WSTOPSIG(status)
         event = status >> 16
+        proc = thread.process
+        if proc.release_on_stop:
+            self._release_child(proc)
+            return
         if event == 0:
             if sig == signal.SIGTRAP:
                 self._sigtrap(thread)
@@ -620,19 +634,37 @@ class Session:
             proc.mem = parent.mem
             proc.syscall_gadget = parent.syscall_gadget
             self.patchers[pid] = ppatcher
-            proc.shared_with = parent.pid  # type: ignore[attr-defined]
+            proc.shared_with = parent.pid
         else:
             self.patchers[pid] = ppatcher.fork(proc)
             proc.syscall_gadget = parent.syscall_gadget
+            # --no-follow: a copy of the memory is cleaned and let go at its first stop
+            proc.release_on_stop = not self.follow
         self._armed[pid] = set(self._armed[parent.pid])
         self._semaphores[pid] = dict(self._semaphores[parent.pid]) if not shared else {}
-        for probe in self.probes + [self._loader_probe]:
-            for site in list(probe.sites):
-                if site.process is parent and not shared:
-                    new = self.patchers[pid].sites.get(site.address)
-                    if new is not None and new not in probe.sites:
-                        probe.sites.append(new)
         return proc
+
+    def _release_child(self, proc: Process) -> None:
+        """Restore the sites and semaphores of a forked child, then detach it (--no-follow)."""
+        patcher = self.patchers.get(proc.pid)
+        try:
+            if patcher is not None:
+                patcher.disarm_all()
+            for address, count in self._semaphores.get(proc.pid, {}).items():
+                if count > 0:
+                    self._adjust_semaphore(proc, address, -count)
+        except PtprobeError as exc:
+            self.observer.notice(f"child {proc.pid}: cannot restore every site: {exc}")
+        for thread in list(proc.threads.values()):
+            try:
+                if thread.stopped:
+                    linux.detach(thread.tid, thread.pending_signal)
+            except PtprobeError:
+                pass
+            thread.exited = True
+            self.threads.pop(thread.tid, None)
+        proc.threads.clear()
+        self._forget_process(proc)
 
     def _thread_gone(self, thread: Thread, status: int) -> None:
         thread.exited = True
@@ -658,7 +690,7 @@ class Session:
     def _forget_process(self, proc: Process) -> None:
         self.processes.pop(proc.pid, None)
         self.patchers.pop(proc.pid, None)
-        if getattr(proc, "shared_with", None) is None:
+        if proc.shared_with is None:
             proc.close()
 
     def _exec(self, thread: Thread) -> None:
@@ -672,9 +704,9 @@ class Session:
             self.threads.pop(former, None)
         for probe in self.probes + [self._loader_probe]:
             probe.sites = [s for s in probe.sites if s.process is not proc]
-        if getattr(proc, "shared_with", None) is not None:
+        if proc.shared_with is not None:
             proc.mem = linux.Memory(proc.pid)
-            proc.shared_with = None  # type: ignore[attr-defined]
+            proc.shared_with = None
         else:
             proc.mem.close()
             proc.mem = linux.Memory(proc.pid)
@@ -687,6 +719,10 @@ class Session:
         self._armed[proc.pid] = set()
         self._semaphores[proc.pid] = {}
         proc._exec_seen = True  # type: ignore[attr-defined]
+        if not self.follow and proc.pid != self.main_pid:
+            proc.release_on_stop = True     # a vfork-style child has left our memory: let it go
+            self._release_child(proc)
+            return
         if self._holding == 0 and self.probes:
             # re-arm probes given by path in the new image, and watch its loader
             self._holding += 1
@@ -735,7 +771,6 @@ class Session:
         regs = Regs(raw, {"rip": site.address})
         thread.in_hit = site
         self._run_handlers(site, regs, thread.tid)
-        thread.in_hit = None
         values = regs._values
         rip = values["rip"]
         for name in regs._dirty:
@@ -748,8 +783,11 @@ class Session:
             raw.rip = site.xol
         else:
             self._step_over(thread, site, raw)
+            thread.in_hit = None
+            self._done(thread)
             return
         linux.set_regs(thread.tid, raw)
+        thread.in_hit = None
         self._done(thread)
 
     def _step_over(self, thread: Thread, site: Site, raw: linux.Registers) -> None:
@@ -812,7 +850,6 @@ class Session:
         regs = Regs(raw, {"rip": site.address, "rsp": sp + _SLOT_FRAME}, load)
         thread.in_hit = site
         self._run_handlers(site, regs, tid)
-        thread.in_hit = None
         dirty = regs._dirty
         values = regs._values
         if site.slot_kind == "return" and "rip" not in dirty and "rsp" not in dirty:
@@ -824,6 +861,7 @@ class Session:
                     for name in others:
                         setattr(raw, name, values[name])
                     linux.set_regs(tid, raw)
+            thread.in_hit = None
             self._done(thread)
             return
         if regs._loader is not None:
@@ -835,6 +873,7 @@ class Session:
         raw.rip = values["rip"] if values["rip"] != site.address else site.resume
         raw.orig_rax = _U64
         linux.set_regs(tid, raw)
+        thread.in_hit = None
         self._done(thread)
 
     def _finish_slot(self, thread: Thread, raw: linux.Registers, patcher: Patcher,
@@ -884,7 +923,7 @@ class Session:
         if self._holding:
             return
         for thread in list(self.threads.values()):
-            if thread.stopped:
+            if thread.stopped and thread.in_hit is None:
                 thread.resume()
 
     # ------------------------------------------------------------------ detaching
@@ -902,7 +941,7 @@ class Session:
             patcher = self.patchers.get(pid)
             if patcher is None or proc.exited:
                 continue
-            if getattr(proc, "shared_with", None) is None:
+            if proc.shared_with is None:
                 try:
                     patcher.disarm_all()
                 except PtprobeError as exc:
