@@ -196,8 +196,8 @@ class Session:
             self._startup = False
         if proc.pid not in self.processes:
             return
-        self._pause = False
         self._stop_world()
+        self._pause = False
 
     def _attach(self, pid: int) -> None:
         if pid <= 0:
@@ -574,7 +574,7 @@ class Session:
         self._done(thread)
 
     def _done(self, thread: Thread) -> None:
-        if self._holding == 0:
+        if self._holding == 0 and not self._pause:
             thread.resume()
 
     def _claim(self, tid: int, status: int) -> Optional[Thread]:

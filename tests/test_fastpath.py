@@ -562,11 +562,13 @@ def test_nop_combos_fentry_and_shared_library(slots, capfd):
         assert probe.hits == n and probe.errors == 0, probe.name
     for name, seen in rips.items():
         assert seen == [expected[name]] * n, name
-    lib_site = probes[3].sites[0]
-    exe_slot = probes[0].sites[0].slot
-    # the library's page is near the library (the exe's page may be out of its reach)
-    assert abs(lib_site.slot - expected["lib"]) < 1 << 31
-    assert exe_slot is not None
+    # the library (far above the non-PIE executable) is served by a page of its own near it
+    lib_page = probes[3].sites[0].slot & ~0xFFF
+    exe_page = probes[0].sites[0].slot & ~0xFFF
+    assert abs(expected["lib"] - expected["form_a"]) >= 1 << 31
+    assert lib_page != exe_page
+    assert arch.page_in_reach(lib_page, [expected["lib"], expected["lib"] + 5])
+    assert arch.page_in_reach(exe_page, [expected["form_a"], expected["form_b"] + 11])
 
 
 # --------------------------------------------------------------------------- without seccomp

@@ -1,0 +1,191 @@
+/* bench_target.c - the loops tools/bench.py measures (built non-PIE at run time).
+ *
+ *   bench_target MODE N [THREADS [WARMUP [OUTFILE]]]
+ *
+ * Each of THREADS worker threads (default 1) calls the probe site WARMUP times
+ * (default 0), waits at a barrier, then calls it N times.  The target times the
+ * measured phase itself (CLOCK_MONOTONIC through the vDSO, no syscall), from
+ * the barrier's release to the last worker's end, and writes one line
+ *
+ *     mode=MODE threads=T iterations=N*T ns=ELAPSED
+ *
+ * to OUTFILE (default stdout).  Warm-up and thread creation stay outside the
+ * measured time, so a tracer's start-up cost does not count.
+ *
+ * MODE names the probe site.  Every site is a global label (probe it as
+ * "uprobe:PATH:LABEL"; the kernel takes its file offset) at the first byte of
+ * a tiny function written in assembly, so its bytes are exactly known:
+ *
+ *     nop1         site_nop1:        90                            (int3, emulated)
+ *     push         site_push:        55  (push %rbp; function entry, no nop-mcount)
+ *     ret          site_ret:         c3  (executed out of line under int3)
+ *     nop5         site_nop5:        0f 1f 44 00 00                (jmp-capable)
+ *     usdt_nop     site_usdt_nop:    90  (USDT default form)
+ *     usdt_nop1_5  site_usdt_nop1_5: 90 0f 1f 44 00 00             (jmp over note+1)
+ *     usdt_nop1_10 site_usdt_nop1_10: 90 66 2e 0f 1f 84 00 00 00 00 00
+ *     syscall      no site: syscall(SYS_getpgid, 0) per iteration
+ *     many         no loop: the binary holds many_nop5_0 .. many_nop5_999 (nop5
+ *                  sites) and many_insn_0 .. many_insn_999 (mov %rdi,%rax, a
+ *                  non-NOP instruction: int3 out of line); N times each is run.
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#define SITE_FN(name, bytes)                                  \
+    __asm__(".text\n"                                         \
+            ".globl bench_" #name "\n"                        \
+            ".type bench_" #name ", @function\n"              \
+            "bench_" #name ":\n"                              \
+            ".globl site_" #name "\n"                         \
+            "site_" #name ":\n"                               \
+            bytes "\n"                                        \
+            ".size bench_" #name ", .-bench_" #name "\n");    \
+    void bench_##name(void)
+
+SITE_FN(nop1, "    nop\n    ret");
+SITE_FN(push, "    push %rbp\n    mov %rsp, %rbp\n    pop %rbp\n    ret");
+/* the probed ret is the function's only instruction */
+SITE_FN(ret, "    ret");
+SITE_FN(nop5, "    .byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n    ret");
+SITE_FN(usdt_nop, "    nop\n    ret");
+SITE_FN(usdt_nop1_5, "    .byte 0x90, 0x0f, 0x1f, 0x44, 0x00, 0x00\n    ret");
+SITE_FN(usdt_nop1_10, "    .byte 0x90, 0x66, 0x2e, 0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00\n    ret");
+
+/* 1000 nop5 sites and 1000 non-NOP sites, each a function of its own. */
+void many_first_nop5(void);
+void many_first_insn(void);
+__asm__(".text\n"
+        ".altmacro\n"
+        ".macro bench_many_site kind, n, code\n"
+        ".globl many_\\kind\\()_\\n\n"
+        ".type many_\\kind\\()_\\n, @function\n"
+        "many_\\kind\\()_\\n:\n"
+        "    \\code\n"
+        "    ret\n"
+        ".size many_\\kind\\()_\\n, .-many_\\kind\\()_\\n\n"
+        ".endm\n"
+        ".globl many_first_nop5\n"
+        "many_first_nop5:\n"
+        ".set bench_i, 0\n"
+        ".rept 1000\n"
+        "    bench_many_site nop5, %bench_i, <.byte 0x0f,0x1f,0x44,0x00,0x00>\n"
+        "    .set bench_i, bench_i + 1\n"
+        ".endr\n"
+        ".globl many_first_insn\n"
+        "many_first_insn:\n"
+        ".set bench_i, 0\n"
+        ".rept 1000\n"
+        "    bench_many_site insn, %bench_i, <mov %rdi,%rax>\n"
+        "    .set bench_i, bench_i + 1\n"
+        ".endr\n"
+        ".noaltmacro\n");
+
+static void do_syscall(void)
+{
+    syscall(SYS_getpgid, 0);
+}
+
+struct mode {
+    const char *name;
+    void (*fn)(void);
+};
+
+static const struct mode modes[] = {
+    {"nop1", bench_nop1},
+    {"push", bench_push},
+    {"ret", bench_ret},
+    {"nop5", bench_nop5},
+    {"usdt_nop", bench_usdt_nop},
+    {"usdt_nop1_5", bench_usdt_nop1_5},
+    {"usdt_nop1_10", bench_usdt_nop1_10},
+    {"syscall", do_syscall},
+    {NULL, NULL},
+};
+
+static void (*volatile site_fn)(void);
+static long iterations, warmup;
+static pthread_barrier_t start_line;
+
+static long long now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void *worker(void *arg)
+{
+    void (*fn)(void) = site_fn;
+    (void)arg;
+    for (long i = 0; i < warmup; i++)
+        fn();
+    pthread_barrier_wait(&start_line);
+    for (long i = 0; i < iterations; i++)
+        fn();
+    return NULL;
+}
+
+static int run_many(long n)
+{
+    /* every function is ".byte/insn; ret": 6 bytes (nop5) or 4 bytes (mov) apart */
+    char *p = (char *)many_first_nop5;
+    for (long r = 0; r < n; r++) {
+        char *q = p;
+        for (int i = 0; i < 1000; i++, q += 6)
+            ((void (*)(void))q)();
+        q = (char *)many_first_insn;
+        for (int i = 0; i < 1000; i++, q += 4)
+            ((void (*)(void))q)();
+    }
+    printf("mode=many runs=%ld\n", n);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 3) {
+        fprintf(stderr, "usage: %s MODE N [THREADS [WARMUP [OUTFILE]]]\n", argv[0]);
+        return 2;
+    }
+    const char *mode = argv[1];
+    iterations = strtol(argv[2], NULL, 0);
+    int threads = argc > 3 ? atoi(argv[3]) : 1;
+    warmup = argc > 4 ? strtol(argv[4], NULL, 0) : 0;
+    const char *outfile = argc > 5 ? argv[5] : "-";
+    if (strcmp(mode, "many") == 0)
+        return run_many(iterations);
+    for (const struct mode *m = modes; m->name; m++)
+        if (strcmp(m->name, mode) == 0)
+            site_fn = m->fn;
+    if (site_fn == NULL || threads < 1 || threads > 64 || iterations < 0) {
+        fprintf(stderr, "%s: bad mode, count or thread count\n", argv[0]);
+        return 2;
+    }
+    pthread_t tids[64];
+    pthread_barrier_init(&start_line, NULL, (unsigned)threads + 1);
+    for (int i = 0; i < threads; i++)
+        if (pthread_create(&tids[i], NULL, worker, NULL) != 0) {
+            perror("pthread_create");
+            return 1;
+        }
+    pthread_barrier_wait(&start_line);
+    long long t0 = now_ns();
+    for (int i = 0; i < threads; i++)
+        pthread_join(tids[i], NULL);
+    long long elapsed = now_ns() - t0;
+    FILE *out = strcmp(outfile, "-") == 0 ? stdout : fopen(outfile, "w");
+    if (out == NULL) {
+        perror(outfile);
+        return 1;
+    }
+    fprintf(out, "mode=%s threads=%d iterations=%ld ns=%lld\n", mode, threads,
+            iterations * threads, elapsed);
+    fclose(out);
+    return 0;
+}
