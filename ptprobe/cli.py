@@ -13,6 +13,7 @@ import ptprobe
 from ptprobe.errors import ProbeSpecError, PtprobeError
 
 EXIT_USAGE = 2
+_U64 = (1 << 64) - 1
 EXIT_INTERNAL = 70
 
 _EPILOG = """\
@@ -86,15 +87,17 @@ def _format(fmt: str, hit: ptprobe.Hit, args: Sequence) -> str:
             continue
         value = args[n] if n < len(args) else 0
         n += 1
+        if isinstance(value, float) and conv in "duxp":
+            value = int(value)
         if conv == "d":
-            v = int(value)
-            out.append(str(v - (1 << 64) if v >> 63 else v))
+            v = int(value) & _U64
+            out.append(str(v - (1 << 64) if v >= 1 << 63 else v))
         elif conv == "u":
-            out.append(str(int(value)))
+            out.append(str(int(value) & _U64))
         elif conv == "x":
-            out.append(f"{int(value):x}")
+            out.append(f"{int(value) & _U64:x}")
         elif conv == "p":
-            out.append(f"{int(value):#x}")
+            out.append(f"{int(value) & _U64:#x}")
         elif conv == "f":
             out.append(str(float(value)))
         elif conv == "s":

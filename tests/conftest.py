@@ -6,6 +6,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -49,3 +50,43 @@ def cbuild():
     if shutil.which("gcc") is None:
         pytest.skip("gcc is not installed")
     return build
+
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+_UNPRIV_DIR = Path(os.environ.get("PTPROBE_TEST_UNPRIV", "/tmp/ptprobe-test-unpriv"))
+
+
+def unprivileged_python() -> tuple:
+    """(python, env) with which user nobody can run ``python -m ptprobe``.
+
+    The interpreter running the tests may live where nobody cannot read (a
+    pyenv under /root), so this uses the system's python3 and a world-readable
+    copy of ptprobe and its dependencies. Skips when there is none.
+    """
+    import importlib
+    candidates = [sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"]
+    python = None
+    for cand in candidates:
+        if not os.path.exists(cand):
+            continue
+        probe = subprocess.run(NOBODY + [cand, "-c", "import sys; print(sys.version_info[:2])"],
+                               capture_output=True, text=True)
+        if probe.returncode == 0:
+            python = cand
+            break
+    if python is None:
+        pytest.skip("no python3 that user nobody can run")
+    site = _UNPRIV_DIR / "site"
+    if site.exists():
+        shutil.rmtree(site)
+    site.mkdir(parents=True)
+    repo = Path(__file__).resolve().parent.parent
+    shutil.copytree(repo / "ptprobe", site / "ptprobe", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("ptrace", "elftools", "capstone", "keystone"):
+        mod = importlib.import_module(name)
+        src = Path(mod.__file__).parent
+        shutil.copytree(src, site / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [_UNPRIV_DIR, *_UNPRIV_DIR.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644 | (0o111 if os.access(path, os.X_OK) else 0))
+    env = dict(os.environ, PYTHONPATH=str(site), PYTHONDONTWRITEBYTECODE="1")
+    return python, env

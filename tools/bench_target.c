@@ -26,7 +26,9 @@
  *     syscall      no site: syscall(SYS_getpgid, 0) per iteration
  *     many         no loop: the binary holds many_nop5_0 .. many_nop5_999 (nop5
  *                  sites) and many_insn_0 .. many_insn_999 (mov %rdi,%rax, a
- *                  non-NOP instruction: int3 out of line); N times each is run.
+ *                  non-NOP instruction: int3 out of line), and usdt_many: 1000
+ *                  USDT sites benchmany:site (nop5 form, one note each); each
+ *                  site runs N times.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -86,6 +88,37 @@ __asm__(".text\n"
         ".endr\n"
         ".noaltmacro\n");
 
+/* 1000 USDT probe sites benchmany:site (nop5 form), all in usdt_many: one
+ * "usdt:PATH:benchmany:site" probe arms them in one batch.  Each note is
+ * owner "stapsdt", type 3: location, base, semaphore (0), provider, name, args. */
+void usdt_many(void);
+__asm__(".pushsection .stapsdt.base, \"a\", \"progbits\"\n"
+        ".weak _.stapsdt.base\n"
+        ".hidden _.stapsdt.base\n"
+        "_.stapsdt.base: .space 1\n"
+        ".size _.stapsdt.base, 1\n"
+        ".popsection\n"
+        ".text\n"
+        ".globl usdt_many\n"
+        ".type usdt_many, @function\n"
+        "usdt_many:\n"
+        ".rept 1000\n"
+        "990: .byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n"
+        ".pushsection .note.stapsdt, \"\", \"note\"\n"
+        ".balign 4\n"
+        ".4byte 992f - 991f, 994f - 993f, 3\n"
+        "991: .asciz \"stapsdt\"\n"
+        "992: .balign 4\n"
+        "993: .8byte 990b, _.stapsdt.base, 0\n"
+        ".asciz \"benchmany\"\n"
+        ".asciz \"site\"\n"
+        ".asciz \"\"\n"
+        "994: .balign 4\n"
+        ".popsection\n"
+        ".endr\n"
+        "    ret\n"
+        ".size usdt_many, .-usdt_many\n");
+
 static void do_syscall(void)
 {
     syscall(SYS_getpgid, 0);
@@ -142,8 +175,8 @@ static int run_many(long n)
         q = (char *)many_first_insn;
         for (int i = 0; i < 1000; i++, q += 4)
             ((void (*)(void))q)();
+        usdt_many();
     }
-    printf("mode=many runs=%ld\n", n);
     return 0;
 }
 

@@ -46,7 +46,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#define SLOT_NR 0x3ff07e57 /* ptprobe.arch.SLOT_SYSCALL_NR */
+#ifndef SLOT_NR
+#define SLOT_NR 0x3ff07e57 /* ptprobe.arch.SLOT_SYSCALL_NR; bench.py passes -DSLOT_NR */
+#endif
 #define SLOT_FRAME 152     /* 0x80 red zone + rax, r11, rcx */
 
 #define STR_(x) #x

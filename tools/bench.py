@@ -1,0 +1,619 @@
+#!/usr/bin/env python3
+"""Benchmark ptprobe's probe hits against the C limit and the kernel's uprobes.
+
+    python3 tools/bench.py [--json] [--runs N] [--hits N] [--quick]
+
+What it measures (every number a median of --runs runs):
+
+* baselines: the target's loop with no probe (ns per iteration) and a
+  ``syscall(SYS_getpgid, 0)`` loop;
+* the C limit (tools/ctracer.c): the least a ptrace tracer can do per stop,
+  for a self-returning slot, a seed slot and an int3 followed by a nop;
+* ptprobe through its Python API on every kind of site in
+  tools/bench_target.c (nop5 by jmp with self-returning and seed slots and by
+  int3, the USDT nop combos by jmp and by int3, a 1-byte nop, ``push %rbp`` and
+  ``ret`` by int3), without and with a trivial handler;
+* the kernel's own uprobes on the same sites (root and tracefs only);
+* arming and disarming 1,000 sites.
+
+Hit rates come from the target itself: it times its measured phase with the
+vDSO clock after a warm-up, so start-up and arming are not counted. Each
+traced case runs with one and with two hitting threads and under three CPU
+placements: ``default`` (the scheduler decides), ``same`` (tracer and tracee
+pinned to one CPU) and ``split`` (tracer on one CPU, tracee on another).
+
+Ratios are throughput ratios: ``jmp/int3`` is the jmp's hits/s over the int3's
+on the same site (above 1: the jmp is faster); ``ptprobe/C`` is ptprobe's
+hits/s over the C tracer's for the same stop type (1.0 would be the limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import ptprobe  # noqa: E402
+from ptprobe import arch  # noqa: E402
+
+TOOLS = Path(__file__).resolve().parent
+TRACEFS = "/sys/kernel/tracing"
+EVENT_GROUP = "ptbench"
+
+#: site name in bench_target.c -> the slot kinds/mechanisms measured on it
+SITES = ["nop1", "push", "ret", "nop5", "usdt_nop", "usdt_nop1_5", "usdt_nop1_10"]
+
+#: (site, mechanism, handler): mechanism "return"/"seed" = jmp through that slot kind
+PTPROBE_CASES: List[Tuple[str, str, bool]] = [
+    ("nop5", "return", False), ("nop5", "seed", False), ("nop5", "int3", False),
+    ("nop5", "return", True), ("nop5", "seed", True), ("nop5", "int3", True),
+    ("usdt_nop1_5", "return", False), ("usdt_nop1_5", "int3", False),
+    ("usdt_nop1_10", "return", False), ("usdt_nop1_10", "int3", False),
+    ("nop1", "int3", False), ("usdt_nop", "int3", False),
+    ("push", "int3", False), ("ret", "int3", False),
+]
+C_MODES = ["return", "seed", "int3"]
+PLACEMENTS = ["default", "same", "split"]
+
+
+class BenchError(Exception):
+    pass
+
+
+class QuietObserver(ptprobe.Observer):
+    """Collects ptprobe's notices instead of logging them."""
+
+    def __init__(self) -> None:
+        self.notices: List[str] = []
+
+    def notice(self, text: str) -> None:
+        self.notices.append(text)
+
+    def handler_error(self, probe, hit, error) -> None:
+        self.notices.append(f"handler error: {error!r}")
+
+
+def trivial_handler(hit: ptprobe.Hit) -> None:
+    """The 'trivial handler' case: a Python call per hit, nothing read."""
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- building
+def build(workdir: Path) -> Tuple[str, str]:
+    """Compile the target (non-PIE) and the C tracer; return their paths."""
+    if shutil.which("gcc") is None:
+        raise BenchError("gcc is not installed")
+    target = workdir / "bench_target"
+    tracer = workdir / "ctracer"
+    subprocess.run(["gcc", "-O2", "-fno-pie", "-no-pie", "-pthread", str(TOOLS / "bench_target.c"),
+                    "-o", str(target)], check=True, capture_output=True, text=True)
+    subprocess.run(["gcc", "-O2", "-pthread", f"-DSLOT_NR={arch.SLOT_SYSCALL_NR:#x}",
+                    str(TOOLS / "ctracer.c"), "-o", str(tracer)], check=True, capture_output=True, text=True)
+    return str(target), str(tracer)
+
+
+def parse_line(text: str) -> Dict[str, int]:
+    """``mode=x threads=1 iterations=N ns=T`` -> {"threads": 1, "iterations": N, "ns": T}."""
+    values: Dict[str, int] = {}
+    for line in text.splitlines():
+        for token in line.split():
+            key, sep, value = token.partition("=")
+            if sep and value.lstrip("-").isdigit():
+                values[key] = int(value)
+    if "ns" not in values or "iterations" not in values:
+        raise BenchError(f"no timing in the target's output: {text!r}")
+    return values
+
+
+# --------------------------------------------------------------------------- placement
+class Placement:
+    """CPU placement of the tracer (this thread) and the tracee."""
+
+    def __init__(self) -> None:
+        self.original = os.sched_getaffinity(0)
+        cpus = sorted(self.original)
+        self.cpu_a = cpus[0]
+        self.cpu_b = cpus[1] if len(cpus) > 1 else None
+
+    def available(self, name: str) -> bool:
+        return name != "split" or self.cpu_b is not None
+
+    def cpus(self, name: str) -> Tuple[Optional[int], Optional[int]]:
+        """(tracer CPU, tracee CPU); None = not pinned."""
+        if name == "same":
+            return self.cpu_a, self.cpu_a
+        if name == "split":
+            return self.cpu_a, self.cpu_b
+        return None, None
+
+    @contextlib.contextmanager
+    def tracer(self, name: str) -> Iterator[Optional[int]]:
+        """Pin this thread for *name*; yield the CPU the tracee should be moved to (or None)."""
+        tracer_cpu, tracee_cpu = self.cpus(name)
+        if tracer_cpu is not None:
+            os.sched_setaffinity(0, {tracer_cpu})
+        try:
+            yield tracee_cpu if tracee_cpu != tracer_cpu else None
+        finally:
+            os.sched_setaffinity(0, self.original)
+
+
+# --------------------------------------------------------------------------- one run of each kind
+def native_once(target: str, mode: str, n: int, threads: int = 1) -> Dict[str, int]:
+    out = subprocess.run([target, mode, str(n), str(threads)], check=True, capture_output=True, text=True)
+    return parse_line(out.stdout)
+
+
+def ctracer_once(tracer: str, mode: str, n: int, threads: int, warmup: int,
+                 placement: Placement, where: str) -> Dict[str, int]:
+    tracer_cpu, tracee_cpu = placement.cpus(where)
+    argv = [tracer, mode, str(n), str(threads), str(warmup),
+            str(-1 if tracer_cpu is None else tracer_cpu), str(-1 if tracee_cpu is None else tracee_cpu)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise BenchError(f"ctracer {mode} failed ({out.returncode}): {out.stderr.strip()}")
+    values = parse_line(out.stdout)
+    if values.get("stops") != (n + warmup) * threads:
+        raise BenchError(f"ctracer {mode}: {values.get('stops')} stops, expected {(n + warmup) * threads}")
+    return values
+
+
+def ptprobe_once(target: str, outfile: str, site: str, mechanism: str, handler: bool, n: int,
+                 threads: int, warmup: int, placement: Placement, where: str) -> Dict[str, int]:
+    observer = QuietObserver()
+    slots = "seed" if mechanism == "seed" else "return"
+    seccomp = mechanism != "int3"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(outfile)
+    with placement.tracer(where) as tracee_cpu:
+        session = ptprobe.run([target, site, str(n), str(threads), str(warmup), outfile],
+                              slots=slots, seccomp=seccomp, observer=observer)
+        with session:
+            if tracee_cpu is not None:
+                os.sched_setaffinity(session.main_pid, {tracee_cpu})
+            probe = session.probe(f"uprobe:{target}:site_{site}", trivial_handler if handler else None)
+            mechanisms = {s.mechanism for s in probe.sites}
+            status = session.wait()
+    expected = "int3" if mechanism == "int3" else "jmp"
+    if mechanisms != {expected}:
+        raise BenchError(f"{site}/{mechanism}: armed as {sorted(mechanisms)}, not {expected} "
+                         f"({'; '.join(observer.notices)})")
+    if status != 0:
+        raise BenchError(f"{site}/{mechanism}: target exited with {status}")
+    if probe.hits != (n + warmup) * threads:
+        raise BenchError(f"{site}/{mechanism}: {probe.hits} hits counted, expected {(n + warmup) * threads}")
+    with open(outfile) as fh:
+        return parse_line(fh.read())
+
+
+# --------------------------------------------------------------------------- kernel uprobes
+def file_offset(path: str, symbol: str) -> int:
+    """The file offset of *symbol*'s address (what uprobe_events wants)."""
+    from elftools.elf.elffile import ELFFile
+    with open(path, "rb") as fh:
+        elf = ELFFile(fh)
+        symtab = elf.get_section_by_name(".symtab")
+        syms = symtab.get_symbol_by_name(symbol) if symtab is not None else None
+        if not syms:
+            raise BenchError(f"no symbol {symbol} in {path}")
+        address = syms[0]["st_value"]
+        for seg in elf.iter_segments():
+            if seg["p_type"] == "PT_LOAD" and seg["p_vaddr"] <= address < seg["p_vaddr"] + seg["p_filesz"]:
+                return address - seg["p_vaddr"] + seg["p_offset"]
+    raise BenchError(f"{symbol} is in no loadable segment of {path}")
+
+
+class KernelUprobes:
+    """Kernel uprobes through tracefs: created, counted and removed by this benchmark."""
+
+    def __init__(self) -> None:
+        self.mounted_here = False
+        self.events: List[str] = []
+        self.perf = shutil.which("perf")
+
+    def setup(self) -> Optional[str]:
+        """Return None when usable, else why not."""
+        if os.geteuid() != 0:
+            return "not root"
+        if not os.path.exists(os.path.join(TRACEFS, "uprobe_events")):
+            if not os.path.isdir(TRACEFS):
+                return f"{TRACEFS} does not exist"
+            res = subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS], capture_output=True, text=True)
+            if res.returncode != 0 or not os.path.exists(os.path.join(TRACEFS, "uprobe_events")):
+                return f"cannot mount tracefs: {res.stderr.strip() or 'no uprobe_events'}"
+            self.mounted_here = True
+        return None
+
+    def _write(self, name: str, text: str, append: bool = True) -> None:
+        # O_APPEND without O_TRUNC: truncating uprobe_events would delete every uprobe event,
+        # and Python's "a" mode seeks, which tracefs refuses
+        fd = os.open(os.path.join(TRACEFS, name), os.O_WRONLY | (os.O_APPEND if append else 0))
+        try:
+            os.write(fd, (text + "\n").encode())
+        finally:
+            os.close(fd)
+
+    def add(self, name: str, path: str, offset: int) -> None:
+        with contextlib.suppress(OSError):
+            self._write("uprobe_events", f"-:{EVENT_GROUP}/{name}")
+        self._write("uprobe_events", f"p:{EVENT_GROUP}/{name} {path}:{offset:#x}")
+        self.events.append(name)
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(OSError):
+            self._write(f"events/{EVENT_GROUP}/{name}/enable", "0", append=False)
+        with contextlib.suppress(OSError):
+            self._write("uprobe_events", f"-:{EVENT_GROUP}/{name}")
+        if name in self.events:
+            self.events.remove(name)
+
+    def _profile_count(self, name: str) -> int:
+        with open(os.path.join(TRACEFS, "uprobe_profile")) as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 3 and parts[1] == f"{EVENT_GROUP}/{name}":
+                    return int(parts[2])
+        raise BenchError(f"{EVENT_GROUP}/{name} not in uprobe_profile")
+
+    def run(self, name: str, argv: List[str]) -> Tuple[str, int]:
+        """Run *argv* with the event counting; return (its stdout, the event's hits)."""
+        if self.perf:
+            res = subprocess.run([self.perf, "stat", "-x", ",", "-e", f"{EVENT_GROUP}:{name}", "--"] + argv,
+                                 capture_output=True, text=True, timeout=600)
+            if res.returncode == 0:
+                for line in res.stderr.splitlines():
+                    fields = line.split(",")
+                    if len(fields) > 2 and fields[2] == f"{EVENT_GROUP}:{name}" and fields[0].isdigit():
+                        return res.stdout, int(fields[0])
+            self.perf = None           # perf cannot count it here: use the event's own count
+        before = self._profile_count(name)
+        self._write(f"events/{EVENT_GROUP}/{name}/enable", "1", append=False)
+        try:
+            res = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=True)
+        finally:
+            self._write(f"events/{EVENT_GROUP}/{name}/enable", "0", append=False)
+        return res.stdout, self._profile_count(name) - before
+
+    def cleanup(self) -> None:
+        for name in list(self.events):
+            self.remove(name)
+        if self.mounted_here:
+            subprocess.run(["umount", TRACEFS], capture_output=True)
+            self.mounted_here = False
+
+
+# --------------------------------------------------------------------------- arming 1,000 sites
+ARMING_CASES = [
+    # name, what, spec pattern, session options
+    ("nop5_jmp", "1000 probe() calls, nop5 sites, jmp (self-returning slots)",
+     "uprobe:{t}:many_nop5_{i}", {"slots": "return"}),
+    ("nop5_int3", "1000 probe() calls, nop5 sites, int3 (no seccomp)",
+     "uprobe:{t}:many_nop5_{i}", {"seccomp": False}),
+    ("insn_int3", "1000 probe() calls, mov sites, int3 + out-of-line copy",
+     "uprobe:{t}:many_insn_{i}", {}),
+    ("usdt_batch_jmp", "one USDT probe with 1000 nop5 sites, jmp",
+     "usdt:{t}:benchmany:site", {"slots": "return"}),
+    ("usdt_batch_int3", "one USDT probe with 1000 nop5 sites, int3 (no seccomp)",
+     "usdt:{t}:benchmany:site", {"seccomp": False}),
+]
+
+
+def arming_once(target: str, spec: str, options: Dict) -> Dict[str, float]:
+    observer = QuietObserver()
+    session = ptprobe.run([target, "many", "1"], observer=observer, **options)
+    with session:
+        specs = [spec.format(t=target, i=i) for i in range(1000)] if "{i}" in spec else [spec.format(t=target)]
+        t0 = time.perf_counter()
+        probes = [session.probe(s) for s in specs]
+        t1 = time.perf_counter()
+        sites = [site for p in probes for site in p.sites]
+        mechanisms = sorted({site.mechanism for site in sites})
+        session.detach()
+        t2 = time.perf_counter()
+    if len(sites) != 1000:
+        raise BenchError(f"{spec}: {len(sites)} sites armed, expected 1000")
+    return {"arm_s": t1 - t0, "disarm_s": t2 - t1, "sites": len(sites), "mechanisms": mechanisms,
+            "status": session.returncode}
+
+
+# --------------------------------------------------------------------------- statistics
+def summarize(runs: List[Dict[str, int]]) -> Dict:
+    us = [r["ns"] / r["iterations"] / 1000.0 for r in runs]
+    med = statistics.median(us)
+    return {
+        "us_per_hit": med,
+        "hits_per_s": 1e6 / med if med > 0 else 0.0,
+        "runs_us_per_hit": us,
+        "min_us_per_hit": min(us),
+        "max_us_per_hit": max(us),
+    }
+
+
+def repeat(fn: Callable[[], Dict[str, int]], runs: int) -> Dict:
+    return summarize([fn() for _ in range(runs)])
+
+
+# --------------------------------------------------------------------------- the benchmark
+def run_benchmark(args) -> Dict:
+    runs = args.runs
+    hits = args.hits
+    warmup = max(10, hits // 20)
+    kernel_hits = hits * 20
+    baseline_iters = 20000 if args.quick else 2_000_000
+    thread_counts = [1, 2]
+    placement = Placement()
+    placements = [p for p in PLACEMENTS if placement.available(p)]
+
+    result: Dict = {
+        "meta": {
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "allowed_cpus": sorted(placement.original),
+            "runs": runs,
+            "hits_per_thread": hits,
+            "warmup_per_thread": warmup,
+            "kernel_hits_per_thread": kernel_hits,
+            "threads": thread_counts,
+            "placements": placements,
+            "quick": bool(args.quick),
+            "slot_syscall_nr": arch.SLOT_SYSCALL_NR,
+            "ratio_note": "throughput ratios (hits/s over hits/s); jmp/int3 > 1: jmp faster; "
+                          "ptprobe/C = fraction of the C tracer's rate for the same stop type",
+        },
+        "baseline": {},
+        "c_limit": [],
+        "ptprobe": [],
+        "kernel": {"available": False, "reason": None, "method": None, "results": []},
+        "ratios": {"jmp_over_int3": [], "ptprobe_over_c": [], "placement_same_over_default": []},
+        "arming": [],
+        "errors": [],
+    }
+
+    workdir = Path(tempfile.mkdtemp(prefix="ptprobe-bench-"))
+    kernel = KernelUprobes()
+    try:
+        target, tracer = build(workdir)
+        outfile = str(workdir / "out.txt")
+
+        # -- baselines
+        log("baselines ...")
+        loop = {}
+        for site in SITES:
+            loop[site] = repeat(lambda: native_once(target, site, baseline_iters), runs)["us_per_hit"] * 1000
+        result["baseline"]["loop_ns_per_iter"] = loop
+        sys_iters = max(1000, baseline_iters // 10)
+        result["baseline"]["syscall_getpgid_ns"] = \
+            repeat(lambda: native_once(target, "syscall", sys_iters), runs)["us_per_hit"] * 1000
+
+        # -- C limit
+        for mode in C_MODES:
+            for threads in thread_counts:
+                for where in placements:
+                    log(f"C limit {mode} threads={threads} {where} ...")
+                    try:
+                        stats = repeat(lambda: ctracer_once(tracer, mode, hits, threads, warmup, placement, where),
+                                       runs)
+                    except (BenchError, subprocess.SubprocessError, OSError) as exc:
+                        result["errors"].append(f"C limit {mode}/{threads}/{where}: {exc}")
+                        continue
+                    result["c_limit"].append(dict(stop=mode, threads=threads, placement=where, **stats))
+
+        # -- ptprobe
+        for site, mechanism, handler in PTPROBE_CASES:
+            for threads in thread_counts:
+                for where in placements:
+                    log(f"ptprobe {site} {mechanism}{' +handler' if handler else ''} threads={threads} {where} ...")
+                    try:
+                        stats = repeat(lambda: ptprobe_once(target, outfile, site, mechanism, handler, hits,
+                                                            threads, warmup, placement, where), runs)
+                    except (BenchError, ptprobe.PtprobeError, OSError) as exc:
+                        result["errors"].append(f"ptprobe {site}/{mechanism}/{threads}/{where}: {exc}")
+                        continue
+                    result["ptprobe"].append(dict(site=site, mechanism="int3" if mechanism == "int3" else "jmp",
+                                                  slots=None if mechanism == "int3" else mechanism,
+                                                  stop=mechanism, handler=handler, threads=threads,
+                                                  placement=where, **stats))
+
+        # -- kernel uprobes
+        reason = kernel.setup()
+        if reason is not None:
+            result["kernel"]["reason"] = reason
+            log(f"kernel uprobes skipped: {reason}")
+        else:
+            result["kernel"]["available"] = True
+            for site in SITES:
+                try:
+                    kernel.add(site, target, file_offset(target, f"site_{site}"))
+                except (OSError, BenchError) as exc:
+                    result["errors"].append(f"kernel uprobe {site}: {exc}")
+                    continue
+                try:
+                    for threads in thread_counts:
+                        log(f"kernel uprobe {site} threads={threads} ...")
+
+                        def once() -> Dict[str, int]:
+                            out, count = kernel.run(site, [target, site, str(kernel_hits), str(threads),
+                                                           str(warmup)])
+                            expected = (kernel_hits + warmup) * threads
+                            if count != expected:
+                                raise BenchError(f"kernel uprobe {site}: {count} hits, expected {expected}")
+                            return parse_line(out)
+
+                        try:
+                            stats = repeat(once, runs)
+                        except (BenchError, OSError, subprocess.SubprocessError) as exc:
+                            result["errors"].append(f"kernel {site}/{threads}: {exc}")
+                            continue
+                        result["kernel"]["results"].append(dict(site=site, threads=threads, **stats))
+                finally:
+                    kernel.remove(site)
+            result["kernel"]["method"] = "perf stat" if kernel.perf else "uprobe_profile"
+
+        # -- arming 1,000 sites
+        for name, what, spec, options in ARMING_CASES:
+            log(f"arming {name} ...")
+            try:
+                samples = [arming_once(target, spec, options) for _ in range(max(1, min(runs, 3)))]
+            except (BenchError, ptprobe.PtprobeError, OSError) as exc:
+                result["errors"].append(f"arming {name}: {exc}")
+                continue
+            result["arming"].append({
+                "case": name, "what": what, "sites": samples[0]["sites"],
+                "mechanisms": samples[0]["mechanisms"],
+                "arm_s": statistics.median(s["arm_s"] for s in samples),
+                "disarm_s": statistics.median(s["disarm_s"] for s in samples),
+            })
+    finally:
+        kernel.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    compute_ratios(result)
+    return result
+
+
+def compute_ratios(result: Dict) -> None:
+    c = {(r["stop"], r["threads"], r["placement"]): r for r in result["c_limit"]}
+    pt = {(r["site"], r["stop"], r["handler"], r["threads"], r["placement"]): r for r in result["ptprobe"]}
+    ratios = result["ratios"]
+    for (site, stop, handler, threads, where), r in pt.items():
+        limit = c.get((stop, threads, where))
+        if limit is not None:
+            ratios["ptprobe_over_c"].append(dict(site=site, stop=stop, handler=handler, threads=threads,
+                                                 placement=where,
+                                                 ratio=r["hits_per_s"] / limit["hits_per_s"]))
+        if stop != "int3":
+            int3 = pt.get((site, "int3", handler, threads, where))
+            if int3 is not None:
+                ratios["jmp_over_int3"].append(dict(site=site, slots=stop, handler=handler, threads=threads,
+                                                    placement=where,
+                                                    ratio=r["hits_per_s"] / int3["hits_per_s"]))
+        if where == "same":
+            default = pt.get((site, stop, handler, threads, "default"))
+            if default is not None:
+                ratios["placement_same_over_default"].append(dict(
+                    site=site, stop=stop, handler=handler, threads=threads,
+                    ratio=r["hits_per_s"] / default["hits_per_s"]))
+
+
+# --------------------------------------------------------------------------- output
+def format_table(result: Dict) -> str:
+    lines: List[str] = []
+    meta = result["meta"]
+    add = lines.append
+    add(f"ptprobe benchmark: kernel {meta['kernel']}, {meta['cpus']} CPUs, Python {meta['python']}; "
+        f"median of {meta['runs']} run(s), {meta['hits_per_thread']} hits/thread "
+        f"(+{meta['warmup_per_thread']} warm-up)")
+    add("")
+    base = result["baseline"]
+    if base:
+        add("Baselines (no tracer):")
+        add("  loop, no probe:    " + ", ".join(f"{k} {v:.2f} ns" for k, v in base["loop_ns_per_iter"].items()))
+        add(f"  syscall getpgid:   {base['syscall_getpgid_ns']:.0f} ns")
+        add("")
+    placements = meta["placements"]
+    c = {(r["stop"], r["threads"], r["placement"]): r for r in result["c_limit"]}
+
+    def cell(r: Optional[Dict]) -> str:
+        if r is None:
+            return f"{'-':>19}"
+        return f"{r['us_per_hit']:8.2f} {r['hits_per_s'] / 1000:8.1f}k "
+
+    header = "".join(f"{p + ' us/hit  hits/s':>20}" for p in placements)
+    for threads in meta["threads"]:
+        add(f"== {threads} thread{'s' if threads > 1 else ''} " + "=" * 60)
+        add(f"  {'C limit (ctracer)':<34}{header}")
+        for stop in C_MODES:
+            add(f"  {stop:<34}" + "".join(cell(c.get((stop, threads, p))) for p in placements))
+        add(f"  {'ptprobe':<34}{header}   ptprobe/C ({', '.join(placements)})")
+        for r0 in result["ptprobe"]:
+            if r0["threads"] != threads or r0["placement"] != placements[0]:
+                continue
+            row = [x for x in result["ptprobe"] if x["site"] == r0["site"] and x["stop"] == r0["stop"]
+                   and x["handler"] == r0["handler"] and x["threads"] == threads]
+            by_place = {x["placement"]: x for x in row}
+            mech = "jmp/" + r0["stop"] if r0["stop"] != "int3" else "int3"
+            label = f"{r0['site']} {mech}{' +handler' if r0['handler'] else ''}"
+            ratio = []
+            for p in placements:
+                lim = c.get((r0["stop"], threads, p))
+                x = by_place.get(p)
+                ratio.append(f"{x['hits_per_s'] / lim['hits_per_s']:.2f}" if lim and x else "-")
+            add(f"  {label:<34}" + "".join(cell(by_place.get(p)) for p in placements) + "   " + " ".join(ratio))
+        kern = [k for k in result["kernel"]["results"] if k["threads"] == threads]
+        if kern:
+            add(f"  {'kernel uprobes':<34}{'us/hit  hits/s':>20}")
+            for k in kern:
+                add(f"  {k['site']:<34}" + cell(k))
+        add("")
+    if result["ratios"]["jmp_over_int3"]:
+        add("jmp/int3 (hits/s ratio, same site; >1 = jmp faster):")
+        for r in result["ratios"]["jmp_over_int3"]:
+            add(f"  {r['site']:<14} {r['slots']:<7}{' +handler' if r['handler'] else '         '} "
+                f"threads={r['threads']} {r['placement']:<8} {r['ratio']:.2f}")
+        add("")
+    if not result["kernel"]["available"]:
+        add(f"kernel uprobes: skipped ({result['kernel']['reason']})")
+    else:
+        add(f"kernel uprobes counted with {result['kernel']['method']}, "
+            f"{meta['kernel_hits_per_thread']} hits/thread")
+    add("")
+    if result["arming"]:
+        add("Arming / disarming 1000 sites (median seconds):")
+        for a in result["arming"]:
+            add(f"  {a['what']:<62} arm {a['arm_s']:7.3f} s  detach {a['disarm_s']:7.3f} s  "
+                f"({'/'.join(a['mechanisms'])})")
+        add("")
+    if result["errors"]:
+        add("Errors:")
+        for e in result["errors"]:
+            add("  " + e)
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    parser.add_argument("--runs", type=int, default=None, help="runs per case, median reported (default 5)")
+    parser.add_argument("--hits", type=int, default=None, help="measured hits per thread (default 10000)")
+    parser.add_argument("--quick", action="store_true", help="tiny counts and one run (for CI)")
+    args = parser.parse_args(argv)
+    if args.runs is None:
+        args.runs = 1 if args.quick else 5
+    if args.hits is None:
+        args.hits = 200 if args.quick else 10000
+    if args.runs < 1 or args.hits < 1:
+        parser.error("--runs and --hits must be positive")
+    t0 = time.monotonic()
+    try:
+        result = run_benchmark(args)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    result["meta"]["wall_s"] = time.monotonic() - t0
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+    else:
+        print(format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
