@@ -236,8 +236,13 @@ class Session:
                     except NoSuchProcessError:
                         continue
                     except TracePermissionError:
-                        raise TracePermissionError(f"no permission to trace process {pid}"
-                                                   f"{' (' + exe + ')' if exe else ''}", pid) from None
+                        if tid != pid and self._traced_by_us(pid, tid):
+                            pass   # created by a seized thread: already auto-attached
+                        elif tid != pid and self._exiting(pid, tid):
+                            continue
+                        else:
+                            raise TracePermissionError(f"no permission to trace process {pid}"
+                                                       f"{' (' + exe + ')' if exe else ''}", pid) from None
                     thread = proc.add_thread(tid)
                     self.threads[tid] = thread
                     self.attached = True
@@ -247,6 +252,27 @@ class Session:
         self._stop_world()
         proc.refresh_objects()
         self._arm_loader(proc)
+
+    @staticmethod
+    def _exiting(pid: int, tid: int) -> bool:
+        """A thread that is exiting (ptrace refuses to attach to it)."""
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                state = fh.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True
+        return state in ("Z", "X", "x")
+
+    @staticmethod
+    def _traced_by_us(pid: int, tid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as fh:
+                for line in fh:
+                    if line.startswith("TracerPid:"):
+                        return int(line.split()[1]) == os.getpid()
+        except OSError:
+            pass
+        return False
 
     def _abandon(self) -> None:
         for tid, thread in list(self.threads.items()):

@@ -267,7 +267,8 @@ class KernelUprobes:
         with open(os.path.join(TRACEFS, "uprobe_profile")) as fh:
             for line in fh:
                 parts = line.split()
-                if len(parts) >= 3 and parts[1] == f"{EVENT_GROUP}/{name}":
+                # "PATH EVENT HITS"; the event without its group on recent kernels
+                if len(parts) >= 3 and parts[1] in (f"{EVENT_GROUP}/{name}", name):
                     return int(parts[2])
         raise BenchError(f"{EVENT_GROUP}/{name} not in uprobe_profile")
 
@@ -529,61 +530,83 @@ def format_table(result: Dict) -> str:
         add("")
     placements = meta["placements"]
     c = {(r["stop"], r["threads"], r["placement"]): r for r in result["c_limit"]}
+    pt = {(r["site"], r["stop"], r["handler"], r["threads"], r["placement"]): r for r in result["ptprobe"]}
+    cases = []
+    for r in result["ptprobe"]:
+        key = (r["site"], r["stop"], r["handler"])
+        if key not in cases:
+            cases.append(key)
 
     def cell(r: Optional[Dict]) -> str:
         if r is None:
-            return f"{'-':>19}"
-        return f"{r['us_per_hit']:8.2f} {r['hits_per_s'] / 1000:8.1f}k "
+            return f"{'-':>19} "
+        return f"{r['us_per_hit']:9.2f} {r['hits_per_s'] / 1000:8.1f}k "
 
-    header = "".join(f"{p + ' us/hit  hits/s':>20}" for p in placements)
+    def label(site: str, stop: str, handler: bool) -> str:
+        return f"{site} {'int3' if stop == 'int3' else 'jmp/' + stop}{' +handler' if handler else ''}"
+
+    head1 = "".join(f"{p:>20}" for p in placements)
+    head2 = "".join(f"{'us/hit':>9} {'hits/s':>9} " for _ in placements)
     for threads in meta["threads"]:
-        add(f"== {threads} thread{'s' if threads > 1 else ''} " + "=" * 60)
-        add(f"  {'C limit (ctracer)':<34}{header}")
+        add(f"== {threads} hitting thread{'s' if threads > 1 else ''} " + "=" * 70)
+        add(f"  {'':<32}{head1}   ptprobe/C")
+        add(f"  {'C limit (tools/ctracer.c)':<32}{head2}   {' '.join(f'{p:>7}' for p in placements)}")
         for stop in C_MODES:
-            add(f"  {stop:<34}" + "".join(cell(c.get((stop, threads, p))) for p in placements))
-        add(f"  {'ptprobe':<34}{header}   ptprobe/C ({', '.join(placements)})")
-        for r0 in result["ptprobe"]:
-            if r0["threads"] != threads or r0["placement"] != placements[0]:
-                continue
-            row = [x for x in result["ptprobe"] if x["site"] == r0["site"] and x["stop"] == r0["stop"]
-                   and x["handler"] == r0["handler"] and x["threads"] == threads]
-            by_place = {x["placement"]: x for x in row}
-            mech = "jmp/" + r0["stop"] if r0["stop"] != "int3" else "int3"
-            label = f"{r0['site']} {mech}{' +handler' if r0['handler'] else ''}"
+            add(f"  {stop:<32}" + "".join(cell(c.get((stop, threads, p))) for p in placements))
+        add("  ptprobe")
+        for site, stop, handler in cases:
             ratio = []
             for p in placements:
-                lim = c.get((r0["stop"], threads, p))
-                x = by_place.get(p)
-                ratio.append(f"{x['hits_per_s'] / lim['hits_per_s']:.2f}" if lim and x else "-")
-            add(f"  {label:<34}" + "".join(cell(by_place.get(p)) for p in placements) + "   " + " ".join(ratio))
+                lim = c.get((stop, threads, p))
+                x = pt.get((site, stop, handler, threads, p))
+                ratio.append(f"{x['hits_per_s'] / lim['hits_per_s']:7.2f}" if lim and x else f"{'-':>7}")
+            add(f"  {label(site, stop, handler):<32}"
+                + "".join(cell(pt.get((site, stop, handler, threads, p))) for p in placements)
+                + "   " + " ".join(ratio))
         kern = [k for k in result["kernel"]["results"] if k["threads"] == threads]
         if kern:
-            add(f"  {'kernel uprobes':<34}{'us/hit  hits/s':>20}")
+            add("  kernel uprobes (no tracer)")
             for k in kern:
-                add(f"  {k['site']:<34}" + cell(k))
+                add(f"  {k['site']:<32}" + cell(k))
         add("")
-    if result["ratios"]["jmp_over_int3"]:
-        add("jmp/int3 (hits/s ratio, same site; >1 = jmp faster):")
-        for r in result["ratios"]["jmp_over_int3"]:
-            add(f"  {r['site']:<14} {r['slots']:<7}{' +handler' if r['handler'] else '         '} "
-                f"threads={r['threads']} {r['placement']:<8} {r['ratio']:.2f}")
+
+    jmp = result["ratios"]["jmp_over_int3"]
+    if jmp:
+        cols = [(t, p) for t in meta["threads"] for p in placements]
+        add("jmp/int3, hits/s ratio on the same site (>1: the jmp is faster)")
+        add(f"  {'':<28}" + "".join(f"{f't{t} {p}':>11}" for t, p in cols))
+        rows: Dict[Tuple[str, str, bool], Dict[Tuple[int, str], float]] = {}
+        for r in jmp:
+            rows.setdefault((r["site"], r["slots"], r["handler"]), {})[(r["threads"], r["placement"])] = r["ratio"]
+        for (site, slots, handler), vals in rows.items():
+            add(f"  {label(site, slots, handler):<28}"
+                + "".join(f"{vals[k]:11.2f}" if k in vals else f"{'-':>11}" for k in cols))
+        add("")
+    same = result["ratios"]["placement_same_over_default"]
+    if same:
+        for threads in meta["threads"]:
+            vals = [r["ratio"] for r in same if r["threads"] == threads]
+            if vals:
+                add(f"placement, {threads} thread(s): pinned to one CPU vs default scheduling, hits/s ratio "
+                    f"median {statistics.median(vals):.2f} (min {min(vals):.2f}, max {max(vals):.2f})")
         add("")
     if not result["kernel"]["available"]:
         add(f"kernel uprobes: skipped ({result['kernel']['reason']})")
     else:
-        add(f"kernel uprobes counted with {result['kernel']['method']}, "
-            f"{meta['kernel_hits_per_thread']} hits/thread")
+        add(f"kernel uprobes: counted with {result['kernel']['method']}, "
+            f"{meta['kernel_hits_per_thread']} hits/thread, default placement")
     add("")
     if result["arming"]:
-        add("Arming / disarming 1000 sites (median seconds):")
+        add("Arming / disarming 1000 sites (median seconds, target stopped before main):")
         for a in result["arming"]:
-            add(f"  {a['what']:<62} arm {a['arm_s']:7.3f} s  detach {a['disarm_s']:7.3f} s  "
+            add(f"  {a['what']:<58} arm {a['arm_s']:6.3f} s  detach {a['disarm_s']:6.3f} s  "
                 f"({'/'.join(a['mechanisms'])})")
         add("")
     if result["errors"]:
         add("Errors:")
         for e in result["errors"]:
             add("  " + e)
+    add(f"wall time {meta.get('wall_s', 0):.0f} s")
     return "\n".join(lines)
 
 

@@ -5,7 +5,8 @@
  * Each of THREADS worker threads (default 1) calls the probe site WARMUP times
  * (default 0), waits at a barrier, then calls it N times.  The target times the
  * measured phase itself (CLOCK_MONOTONIC through the vDSO, no syscall), from
- * the barrier's release to the last worker's end, and writes one line
+ * the first worker's start after the barrier to the last worker's end, and
+ * writes one line
  *
  *     mode=MODE threads=T iterations=N*T ns=ELAPSED
  *
@@ -152,15 +153,23 @@ static long long now_ns(void)
     return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+struct span {
+    long long start, end;
+};
+
+/* Each worker times its own measured phase; the result spans the earliest
+ * start to the latest end (the main thread may wake from the barrier late). */
 static void *worker(void *arg)
 {
+    struct span *span = arg;
     void (*fn)(void) = site_fn;
-    (void)arg;
     for (long i = 0; i < warmup; i++)
         fn();
     pthread_barrier_wait(&start_line);
+    span->start = now_ns();
     for (long i = 0; i < iterations; i++)
         fn();
+    span->end = now_ns();
     return NULL;
 }
 
@@ -201,17 +210,23 @@ int main(int argc, char **argv)
         return 2;
     }
     pthread_t tids[64];
+    struct span spans[64];
     pthread_barrier_init(&start_line, NULL, (unsigned)threads + 1);
     for (int i = 0; i < threads; i++)
-        if (pthread_create(&tids[i], NULL, worker, NULL) != 0) {
+        if (pthread_create(&tids[i], NULL, worker, &spans[i]) != 0) {
             perror("pthread_create");
             return 1;
         }
     pthread_barrier_wait(&start_line);
-    long long t0 = now_ns();
-    for (int i = 0; i < threads; i++)
+    long long first = 0, last = 0;
+    for (int i = 0; i < threads; i++) {
         pthread_join(tids[i], NULL);
-    long long elapsed = now_ns() - t0;
+        if (i == 0 || spans[i].start < first)
+            first = spans[i].start;
+        if (i == 0 || spans[i].end > last)
+            last = spans[i].end;
+    }
+    long long elapsed = last - first;
     FILE *out = strcmp(outfile, "-") == 0 ? stdout : fopen(outfile, "w");
     if (out == NULL) {
         perror(outfile);

@@ -6,8 +6,8 @@
  * The child (traced with PTRACE_TRACEME) installs the same seccomp filter as
  * ptprobe (SECCOMP_RET_TRACE for syscall SLOT_NR on AUDIT_ARCH_X86_64, ALLOW for
  * everything else), starts THREADS workers (default 1) that each make WARMUP
- * stops, meet at a barrier and make N more, timed from the barrier's release to
- * the last worker's end.  Per MODE, one stop per iteration:
+ * stops, meet at a barrier and make N more, timed (in the workers) from the
+ * first start after the barrier to the last end.  Per MODE, one stop per iteration:
  *
  *   return  a self-returning slot inline: lea -0x80(%rsp),%rsp; push rcx, r11,
  *           rax; mov $NR,%eax; syscall; pop rax, r11, rcx; lea 0x80(%rsp),%rsp.
@@ -105,14 +105,22 @@ static long long now_ns(void)
     return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+struct span {
+    long long start, end;
+};
+
+/* Each worker times its own measured phase; the result spans the earliest
+ * start to the latest end. */
 static void *worker(void *arg)
 {
-    (void)arg;
+    struct span *span = arg;
     for (long i = 0; i < warmup; i++)
         hit();
     pthread_barrier_wait(&start_line);
+    span->start = now_ns();
     for (long i = 0; i < iterations; i++)
         hit();
+    span->end = now_ns();
     return NULL;
 }
 
@@ -151,14 +159,20 @@ static int child_main(int threads)
         }
     }
     pthread_t tids[64];
+    struct span spans[64];
     pthread_barrier_init(&start_line, NULL, (unsigned)threads + 1);
     for (int i = 0; i < threads; i++)
-        pthread_create(&tids[i], NULL, worker, NULL);
+        pthread_create(&tids[i], NULL, worker, &spans[i]);
     pthread_barrier_wait(&start_line);
-    long long t0 = now_ns();
-    for (int i = 0; i < threads; i++)
+    long long first = 0, last = 0;
+    for (int i = 0; i < threads; i++) {
         pthread_join(tids[i], NULL);
-    long long elapsed = now_ns() - t0;
+        if (i == 0 || spans[i].start < first)
+            first = spans[i].start;
+        if (i == 0 || spans[i].end > last)
+            last = spans[i].end;
+    }
+    long long elapsed = last - first;
     printf("mode=%s threads=%d iterations=%ld ns=%lld\n",
            mode == 0 ? "return" : mode == 1 ? "seed" : "int3", threads, iterations * threads, elapsed);
     fflush(stdout);

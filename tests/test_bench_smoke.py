@@ -1,0 +1,112 @@
+"""Smoke test of tools/bench.py: `--quick --json` runs and reports every number.
+
+No timing is asserted: only that each measurement exists and is positive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "tools" / "bench.py"
+
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
+
+
+@pytest.fixture(scope="module")
+def report():
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, str(BENCH), "--quick", "--json"], capture_output=True, text=True,
+                         timeout=120, env=env, cwd=str(REPO))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout)
+
+
+def _positive(entry, *keys):
+    for key in keys:
+        assert isinstance(entry[key], (int, float)) and entry[key] > 0, (key, entry)
+
+
+def test_top_level_keys(report):
+    assert {"meta", "baseline", "c_limit", "ptprobe", "kernel", "ratios", "arming", "errors"} <= set(report)
+    meta = report["meta"]
+    assert meta["quick"] is True and meta["runs"] == 1
+    assert meta["threads"] == [1, 2]
+    assert {"default", "same"} <= set(meta["placements"])
+
+
+def test_baselines(report):
+    base = report["baseline"]
+    _positive(base, "syscall_getpgid_ns")
+    assert set(base["loop_ns_per_iter"]) >= {"nop1", "push", "ret", "nop5"}
+    assert all(v > 0 for v in base["loop_ns_per_iter"].values())
+
+
+def test_c_limit(report):
+    seen = {(r["stop"], r["threads"], r["placement"]) for r in report["c_limit"]}
+    for stop in ("return", "seed", "int3"):
+        for threads in (1, 2):
+            for where in report["meta"]["placements"]:
+                assert (stop, threads, where) in seen
+    for r in report["c_limit"]:
+        _positive(r, "us_per_hit", "hits_per_s")
+
+
+def test_ptprobe_cases(report):
+    seen = {(r["site"], r["stop"], r["handler"], r["threads"], r["placement"]) for r in report["ptprobe"]}
+    required = [("nop5", "return", False), ("nop5", "seed", False), ("nop5", "int3", False),
+                ("nop5", "return", True), ("nop5", "int3", True),
+                ("usdt_nop1_5", "return", False), ("usdt_nop1_10", "return", False),
+                ("nop1", "int3", False), ("push", "int3", False), ("ret", "int3", False)]
+    for site, stop, handler in required:
+        for threads in (1, 2):
+            for where in report["meta"]["placements"]:
+                assert (site, stop, handler, threads, where) in seen, (site, stop, handler, threads, where)
+    for r in report["ptprobe"]:
+        _positive(r, "us_per_hit", "hits_per_s")
+        assert r["mechanism"] == ("int3" if r["stop"] == "int3" else "jmp")
+
+
+def test_ratios(report):
+    ratios = report["ratios"]
+    assert ratios["jmp_over_int3"] and ratios["ptprobe_over_c"] and ratios["placement_same_over_default"]
+    for group in ratios.values():
+        for r in group:
+            _positive(r, "ratio")
+
+
+def test_kernel_uprobes(report):
+    kernel = report["kernel"]
+    if not kernel["available"]:
+        assert kernel["reason"]
+        return
+    assert {r["site"] for r in kernel["results"]} >= {"nop1", "nop5"}
+    for r in kernel["results"]:
+        _positive(r, "us_per_hit", "hits_per_s")
+    # the benchmark removes its events (and unmounts tracefs if it mounted it)
+    events = "/sys/kernel/tracing/uprobe_events"
+    if os.path.exists(events):
+        with open(events) as fh:
+            assert "ptbench/" not in fh.read()
+
+
+def test_arming(report):
+    cases = {a["case"]: a for a in report["arming"]}
+    assert {"nop5_jmp", "nop5_int3", "insn_int3", "usdt_batch_jmp"} <= set(cases)
+    for a in cases.values():
+        assert a["sites"] == 1000
+        _positive(a, "arm_s", "disarm_s")
+    assert cases["nop5_jmp"]["mechanisms"] == ["jmp"]
+    assert cases["insn_int3"]["mechanisms"] == ["int3"]
+
+
+def test_no_errors(report):
+    """Every case ran (an error names the case and what went wrong)."""
+    assert report["errors"] == []
