@@ -78,7 +78,7 @@ class Page:
         return PAGE_SIZE // self.stride
 
 
-@dataclass
+@dataclass(eq=False)
 class Site:
     """One armed probe address in one process."""
 
@@ -100,6 +100,8 @@ class Site:
     armed: bool = False
     internal: bool = False
     label: str = ""               # what is probed: "symbol+0x4", "provider:name"
+    chained: list = field(default_factory=list)   # sites inside this site's patch (hit after it)
+    covered_by: Optional["Site"] = None           # the site whose patch covers this one
 
     @property
     def pid(self) -> int:
@@ -421,7 +423,18 @@ class Patcher:
         site = self.sites.get(address)
         if site is not None:
             return site
+        host = self.sites.get(address - 1)
+        if host is not None and host.patch_at <= address < host.resume:
+            # the long NOP of a nop1+nop5/nop10 site probed on its own: the same patch
+            # serves both, and each pass runs this site's probes right after the host's
+            site = Site(address, proc, obj, host.mechanism, host.patch_at, b"", b"", host.resume,
+                        insn=insn, slot=host.slot, slot_kind=host.slot_kind, covered_by=host, armed=True)
+            host.chained.append(site)
+            self.sites[address] = site
+            return site
         jmp = arch.classify_site(file_code)
+        if jmp is not None and jmp.jmp_offset and address + 1 in self.sites:
+            jmp = None      # its long NOP is a site of its own already: arm only the nop1
         if jmp is not None:
             patch_at = address + jmp.jmp_offset
             original = file_code[jmp.jmp_offset:jmp.jmp_offset + 5]
@@ -451,20 +464,26 @@ class Patcher:
                 self.sites[address] = site
                 self.slot_sites[slot + arch.SEED_SLOT_SIZE] = site
                 return site
-        site = Site(address, proc, obj, "int3", patch_at, original, b"\xcc", resume, insn=insn)
+        if reused_slot is not None:
+            # an earlier ptprobe's jmp, now to be served by int3: repair it first
+            proc.mem.write(patch_at, original)
+        # int3 goes on the first byte of the site (the 90 of a combo), so that
+        # the trap is reported at address + 1 whatever the site's form
+        site = Site(address, proc, obj, "int3", address, file_code[:1], b"\xcc", resume, insn=insn)
         if jmp is not None:
             site.emulate = True          # the whole NOP (or combo) is skipped
-            if self.use_seccomp and proc.filter_state == "installed":
-                site.fallback_reason = "no free slot within reach"
-            elif self.use_seccomp and proc.filter_state != "installed":
+            if not self.use_seccomp:
+                pass
+            elif proc.filter_state != "installed":
                 site.fallback_reason = "no seccomp filter"
+            elif resume in self.slot_owner:
+                site.fallback_reason = "its slot, from an earlier attach, is of the other kind"
+            else:
+                site.fallback_reason = "no free slot within reach"
         elif arch.is_nop(insn):
             site.emulate = True
         else:
             site.xol, _ = self._get_xol(insn, obj)
-        if reused_slot is not None:
-            # an earlier ptprobe's jmp, now served by int3: repair it
-            proc.mem.write(patch_at, original)
         self.sites[address] = site
         return site
 
@@ -492,6 +511,12 @@ class Patcher:
 
     def disarm(self, site: Site) -> None:
         """Put the original bytes back at *site*."""
+        if site.covered_by is not None:
+            if site in site.covered_by.chained:
+                site.covered_by.chained.remove(site)
+            site.armed = False
+            self.sites.pop(site.address, None)
+            return
         if site.armed:
             try:
                 self.process.mem.write(site.patch_at, site.original)
@@ -543,6 +568,10 @@ class Patcher:
         for address, site in self.sites.items():
             copy = Site(**{**site.__dict__, "process": child, "probes": list(site.probes)})
             new.sites[address] = copy
+        for copy in new.sites.values():
+            copy.chained = [new.sites[c.address] for c in copy.chained if c.address in new.sites]
+            if copy.covered_by is not None:
+                copy.covered_by = new.sites.get(copy.covered_by.address)
         new.int3_sites = {a + 1: s for a, s in new.sites.items() if s.mechanism == "int3" and s.armed}
         new.slot_sites = {s.slot + arch.SEED_SLOT_SIZE: s for s in new.sites.values()
                           if s.slot is not None and s.armed}

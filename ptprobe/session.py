@@ -779,6 +779,18 @@ class Session:
         self._done(thread)
 
     def _run_handlers(self, site: Site, hit_regs: Regs, tid: int) -> None:
+        self._call_probes(site, hit_regs, tid)
+        values = hit_regs._values
+        for extra in site.chained:
+            # the next instruction, inside this site's patch: as if the thread had gone on
+            if values["rip"] != site.address:
+                break                       # a handler moved the thread elsewhere
+            values["rip"] = extra.address
+            self._call_probes(extra, hit_regs, tid)
+            if values["rip"] == extra.address:
+                values["rip"] = site.address
+
+    def _call_probes(self, site: Site, hit_regs: Regs, tid: int) -> None:
         for probe in site.probes:
             probe.hits += 1
             if probe.handler is None:

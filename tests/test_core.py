@@ -27,14 +27,13 @@ import pytest
 from capstone import x86_const
 from elftools.elf.elffile import ELFFile
 
-from conftest import build
+from conftest import NOBODY, build, unprivileged_python
 
 import ptprobe
 from ptprobe import errors
 
 REPO = Path(__file__).resolve().parent.parent
 
-NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
 
 
 # ---------------------------------------------------------------------------- ELF helpers
@@ -185,9 +184,9 @@ class Lines:
 class LoopTarget:
     """core_loop running untraced: calls work() forever, reports progress on a pipe."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, prefix: Sequence[str] = ()) -> None:
         self.path = path
-        self.proc = subprocess.Popen([path], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen([*prefix, path], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         self.pid = self.proc.pid
         self.lines = Lines(self.proc.stdout.fileno())
         ready = self.lines.readline()
@@ -369,7 +368,7 @@ def test_threads_each_hit_exactly(where):
 def test_attach_probe_detach(loop_target, name, mechanism):
     target = loop_target
     seen = []
-    with ptprobe.attach(target.pid, observer=RecordingObserver()) as session:
+    with watchdog(60, [target.pid]), ptprobe.attach(target.pid, observer=RecordingObserver()) as session:
         probe = session.probe(f"uprobe:{target.path}:{name}", lambda hit: seen.append(hit.args[0]))
         assert mechanisms(probe) == [mechanism]
         # the site is armed in memory while attached
@@ -388,7 +387,7 @@ def test_attach_twice(loop_target):
     """A second attach after a detach works and finds the process as the first left it."""
     target = loop_target
     for _ in range(2):
-        with ptprobe.attach(target.pid, observer=RecordingObserver()) as session:
+        with watchdog(60, [target.pid]), ptprobe.attach(target.pid, observer=RecordingObserver()) as session:
             probe = session.probe(f"uprobe:{target.path}:work_nop5")
             assert session.wait(timeout=0.3) is None
             session.detach()
@@ -611,7 +610,10 @@ def register_checker(path: str, site: str) -> Tuple[object, List[str]]:
     ("regs_site_nop5", {}, "jmp"),
     ("regs_site_nop5", {"slots": "seed"}, "jmp"),
     ("regs_site_nop5", {"seccomp": False}, "int3"),
-], ids=["mov-int3", "nop1-int3", "nop5-return-slot", "nop5-seed-slot", "nop5-int3"])
+    ("regs_site_pair", {}, None),
+    ("regs_site_pair", {"slots": "seed"}, None),
+], ids=["mov-int3", "nop1-int3", "nop5-return-slot", "nop5-seed-slot", "nop5-int3",
+        "nop1+nop5-return", "nop1+nop5-seed"])
 def test_registers_and_flags_preserved(site, options, mechanism):
     path = build("core_regs.c", "-O1")
     expected = untraced([path, str(ROUNDS)])
@@ -623,21 +625,49 @@ def test_registers_and_flags_preserved(site, options, mechanism):
     assert status == 0
     assert probe.hits == ROUNDS
     assert not problems, problems
-    assert mechanisms(probe) == [mechanism]
+    if mechanism is not None:
+        assert mechanisms(probe) == [mechanism]
 
 
-def test_registers_three_sites_in_a_row():
-    """Three consecutive probed instructions (out-of-line, emulated, slot) in one pass."""
+ALL_REG_SITES = ("regs_site_nop", "regs_site_mov", "regs_site_nop5", "regs_site_pair", "regs_site_pair5")
+
+
+@pytest.mark.parametrize("seccomp", [True, False], ids=["seccomp", "no-seccomp"])
+@pytest.mark.parametrize("sites", [ALL_REG_SITES[:3], ALL_REG_SITES[3:], ALL_REG_SITES[4:2:-1],
+                                   ALL_REG_SITES],
+                         ids=["nop-mov-nop5", "nop1+nop5-pair-both", "nop5+nop1-pair-both", "all"])
+def test_registers_adjacent_sites(sites, seccomp):
+    """Adjacent probed instructions (emulated, out of line, slot), each hit on every pass;
+    including a 1-byte NOP and the 5-byte NOP right after it probed separately."""
     path = build("core_regs.c", "-O1")
     expected = untraced([path, str(ROUNDS)])
-    checks = [register_checker(path, s) for s in ("regs_site_mov", "regs_site_nop", "regs_site_nop5")]
+    checks = [register_checker(path, s) for s in sites]
     status, out, probes, _ = run_traced(
-        [path, str(ROUNDS)],
-        [(f"uprobe:{path}:{s}", h) for s, (h, _) in zip(("regs_site_mov", "regs_site_nop", "regs_site_nop5"), checks)])
+        [path, str(ROUNDS)], [(f"uprobe:{path}:{s}", h) for s, (h, _) in zip(sites, checks)],
+        seccomp=seccomp)
     assert out == expected.stdout
     assert status == 0
-    assert [p.hits for p in probes] == [ROUNDS] * 3
-    assert [pr for _, pr in checks] == [[], [], []]
+    assert {s: p.hits for s, p in zip(sites, probes)} == {s: ROUNDS for s in sites}
+    assert {s: pr for s, (_, pr) in zip(sites, checks)} == {s: [] for s in sites}
+
+
+@pytest.mark.parametrize("site", ["compute", "compute_nop5"])
+def test_two_probes_on_one_site(site):
+    """Two probes on the same instruction (by symbol and by file address): both run, both count."""
+    path = build("core_threads.c", "-O1", "-pthread")
+    expected = untraced([path, "50"])
+    address, _ = symbol(path, site)
+    seen: Dict[str, int] = Counter()
+    specs = [f"uprobe:{path}:{site}", f"uprobe:{path}:{address:#x}"]
+
+    def handler(hit):
+        seen[hit.probe.name] += 1
+
+    status, out, probes, _ = run_traced([path, "50"], [(s, handler) for s in specs])
+    assert status == 0
+    assert out == expected.stdout
+    assert [p.hits for p in probes] == [200, 200]
+    assert seen == {specs[0]: 200, specs[1]: 200}
 
 
 # ---------------------------------------------------------------------------- handlers that change things
@@ -746,18 +776,27 @@ def test_api_program_start_error(tmp_path):
     assert info.value.exit_code == 9
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to nobody")
-def test_api_permission_denied(loop_target):
-    script = ("import sys, ptprobe\n"
-              "try:\n"
-              "    ptprobe.attach(int(sys.argv[1]))\n"
-              "except ptprobe.PtprobeError as exc:\n"
-              "    print(type(exc).__name__, exc.exit_code)\n")
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1")
-    result = subprocess.run([*NOBODY, sys.executable, "-c", script, str(loop_target.pid)],
-                            capture_output=True, text=True, env=env, cwd="/", timeout=60)
-    assert result.stdout.strip() == "TracePermissionError 4", (result.stdout, result.stderr)
-    loop_target.assert_alive_untraced_and_original(("work",))
+def unprivileged(loop_binary: str) -> Tuple[str, dict, LoopTarget]:
+    """(python, env) for a tracer running as nobody, and a root-owned target it may not trace."""
+    python, env = unprivileged_python()
+    return python, env, LoopTarget(loop_binary)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to set up a process it may not trace")
+def test_api_permission_denied(loop_binary):
+    python, env, target = unprivileged(loop_binary)
+    try:
+        script = ("import sys, ptprobe\n"
+                  "try:\n"
+                  "    ptprobe.attach(int(sys.argv[1]))\n"
+                  "except ptprobe.PtprobeError as exc:\n"
+                  "    print(type(exc).__name__, exc.exit_code)\n")
+        result = subprocess.run([*NOBODY, python, "-c", script, str(target.pid)],
+                                capture_output=True, text=True, env=env, cwd="/", timeout=60)
+        assert result.stdout.strip() == "TracePermissionError 4", (result.stdout, result.stderr)
+        target.assert_alive_untraced_and_original(("work",))
+    finally:
+        target.close()
 
 
 @pytest.fixture
@@ -792,7 +831,7 @@ BAD_IDS = ["bad-spec-kind", "bad-spec-empty", "bad-spec-offset", "not-elf", "mis
 def test_api_bad_probe_in_attach_mode(loop_target, text_file, case):
     target = loop_target
     spec, exc_class = {c[0]: c[1:] for c in bad_specs(target.path, "work", text_file)}[case]
-    with ptprobe.attach(target.pid, observer=RecordingObserver()) as session:
+    with watchdog(60, [target.pid]), ptprobe.attach(target.pid, observer=RecordingObserver()) as session:
         with pytest.raises(exc_class) as info:
             session.probe(spec)
         assert info.value.exit_code == {errors.ProbeSpecError: 2, errors.ObjectFileError: 5,
@@ -813,7 +852,7 @@ def test_api_site_already_patched(loop_target):
     assert original != b"\xcc"
     write_mem(target.pid, runtime, b"\xcc")
     patched_code, _ = code_in_memory(target.pid, target.path, "spare")
-    with ptprobe.attach(target.pid, observer=RecordingObserver()) as session:
+    with watchdog(60, [target.pid]), ptprobe.attach(target.pid, observer=RecordingObserver()) as session:
         with pytest.raises(errors.SitePatchedError) as info:
             session.probe(f"uprobe:{target.path}:spare")
         assert info.value.exit_code == 8

@@ -13,7 +13,6 @@ before detaching, in test_seed_detach_inside_slot).
 from __future__ import annotations
 
 import os
-import queue
 import re
 import shutil
 import signal
@@ -22,12 +21,12 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from conftest import build
+from conftest import NOBODY, build, unprivileged_python
 
 import ptprobe
 from ptprobe import arch, linux
@@ -118,7 +117,6 @@ class Lines:
 
     def __init__(self, stream) -> None:
         self.lines: List[str] = []
-        self._queue: "queue.Queue[Optional[str]]" = queue.Queue()
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
         self._thread.start()
@@ -616,54 +614,25 @@ def test_cli_run_summary(flags, mechanism):
 
 # --------------------------------------------------------------------------- not root
 
-NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-
-
 @pytest.fixture(scope="module")
 def nobody_dir():
-    """A directory nobody can read: the target binary, ptprobe and its dependencies."""
+    """A directory nobody can read, holding the target binary."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv")
     top = tempfile.mkdtemp(prefix="ptprobe-nobody-", dir="/tmp")
     try:
         os.chmod(top, 0o755)
-        py = os.path.join(top, "py")
-        os.mkdir(py)
-        shutil.copytree(REPO / "ptprobe", os.path.join(py, "ptprobe"),
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        import capstone
-        import elftools
-        import keystone
-        import ptrace
-        for module in (capstone, elftools, keystone, ptrace):
-            src = os.path.dirname(module.__file__)
-            shutil.copytree(src, os.path.join(py, os.path.basename(src)),
-                            ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy(_build("fast_hammer.c"), os.path.join(top, "fast_hammer"))
-        for root, dirs, files in os.walk(top):
-            for d in dirs:
-                os.chmod(os.path.join(root, d), 0o755)
-            for f in files:
-                os.chmod(os.path.join(root, f), 0o755)
+        os.chmod(os.path.join(top, "fast_hammer"), 0o755)
         yield top
     finally:
         shutil.rmtree(top, ignore_errors=True)
 
 
-def _nobody_python() -> str:
-    for candidate in ("/usr/bin/python3", sys.executable):
-        if os.path.exists(candidate):
-            res = subprocess.run(NOBODY + [candidate, "-c", "import sys; assert sys.version_info >= (3, 9)"],
-                                 capture_output=True)
-            if res.returncode == 0:
-                return candidate
-    pytest.skip("no python that nobody can run")
-
-
 def test_non_root_attach_needs_consent_for_slots(nobody_dir):
     binary = os.path.join(nobody_dir, "fast_hammer")
-    python = _nobody_python()
-    env = dict(os.environ, PYTHONPATH=os.path.join(nobody_dir, "py"), HOME=nobody_dir)
+    python, env = unprivileged_python()
+    env["HOME"] = nobody_dir
     env.pop("PYTHONHOME", None)
     hammer = Hammer(binary, 2, 20000, prefix=NOBODY)
     try:

@@ -67,6 +67,7 @@ PTPROBE_CASES: List[Tuple[str, str, bool]] = [
 ]
 C_MODES = ["return", "seed", "int3"]
 PLACEMENTS = ["default", "same", "split"]
+NOISY = 1.5          # the table marks a median whose runs spread more than this (max/min)
 
 
 class BenchError(Exception):
@@ -521,6 +522,8 @@ def format_table(result: Dict) -> str:
     add(f"ptprobe benchmark: kernel {meta['kernel']}, {meta['cpus']} CPUs, Python {meta['python']}; "
         f"median of {meta['runs']} run(s), {meta['hits_per_thread']} hits/thread "
         f"(+{meta['warmup_per_thread']} warm-up)")
+    add(f"us/hit = wall time of the measured phase / all threads' hits; "
+        f"~ = runs spread more than {NOISY}x (min to max)")
     add("")
     base = result["baseline"]
     if base:
@@ -540,7 +543,8 @@ def format_table(result: Dict) -> str:
     def cell(r: Optional[Dict]) -> str:
         if r is None:
             return f"{'-':>19} "
-        return f"{r['us_per_hit']:9.2f} {r['hits_per_s'] / 1000:8.1f}k "
+        noisy = r["max_us_per_hit"] > NOISY * r["min_us_per_hit"]
+        return f"{r['us_per_hit']:9.2f} {r['hits_per_s'] / 1000:8.1f}k" + ("~" if noisy else " ")
 
     def label(site: str, stop: str, handler: bool) -> str:
         return f"{site} {'int3' if stop == 'int3' else 'jmp/' + stop}{' +handler' if handler else ''}"

@@ -1,7 +1,8 @@
 /* check_regs() loads known values into every general-purpose register but rsp, sets the
  * flags (mode 0: CF SF PF AF; mode 1: ZF PF), fills the red zone below rsp with a pattern,
- * passes three probe sites (regs_site_mov: mov rax,rax; regs_site_nop: nop;
- * regs_site_nop5: a 5-byte NOP), then stores what it finds. main compares and exits 1 on
+ * passes the probe sites regs_site_nop (nop), regs_site_mov (mov rax,rax), regs_site_nop5
+ * (a 5-byte NOP), regs_site_pair (nop) + regs_site_pair5 (a 5-byte NOP: the nop1+nop5
+ * combination USDT headers emit), then stores what it finds. main compares and exits 1 on
  * any difference.
  *
  * out[0..14]  rax rbx rcx rdx rsi rdi rbp r8 .. r15 after the sites
@@ -58,14 +59,20 @@ asm(".intel_syntax noprefix\n"
     "  movabs r13, 0xdddddddddddddddd\n"
     "  movabs r14, 0xeeeeeeeeeeeeeeee\n"
     "  movabs r15, 0xffffffffffffffff\n"
-    ".globl regs_site_mov\n"
-    "regs_site_mov:\n"
-    "  mov rax, rax\n"
     ".globl regs_site_nop\n"
     "regs_site_nop:\n"
     "  nop\n"
+    ".globl regs_site_mov\n"
+    "regs_site_mov:\n"
+    "  mov rax, rax\n"
     ".globl regs_site_nop5\n"
     "regs_site_nop5:\n"
+    "  .byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n"
+    ".globl regs_site_pair\n"
+    "regs_site_pair:\n"
+    "  nop\n"
+    ".globl regs_site_pair5\n"
+    "regs_site_pair5:\n"
     "  .byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n"
     "  lea rsp, [rsp-128]\n"
     "  pushfq\n"

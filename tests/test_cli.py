@@ -1,0 +1,265 @@
+"""End-to-end tests of the ``ptprobe`` command line: real targets, real ptrace.
+
+The command runs as ``python -m ptprobe`` from the repository root with
+PYTHONPATH pointing at it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from typing import Sequence
+
+import pytest
+
+from conftest import NOBODY, build
+from test_core import (REPO, LoopTarget, code_in_memory, decode, read_mem, runtime_address,
+                       symbol, unprivileged, write_mem)
+
+SUMMARY = re.compile(r"^ptprobe: (?P<spec>\S+): (?P<hits>\d+) hits \((?P<how>[^)]*)\)$")
+
+
+def ptprobe_cli(*args: str, prefix: Sequence[str] = (), timeout: float = 60) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1")
+    return subprocess.run([*prefix, sys.executable, "-m", "ptprobe", *args], cwd=str(REPO), env=env,
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def summaries(stderr: str) -> dict:
+    """{spec: (hits, mechanisms text)} from the summary lines on stderr."""
+    out = {}
+    for line in stderr.splitlines():
+        m = SUMMARY.match(line)
+        if m:
+            out[m["spec"]] = (int(m["hits"]), m["how"])
+    return out
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The error report: exactly one line, starting with 'ptprobe: '."""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("ptprobe: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def simple() -> str:
+    return build("core_simple.c", "-O1", "-fno-pie", "-no-pie")
+
+
+@pytest.fixture
+def loop_target() -> LoopTarget:
+    target = LoopTarget(build("core_loop.c", "-O1"))
+    try:
+        yield target
+    finally:
+        target.close()
+
+
+# ---------------------------------------------------------------------------- run
+
+def test_run_prints_hits_and_summary(simple):
+    expected = subprocess.run([simple], capture_output=True, text=True).stdout.splitlines()
+    spec = f"uprobe:{simple}:compute"
+    result = ptprobe_cli("run", "-p", spec, "--", simple)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    # the program's own lines, in order (its pid differs), and one line per hit besides
+    program = [line for line in lines if line.startswith(("pid ", "compute(", "secret ", "total "))]
+    assert program[1:] == expected[1:]
+    hit_lines = [line for line in lines if line not in program]
+    assert len(hit_lines) == 11, lines
+    assert all("compute" in line for line in hit_lines), hit_lines
+    assert summaries(result.stderr) == {spec: (11, "1 int3")}
+
+
+def test_run_json_schema(simple):
+    spec = f"uprobe:{simple}:compute"
+    result = ptprobe_cli("run", "--json", "-p", spec, "--", simple)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    pid = int(next(line for line in result.stdout.splitlines() if line.startswith("pid "))[4:])
+    assert len(records) == 11
+    for record in records:
+        assert {"probe", "pid", "tid", "address", "args"} <= set(record), record
+        assert record["probe"] == spec
+        assert record["pid"] == record["tid"] == pid
+        assert type(record["address"]) is int
+        assert record["address"] == symbol(simple, "compute")[0]       # non-PIE: the link address
+        assert isinstance(record["args"], list) and len(record["args"]) == 6
+        assert all(type(a) is int for a in record["args"])
+    assert [r["args"][0] for r in records] == list(range(10)) + [5]
+
+
+def test_run_output_file(simple, tmp_path):
+    spec = f"uprobe:{simple}:compute"
+    out = tmp_path / "hits.jsonl"
+    result = ptprobe_cli("run", "--json", "-o", str(out), "-p", spec, "--", simple)
+    assert result.returncode == 0, result.stderr
+    assert not any(line.startswith("{") for line in result.stdout.splitlines())
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["args"][0] for r in records] == list(range(10)) + [5]
+
+
+def test_run_several_probes_and_library(simple):
+    specs = [f"uprobe:{simple}:compute", f"uprobe:{simple}:touch", "uprobe:libc.so.6:getpid"]
+    result = ptprobe_cli("run", "--json", *[a for s in specs for a in ("-p", s)], "--", simple)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    counts = {s: sum(r["probe"] == s for r in records) for s in specs}
+    assert counts[specs[0]] == 11 and counts[specs[1]] == 1 and counts[specs[2]] >= 4
+    found = summaries(result.stderr)
+    assert {s: found[s][0] for s in specs} == counts
+
+
+@pytest.mark.parametrize("slots", ["seed", "return"])
+def test_run_slots_option(slots):
+    path = build("core_regs.c", "-O1")
+    spec = f"uprobe:{path}:regs_site_nop5"
+    result = ptprobe_cli("run", "--slots", slots, "-p", spec, "--", path, "3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "registers ok after 3 rounds" in result.stdout
+    assert summaries(result.stderr) == {spec: (3, "1 jmp")}
+
+
+def test_run_no_seccomp_uses_int3():
+    path = build("core_regs.c", "-O1")
+    spec = f"uprobe:{path}:regs_site_nop5"
+    result = ptprobe_cli("run", "--no-seccomp", "-p", spec, "--", path, "3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "registers ok after 3 rounds" in result.stdout
+    assert summaries(result.stderr) == {spec: (3, "1 int3")}
+
+
+@pytest.mark.parametrize("mode, status", [("exit7", 7), ("segv", -signal.SIGSEGV), ("abort", -signal.SIGABRT)])
+def test_run_exit_status_passes_through(simple, mode, status):
+    spec = f"uprobe:{simple}:compute"
+    result = ptprobe_cli("run", "-q", "-p", spec, "--", simple, mode)
+    assert result.returncode == status, result.stderr
+    assert "total 298" in result.stdout
+
+
+def test_run_errors(simple, tmp_path):
+    missing = ptprobe_cli("run", "-p", f"uprobe:{simple}:compute", "--", str(tmp_path / "nothing"))
+    assert missing.returncode == 9
+    error_line(missing)
+    bad = ptprobe_cli("run", "-p", "uprobe:", "--", simple)
+    assert bad.returncode == 2
+    error_line(bad)
+    nosym = ptprobe_cli("run", "-p", f"uprobe:{simple}:no_such_symbol", "--", simple)
+    assert nosym.returncode == 6
+    assert "total" not in nosym.stdout          # the program never ran its own code
+    error_line(nosym)
+
+
+# ---------------------------------------------------------------------------- attach
+
+def test_attach_duration(loop_target):
+    target = loop_target
+    spec = f"uprobe:{target.path}:work"
+    result = ptprobe_cli("attach", str(target.pid), "--json", "-p", spec, "--duration", "0.5")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    hits, how = summaries(result.stderr)[spec]
+    assert hits > 0 and how == "1 int3"
+    assert len(records) == hits
+    assert {r["pid"] for r in records} == {target.pid}
+    assert {r["address"] for r in records} == {runtime_address(target.pid, target.path, symbol(target.path, "work")[0])}
+    target.assert_alive_untraced_and_original(("work", "spare"))
+
+
+def test_attach_with_slot(loop_target):
+    target = loop_target
+    spec = f"uprobe:{target.path}:work_nop5"
+    result = ptprobe_cli("attach", str(target.pid), "-q", "-p", spec, "--duration", "0.5")
+    assert result.returncode == 0, result.stderr
+    hits, how = summaries(result.stderr)[spec]
+    assert hits > 0 and how == "1 jmp"
+    target.assert_alive_untraced_and_original(("work", "spare"))
+
+
+def _reaped_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_attach_unknown_pid():
+    result = ptprobe_cli("attach", str(_reaped_pid()), "-p", "uprobe:libc.so.6:getpid", "--duration", "0.1")
+    assert result.returncode == 3
+    error_line(result)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to set up a process it may not trace")
+def test_attach_permission_denied():
+    python, env, target = unprivileged(build("core_loop.c", "-O1"))
+    try:
+        result = subprocess.run([*NOBODY, python, "-m", "ptprobe", "attach", str(target.pid), "-p",
+                                 f"uprobe:{target.path}:work", "--duration", "0.1"], cwd="/", env=env,
+                                capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert result.returncode == 4, result.stderr
+        error_line(result)
+        target.assert_alive_untraced_and_original(("work",))
+    finally:
+        target.close()
+
+
+@pytest.mark.parametrize("case, code", [
+    ("bad-spec", 2), ("bad-offset", 2), ("not-elf", 5), ("missing-file", 5), ("missing-symbol", 6),
+    ("lib-missing-symbol", 6), ("boundary", 7),
+])
+def test_attach_bad_probe(loop_target, tmp_path, case, code):
+    target = loop_target
+    text = tmp_path / "notes.txt"
+    text.write_text("not an ELF file\n")
+    assert decode(target.path, "work")[0].size > 1
+    spec = {
+        "bad-spec": "uprobe:nocolon",
+        "bad-offset": f"uprobe:{target.path}:work+zz",
+        "not-elf": f"uprobe:{text}:main",
+        "missing-file": f"uprobe:{target.path}.missing:main",
+        "missing-symbol": f"uprobe:{target.path}:no_such_function",
+        "lib-missing-symbol": "uprobe:libc.so.6:no_such_function_in_libc",
+        "boundary": f"uprobe:{target.path}:work+1",
+    }[case]
+    result = ptprobe_cli("attach", str(target.pid), "-p", spec, "--duration", "0.2")
+    assert result.returncode == code, result.stderr
+    error_line(result)
+    target.assert_alive_untraced_and_original(("work", "spare"))
+
+
+def test_attach_not_elf_etc_hostname(loop_target):
+    if not os.path.isfile("/etc/hostname"):
+        pytest.skip("no /etc/hostname")
+    result = ptprobe_cli("attach", str(loop_target.pid), "-p", "uprobe:/etc/hostname:main", "--duration", "0.2")
+    assert result.returncode == 5
+    error_line(result)
+    loop_target.assert_alive_untraced_and_original(("work",))
+
+
+def test_attach_site_already_patched(loop_target):
+    target = loop_target
+    runtime = runtime_address(target.pid, target.path, symbol(target.path, "spare")[0])
+    assert read_mem(target.pid, runtime, 1) != b"\xcc"
+    write_mem(target.pid, runtime, b"\xcc")
+    patched, _ = code_in_memory(target.pid, target.path, "spare")
+    good = f"uprobe:{target.path}:work"
+    result = ptprobe_cli("attach", str(target.pid), "-p", good, "-p", f"uprobe:{target.path}:spare",
+                         "--duration", "0.2")
+    assert result.returncode == 8, result.stderr
+    # one error line; the probe armed before the error may be summed up
+    lines = result.stderr.splitlines()
+    assert all(line.startswith("ptprobe: ") for line in lines), result.stderr
+    assert len([line for line in lines if not SUMMARY.match(line)]) == 1, result.stderr
+    target.assert_alive_untraced_and_original(("work", "spare"), patched={"spare": patched})
+
+
+def test_attach_bad_pid_argument():
+    result = ptprobe_cli("attach", "notapid", "-p", "uprobe:libc.so.6:getpid")
+    assert result.returncode == 2
+    error_line(result)
