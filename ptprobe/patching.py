@@ -21,7 +21,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from . import arch, linux
 from .arch import PAGE_SIZE
-from .errors import SitePatchedError, TracerError
+from .errors import FaultError, SitePatchedError, TracerError
 from .process import LoadedObject, Process, Thread
 
 MEMFD_NAME = b"ptprobe\0"
@@ -529,9 +529,22 @@ class Patcher:
         elif site.slot is not None:
             self.slot_sites.pop(site.slot + arch.SEED_SLOT_SIZE, None)
 
-    def disarm_all(self) -> None:
+    def disarm_all(self) -> List[Site]:
+        """Disarm every site; return those whose bytes could not be written back."""
+        failed = []
         for site in list(self.sites.values()):
-            self.disarm(site)
+            try:
+                self.disarm(site)
+            except FaultError:
+                failed.append(site)
+        return failed
+
+    def forget_object(self, obj: LoadedObject) -> None:
+        """Drop the sites of an object that is no longer mapped (dlclose): nothing to restore."""
+        for site in list(self.sites.values()):
+            if site.obj is not None and site.obj.identity == obj.identity:
+                site.armed = False
+                self.disarm(site)
 
     def slot_frame_at(self, rip: int, after_syscall: bool = False) -> Optional[Tuple[int, int, int]]:
         """(slot address, offset, resume address) when *rip* lies inside an owned slot.

@@ -121,6 +121,7 @@ class Process:
         self.exit_status: Optional[int] = None
         self._maps: Optional[List[linux.Mapping]] = None
         self.objects: Dict[Tuple[int, int], LoadedObject] = {}
+        self.unmapped: List[LoadedObject] = []      # objects seen unmapped, not yet handled
         self.syscall_gadget: Optional[int] = None   # address of `syscall; int3` in a ptprobe page
         self.filter_state = "none"                   # "none" | "installed" | "failed"
         self.release_on_stop = False                 # detach at the next stop (--no-follow)
@@ -153,7 +154,8 @@ class Process:
         self._maps = None
 
     def refresh_objects(self) -> List[LoadedObject]:
-        """Re-read the maps; return the objects that are newly mapped."""
+        """Re-read the maps; return the objects that are newly mapped (those no
+        longer mapped go to :attr:`unmapped`)."""
         maps = self.maps(refresh=True)
         by_identity: Dict[Tuple[int, int], List[linux.Mapping]] = {}
         for m in maps:
@@ -182,7 +184,7 @@ class Process:
             new.append(obj)
         for identity in list(self.objects):
             if identity not in present:
-                del self.objects[identity]
+                self.unmapped.append(self.objects.pop(identity))
         return new
 
     def object_at(self, address: int) -> Optional[LoadedObject]:

@@ -483,6 +483,7 @@ class Session:
             if state != 0:          # RT_ADD / RT_DELETE: not consistent yet
                 return
         new = proc.refresh_objects()
+        self._forget_unmapped(proc)
         if self._startup and proc.pid == self.main_pid:
             self._pause = True
             return
@@ -494,6 +495,19 @@ class Session:
                 self._arm_probe(proc, probe, raise_errors=False)
         finally:
             self._resume_world()
+
+    def _forget_unmapped(self, proc: Process) -> None:
+        """Sites and semaphores of objects the program unmapped (dlclose) are gone with them."""
+        patcher = self.patchers.get(proc.pid)
+        for obj in proc.unmapped:
+            if patcher is not None:
+                patcher.forget_object(obj)
+            self._armed[proc.pid] = {k for k in self._armed[proc.pid] if k[1] != obj.identity}
+            counts = self._semaphores.get(proc.pid, {})
+            for address in list(counts):
+                if obj.start <= address < obj.end:
+                    del counts[address]
+        proc.unmapped.clear()
 
     # ------------------------------------------------------------------ the loop
     def wait(self, timeout: Optional[float] = None) -> Optional[int]:
@@ -981,9 +995,12 @@ class Session:
                 continue
             if proc.shared_with is None:
                 try:
-                    patcher.disarm_all()
-                except PtprobeError as exc:
-                    self.observer.notice(f"process {pid}: cannot restore every site: {exc}")
+                    proc.refresh_objects()
+                    self._forget_unmapped(proc)
+                except PtprobeError:
+                    pass
+                for site in patcher.disarm_all():
+                    self.observer.notice(f"process {pid}: cannot restore the site at {site.address:#x}")
                 for address, count in self._semaphores.get(pid, {}).items():
                     if count > 0:
                         try:
