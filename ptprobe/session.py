@@ -28,6 +28,7 @@ from .errors import (FaultError, InstructionBoundaryError, NoSuchProcessError, O
                      TracePermissionError, TracerError)
 from .hit import Hit, Regs
 from .patching import Patcher, Site
+from .placement import Placement
 from .process import LoadedObject, Process, Thread, open_elf, signed64
 from .spec import ProbeSpec, parse_spec
 
@@ -93,7 +94,7 @@ class Session:
 
     def __init__(self, *, mode: str, slots: str = "return", seccomp: bool = True,
                  allow_no_new_privs: Optional[bool] = None, max_trampoline_pages: int = 64,
-                 follow: bool = True, observer: Optional[Observer] = None) -> None:
+                 follow: bool = True, observer: Optional[Observer] = None, colocate: bool = True) -> None:
         if slots not in ("return", "seed"):
             raise ValueError("slots must be 'return' or 'seed'")
         self.mode = mode
@@ -103,6 +104,7 @@ class Session:
         self.max_trampoline_pages = max_trampoline_pages
         self.follow = follow
         self.observer = observer or Observer()
+        self.placement = Placement(colocate)
         self.probes: List[Probe] = []
         self.processes: Dict[int, Process] = {}
         self.patchers: Dict[int, Patcher] = {}
@@ -526,6 +528,8 @@ class Session:
             old = signal.signal(signal.SIGALRM, lambda *_: self.request_stop())
             signal.setitimer(signal.ITIMER_REAL, max(timeout, 0.001), 0.05)
         try:
+            if len(self.threads) == 1:
+                self.placement.engage(next(iter(self.threads)))
             self._resume_world()
             while self.returncode is None and self.threads and not self._stop_requested:
                 self._step_loop()
@@ -565,6 +569,7 @@ class Session:
         if self.returncode is None:
             self.returncode = 0
         self.attached = False
+        self.placement.release()
 
     def _dispatch(self, tid: int, status: int) -> None:
         try:
@@ -644,6 +649,7 @@ class Session:
         return thread
 
     def _new_child(self, parent: Thread, event: int, child: int) -> None:
+        self.placement.adopt(child, parent.tid)
         if child in self.threads:
             return
         pproc = parent.process
@@ -726,6 +732,7 @@ class Session:
                     self.returncode = -os.WTERMSIG(status)
         if not self.threads:
             self.attached = False
+            self.placement.release()
 
     def _forget_process(self, proc: Process) -> None:
         self.processes.pop(proc.pid, None)
@@ -1012,6 +1019,7 @@ class Session:
         self.threads.clear()
         self.attached = False
         self._holding = 0
+        self.placement.release()
 
     def _drain_traps(self) -> None:
         """Let threads with a SIGTRAP still queued take it while the sites are armed."""
