@@ -13,7 +13,9 @@ What it measures (every number a median of --runs runs):
   tools/bench_target.c (nop5 by jmp with self-returning and seed slots and by
   int3, the USDT nop combos by jmp and by int3, a 1-byte nop, ``push %rbp`` and
   ``ret`` by int3), without and with a trivial handler;
-* the kernel's own uprobes on the same sites (root and tracefs only);
+* the kernel's own uprobes on the same sites (root only: tracefs is mounted if
+  needed and unmounted again, the ptbench/* events are removed afterwards;
+  hits counted with ``perf stat -e ptbench:SITE``, else from uprobe_profile);
 * arming and disarming 1,000 sites.
 
 Hit rates come from the target itself: it times its measured phase with the
