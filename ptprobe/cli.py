@@ -49,7 +49,7 @@ class _Printer:
         self.fmt = fmt
 
     def __call__(self, hit: ptprobe.Hit) -> None:
-        args = hit.args
+        args = list(hit.args)
         if self.as_json:
             record = {"probe": hit.probe.name, "name": hit.name, "pid": hit.pid, "tid": hit.tid,
                       "address": hit.address, "args": args}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Set, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Set, Union, overload
 
 from . import linux
 
@@ -109,7 +109,7 @@ class Hit:
         self.address: int = site.address
         self.regs = regs
         self._process: "Process" = site.process
-        self._args: Optional[List[Union[int, float]]] = None
+        self._args: Optional[Args] = None
         self._xmm: Optional[linux.FpRegisters] = None
 
     @property
@@ -118,12 +118,12 @@ class Hit:
         return self.site.label
 
     @property
-    def args(self) -> List[Union[int, float]]:
+    def args(self) -> "Args":
         """Arguments: for uprobes the SysV integer argument registers
         (rdi, rsi, rdx, rcx, r8, r9); for USDT probes the values the probe's
-        argument specs describe."""
+        argument specs describe. Each is read when it is first used."""
         if self._args is None:
-            self._args = self.probe._arguments(self)
+            self._args = Args(self)
         return self._args
 
     def xmm(self, index: int) -> bytes:
@@ -146,3 +146,45 @@ class Hit:
 
     def __repr__(self) -> str:
         return f"<Hit {self.probe.name} pid={self.pid} tid={self.tid} at {self.address:#x}>"
+
+
+class Args(Sequence):
+    """A hit's arguments, each evaluated when first read (``args[3]`` of a slot hit
+    is rcx, which costs a read of the slot's stack)."""
+
+    __slots__ = ("_hit", "_values", "_len")
+
+    def __init__(self, hit: Hit) -> None:
+        self._hit = hit
+        self._len = hit.probe._argument_count(hit)
+        self._values: Dict[int, Union[int, float]] = {}
+
+    def __len__(self) -> int:
+        return self._len
+
+    @overload
+    def __getitem__(self, index: int) -> Union[int, float]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> List[Union[int, float]]: ...
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._len))]
+        if index < 0:
+            index += self._len
+        if not 0 <= index < self._len:
+            raise IndexError("argument index out of range")
+        value = self._values.get(index)
+        if value is None:
+            value = self._hit.probe._argument(self._hit, index)
+            self._values[index] = value
+        return value
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (list, tuple, Args)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return repr(list(self))

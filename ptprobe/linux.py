@@ -121,6 +121,18 @@ def _ptrace(request: int, tid: int, addr: int = 0, data: int = 0, what: str = "p
         raise _translate(OSError(exc.errno, str(exc)), tid, what) from None
 
 
+# The hot path (register reads and writes, resuming) calls python-ptrace's raw
+# ctypes function directly: for these requests -1 always means an error, so the
+# wrapper's errno bookkeeping is not needed, and a hit is a few such calls.
+_FAILED = (1 << 64) - 1
+_raw = None if _pt.HAS_CPTRACE else _pt._ptrace
+
+
+def _fail(tid: int, what: str) -> Exception:
+    err = ctypes.get_errno()
+    return _translate(OSError(err, os.strerror(err)), tid, what)
+
+
 def seize(tid: int, options: int) -> None:
     """PTRACE_SEIZE *tid* with *options* (the thread keeps running)."""
     _ptrace(PTRACE_SEIZE, tid, 0, options, "attach")
@@ -135,7 +147,10 @@ def listen(tid: int) -> None:
 
 
 def cont(tid: int, sig: int = 0) -> None:
-    _ptrace(PTRACE_CONT, tid, 0, sig, "continue")
+    if _raw is None:
+        _ptrace(PTRACE_CONT, tid, 0, sig, "continue")
+    elif _raw(PTRACE_CONT, tid, 0, sig) == _FAILED:
+        raise _fail(tid, "continue")
 
 
 def singlestep(tid: int, sig: int = 0) -> None:
@@ -152,12 +167,18 @@ def set_options(tid: int, options: int) -> None:
 
 def get_regs(tid: int) -> Registers:
     regs = Registers()
-    _ptrace(PTRACE_GETREGS, tid, 0, ctypes.addressof(regs), "read registers")
+    if _raw is None:
+        _ptrace(PTRACE_GETREGS, tid, 0, ctypes.addressof(regs), "read registers")
+    elif _raw(PTRACE_GETREGS, tid, 0, ctypes.addressof(regs)) == _FAILED:
+        raise _fail(tid, "read registers")
     return regs
 
 
 def set_regs(tid: int, regs: Registers) -> None:
-    _ptrace(PTRACE_SETREGS, tid, 0, ctypes.addressof(regs), "write registers")
+    if _raw is None:
+        _ptrace(PTRACE_SETREGS, tid, 0, ctypes.addressof(regs), "write registers")
+    elif _raw(PTRACE_SETREGS, tid, 0, ctypes.addressof(regs)) == _FAILED:
+        raise _fail(tid, "write registers")
 
 
 def get_fpregs(tid: int) -> FpRegisters:

@@ -102,6 +102,7 @@ class Site:
     label: str = ""               # what is probed: "symbol+0x4", "provider:name"
     chained: list = field(default_factory=list)   # sites inside this site's patch (hit after it)
     covered_by: Optional["Site"] = None           # the site whose patch covers this one
+    counting_only: bool = False                   # no handler on it: the hit is only counted
 
     @property
     def pid(self) -> int:
@@ -430,6 +431,7 @@ class Patcher:
             site = Site(address, proc, obj, host.mechanism, host.patch_at, b"", b"", host.resume,
                         insn=insn, slot=host.slot, slot_kind=host.slot_kind, covered_by=host, armed=True)
             host.chained.append(site)
+            host.counting_only = False
             self.sites[address] = site
             return site
         jmp = arch.classify_site(file_code)

@@ -39,6 +39,7 @@ _U64 = (1 << 64) - 1
 _STOP_SIGNALS = (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 _SLOT_FRAME = 152                      # red zone 128 + rcx, r11, rax
 _EPROTO = 71
+_ARG_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")      # SysV integer arguments
 _BASE_OPTIONS = (linux.PTRACE_O_TRACECLONE | linux.PTRACE_O_TRACEFORK | linux.PTRACE_O_TRACEVFORK
                  | linux.PTRACE_O_TRACEEXEC | linux.PTRACE_O_TRACESECCOMP)
 
@@ -70,20 +71,24 @@ class Probe:
         self._notes: Dict[int, List[usdt.UsdtArg]] = {}     # usdt: site address -> parsed args
         self._semaphores: Dict[int, int] = {}              # usdt: site address -> runtime semaphore address
 
-    def _arguments(self, hit: Hit) -> List[Union[int, float]]:
+    def _argument_count(self, hit: Hit) -> int:
         if self.spec.kind == "usdt":
-            specs = self._notes.get(hit.address, [])
-            obj = hit.site.obj
+            return len(self._notes.get(hit.address, ()))
+        return len(_ARG_REGISTERS)
 
-            def resolve(sym: str) -> int:
-                if obj is None:
-                    raise SymbolNotFoundError(f"no object for symbol {sym}", sym)
-                return obj.runtime(obj.elf.get_symbol(sym).address)
+    def _argument(self, hit: Hit, index: int) -> Union[int, float]:
+        if self.spec.kind != "usdt":
+            return hit.regs._get(_ARG_REGISTERS[index])
+        spec = self._notes[hit.address][index]
+        obj = hit.site.obj
 
-            return [usdt.evaluate(a, hit.regs._get, hit.read, get_xmm=hit.xmm, resolve_symbol=resolve,
-                                  rip=hit.address) for a in specs]
-        r = hit.regs
-        return [r.rdi, r.rsi, r.rdx, r.rcx, r.r8, r.r9]
+        def resolve(sym: str) -> int:
+            if obj is None:
+                raise SymbolNotFoundError(f"no object for symbol {sym}", sym)
+            return obj.runtime(obj.elf.get_symbol(sym).address)
+
+        return usdt.evaluate(spec, hit.regs._get, hit.read, get_xmm=hit.xmm, resolve_symbol=resolve,
+                             rip=hit.address)
 
     def __repr__(self) -> str:
         return f"<Probe {self.name} hits={self.hits} sites={len(self.sites)}>"
@@ -432,6 +437,7 @@ class Session:
             site.internal = site.internal or probe.internal
             if probe not in site.probes:
                 site.probes.append(probe)
+                self._refresh_fast_path(site)
             if site not in probe.sites:
                 probe.sites.append(site)
                 if site.fallback_reason and not probe.internal:
@@ -445,6 +451,12 @@ class Session:
                     sem = obj.runtime(note.semaphore) if obj.elf.is_pie else note.semaphore
                     probe._semaphores[site.address] = sem
                     self._adjust_semaphore(proc, sem, +1)
+
+    @staticmethod
+    def _refresh_fast_path(site: Site) -> None:
+        """A site whose probes only count needs no register view per hit."""
+        host = site.covered_by or site
+        host.counting_only = not host.chained and all(p.handler is None for p in host.probes)
 
     @staticmethod
     def _label(probe: Probe, obj: LoadedObject, vaddr: int, note) -> str:
@@ -827,6 +839,14 @@ class Session:
                 self.observer.handler_error(probe, hit, exc)
 
     def _int3_hit(self, thread: Thread, site: Site, raw: linux.Registers) -> None:
+        if site.counting_only and (site.emulate or site.xol is not None):
+            for probe in site.probes:
+                probe.hits += 1
+            raw.rip = site.resume if site.emulate else site.xol
+            linux.set_regs(thread.tid, raw)
+            if self._holding == 0 and not self._pause:
+                thread.resume()
+            return
         regs = Regs(raw, {"rip": site.address})
         thread.in_hit = site
         self._run_handlers(site, regs, thread.tid)
@@ -895,6 +915,12 @@ class Session:
             raw.rax = (-_EPROTO) & _U64
             linux.set_regs(tid, raw)
             self._done(thread)
+            return
+        if site.counting_only and site.slot_kind == "return":
+            for probe in site.probes:
+                probe.hits += 1
+            if self._holding == 0 and not self._pause:
+                thread.resume()
             return
         mem = proc.mem
         sp = raw.rsp
