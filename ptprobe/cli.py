@@ -319,6 +319,12 @@ def entry() -> None:
         code = main()
     except KeyboardInterrupt:
         code = 130
+    except Exception as exc:  # noqa: BLE001 - a bug of ours: one line, unless asked for more
+        if os.environ.get("PTPROBE_DEBUG"):
+            raise
+        print(f"ptprobe: internal error: {type(exc).__name__}: {exc} (PTPROBE_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        code = EXIT_INTERNAL
     sys.exit(code)
 
 

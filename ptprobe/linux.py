@@ -256,6 +256,8 @@ class Memory:
             raise NoSuchProcessError(f"no such process: {pid}", pid) from None
         except PermissionError:
             raise TracePermissionError(f"cannot open the memory of process {pid}: permission denied", pid) from None
+        except OSError as exc:
+            raise NoSuchProcessError(f"cannot open the memory of process {pid}: {exc.strerror}", pid) from None
 
     def read(self, address: int, size: int) -> bytes:
         try:

@@ -217,6 +217,8 @@ class Session:
             raise NoSuchProcessError(f"{pid} is a thread of process {tgid}: give the process id", pid)
         if status.get("State", "").startswith("Z"):
             raise NoSuchProcessError(f"process {pid} is a zombie", pid)
+        if status.get("Kthread") == "1" or "VmSize" not in status:
+            raise TracePermissionError(f"process {pid} is a kernel thread: there is no user code to probe", pid)
         tracer = int(status.get("TracerPid", "0"))
         if tracer:
             raise TracePermissionError(f"process {pid} is already traced by process {tracer}", pid)
