@@ -998,12 +998,7 @@ class Session:
                 except NoSuchProcessError:
                     thread.exited = True
         while any(not t.stopped and not t.exited for t in self.threads.values()):
-            try:
-                tid, status = linux.wait_any()
-            except ChildProcessError:
-                self._all_gone()
-                break
-            self._dispatch(tid, status)
+            self._step_loop()
 
     def _resume_world(self) -> None:
         self._holding = max(0, self._holding - 1)
@@ -1072,12 +1067,7 @@ class Session:
                 sig, thread.pending_signal = thread.pending_signal, 0
                 linux.cont(thread.tid, sig)
             while any(not t.stopped and not t.exited for t in self.threads.values()):
-                try:
-                    tid, status = linux.wait_any()
-                except ChildProcessError:
-                    self._all_gone()
-                    return
-                self._dispatch(tid, status)
+                self._step_loop()
 
     def _release_thread(self, thread: Thread, patcher: Patcher) -> None:
         if thread.exited:
