@@ -132,8 +132,10 @@ class Patcher:
         self.pages: Dict[int, Page] = {}
         self.slot_owner: Dict[int, int] = {}      # resume address -> slot address
         self.slot_sites: Dict[int, Site] = {}     # slot address -> site
+        self.xol_owner: Dict[int, int] = {}       # instruction address -> its out-of-line copy
         self.record: Optional[int] = None
         self._record_flags = 0
+        self._slot_records = 0                    # entries in the record's slot table
         self._nnp_hint_given = False
         self._load_record()
 
@@ -151,6 +153,7 @@ class Patcher:
                     continue
                 self.record = m.start
                 self._record_flags = flags
+                self._slot_records = min(n_slots, _SLOTS_MAX)
                 if flags & FLAG_FILTER and nr == arch.SLOT_SYSCALL_NR:
                     self.process.filter_state = "installed"
                 elif flags & FLAG_FILTER_FAILED:
@@ -168,30 +171,26 @@ class Patcher:
                         continue
                     if page.kind == "xol":
                         page.used = max(page.used, slot - page.address + arch.XOL_ENTRY_SIZE)
+                        if resume == 0:
+                            self.process.syscall_gadget = slot
+                        else:
+                            self.xol_owner[resume] = slot
                     else:
                         page.owners[(slot - page.address) // page.stride] = resume
                         self.slot_owner[resume] = slot
-                for page in self.pages.values():
-                    if page.kind == "xol" and page.address == min(
-                            p.address for p in self.pages.values() if p.kind == "xol"):
-                        self.process.syscall_gadget = page.address
                 return
 
     def _write_header(self) -> None:
         assert self.record is not None
         n_pages = len(self.pages)
-        n_slots = self._n_slot_records
+        n_slots = self._slot_records
         self.process.mem.write(self.record, _HDR.pack(RECORD_MAGIC, self._record_flags,
                                                       arch.SLOT_SYSCALL_NR, n_pages, n_slots))
-
-    @property
-    def _n_slot_records(self) -> int:
-        return getattr(self, "_slot_records", 0)
 
     def _remember_slot(self, slot: int, resume: int) -> None:
         if self.record is None:
             return
-        n = self._n_slot_records
+        n = self._slot_records
         if n >= _SLOTS_MAX:
             return
         self.process.mem.write(self.record + _SLOTS_AT + 16 * n, struct.pack("<QQ", slot, resume))
@@ -293,14 +292,16 @@ class Patcher:
                 self.process.mem.write(address, arch.seed_slot_code() * page.capacity)
             else:
                 self.process.mem.write(address, b"\xcc" * PAGE_SIZE)
-            if kind == "xol" and self.process.syscall_gadget is None:
-                self.process.mem.write(address, b"\x0f\x05\xcc\xcc")
-                page.used = arch.XOL_ENTRY_SIZE
-                self.process.syscall_gadget = address
             self.pages[address] = page
             index = len(self.pages) - 1
             self.process.mem.write(self.record + _PAGES_AT + 16 * index, struct.pack("<QQ", address, _KINDS[kind]))
             self._write_header()
+            if kind == "xol" and self.process.syscall_gadget is None:
+                # `syscall; int3` for later remote syscalls (recorded with owner 0)
+                self.process.mem.write(address, b"\x0f\x05\xcc\xcc")
+                page.used = arch.XOL_ENTRY_SIZE
+                self.process.syscall_gadget = address
+                self._remember_slot(address, 0)
             return page
         return None
 
@@ -346,25 +347,31 @@ class Patcher:
     def slot_stop_address(self, slot: int) -> int:
         return slot + arch.SEED_SLOT_SIZE
 
-    def _get_xol(self, insn: arch.Instruction, obj: Optional[LoadedObject]) -> Tuple[Optional[int], Optional[bytes]]:
-        for page in list(self.pages.values()) + [None]:  # type: ignore[list-item]
-            if page is None:
-                page = self._new_page("xol", obj, [insn.address, insn.address + insn.size])
-                if page is None:
-                    return None, None
-            elif page.kind != "xol" or page.used + arch.XOL_ENTRY_SIZE > PAGE_SIZE:
-                continue
-            at = page.address + page.used
-            code = arch.displaced_code(insn, at)
-            if code is None:
-                if page.address in self.pages and page.used == (arch.XOL_ENTRY_SIZE if page.address == self.process.syscall_gadget else 0):
-                    return None, None
-                continue
-            self.process.mem.write(at, code)
-            page.used += arch.XOL_ENTRY_SIZE
-            self._remember_slot(at, insn.address)
-            return at, code
-        return None, None
+    def _get_xol(self, insn: arch.Instruction, obj: Optional[LoadedObject]) -> Optional[int]:
+        """The address of an out-of-line copy of *insn*; None when it cannot run out of line."""
+        known = self.xol_owner.get(insn.address)
+        if known is not None:
+            return known                # armed before, also by an earlier attach: the same copy
+        for page in self.pages.values():
+            if page.kind == "xol" and page.used + arch.XOL_ENTRY_SIZE <= PAGE_SIZE:
+                code = arch.displaced_code(insn, page.address + page.used)
+                if code is not None:
+                    return self._place_xol(page, insn, code)
+        if arch.displaced_code(insn, insn.address) is None:
+            return None                 # not relocatable anywhere: no page for nothing
+        page = self._new_page("xol", obj, [insn.address, insn.address + insn.size])
+        if page is None:
+            return None
+        code = arch.displaced_code(insn, page.address + page.used)
+        return None if code is None else self._place_xol(page, insn, code)
+
+    def _place_xol(self, page: Page, insn: arch.Instruction, code: bytes) -> int:
+        at = page.address + page.used
+        self.process.mem.write(at, code)
+        page.used += arch.XOL_ENTRY_SIZE
+        self.xol_owner[insn.address] = at
+        self._remember_slot(at, insn.address)
+        return at
 
     # --- the seccomp filter -------------------------------------------------------
     def _ensure_filter(self) -> bool:
@@ -485,7 +492,7 @@ class Patcher:
         elif arch.is_nop(insn):
             site.emulate = True
         else:
-            site.xol, _ = self._get_xol(insn, obj)
+            site.xol = self._get_xol(insn, obj)
         self.sites[address] = site
         return site
 
@@ -579,6 +586,7 @@ class Patcher:
         new.process = child
         new.pages = {a: Page(p.address, p.kind, dict(p.owners), p.used) for a, p in self.pages.items()}
         new.slot_owner = dict(self.slot_owner)
+        new.xol_owner = dict(self.xol_owner)
         new.sites = {}
         for address, site in self.sites.items():
             copy = Site(**{**site.__dict__, "process": child, "probes": list(site.probes)})

@@ -17,7 +17,7 @@ from . import linux
 from .elf import ElfFile
 from .errors import NoSuchProcessError, ObjectFileError, TracerError
 
-_STOP_SIGNALS = (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+_FAULTS = (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE)
 _U64 = (1 << 64) - 1
 
 
@@ -255,6 +255,9 @@ class Process:
                         # syscall-exit stop (the exec event) also wrote that syscall's
                         # result into rax. Set the registers again and step again.
                         linux.set_regs(thread.tid, regs)
+                elif event == 0 and sig in _FAULTS:
+                    raise TracerError(f"remote syscall {regs.rax} faulted with signal {sig} "
+                                      f"in thread {thread.tid}")
                 elif event == 0:
                     thread.deferred_signals.append(sig)
                 linux.singlestep(thread.tid)

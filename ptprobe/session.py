@@ -588,12 +588,18 @@ class Session:
     def _dispatch(self, tid: int, status: int) -> None:
         try:
             self._handle(tid, status)
-        except NoSuchProcessError:
-            # the thread was killed while we handled its stop: its exit comes next
+        except NoSuchProcessError as exc:
             thread = self.threads.get(tid)
-            if thread is not None:
+            if thread is None:
+                return
+            if exc.pid == tid:
+                # the thread was killed while we handled its stop: its exit comes next
                 thread.stopped = False
                 thread.in_hit = None
+            else:
+                # another process vanished meanwhile: this thread goes on
+                thread.in_hit = None
+                self._done(thread)
 
     def _handle(self, tid: int, status: int) -> None:
         thread = self.threads.get(tid)
@@ -667,11 +673,17 @@ class Session:
         if child in self.threads:
             return
         pproc = parent.process
-        if event == linux.PTRACE_EVENT_CLONE and linux.thread_group(child) == pproc.pid:
+        group = linux.thread_group(child)
+        if group is None:
+            return      # its first stop came first, and it has run and exited since
+        if event == linux.PTRACE_EVENT_CLONE and group == pproc.pid:
             thread = pproc.add_thread(child)
             self.threads[child] = thread
         else:
-            proc = self._fork_process(pproc, child)
+            try:
+                proc = self._fork_process(pproc, child)
+            except NoSuchProcessError:
+                return
             thread = proc.add_thread(child)
             self.threads[child] = thread
         status = self._unclaimed.pop(child, None)

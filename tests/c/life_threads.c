@@ -4,7 +4,7 @@
  *
  * Starts LONG long-lived threads (each prints "tid T" once it runs) and two spawner
  * threads that create and join short-lived threads in a loop (each short-lived thread
- * passes life_nop5 once), then prints "ready PID". Commands on stdin, one byte each:
+ * passes life_nop5 once), then prints "ready PID" (after every "tid" line). Commands on stdin, one byte each:
  *   g   every long-lived thread passes life_nop5 and life_int3 ROUNDPASSES times; when
  *       all have, the last one prints "round K done" (send the next "g" only then)
  *   q   (or end of input) stop everything, print "done spawned=S failures=F", exit 0
@@ -24,7 +24,7 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
 static long round_no, finished, nlong, per_round;
 static volatile int stopping;
-static long failures, spawned;
+static long failures, spawned, started;
 
 static void check(long got, long want)
 {
@@ -36,6 +36,10 @@ static void *long_lived(void *arg)
 {
     long k = (long)arg, seen = 0;
     dprintf(1, "tid %ld\n", (long)syscall(SYS_gettid));
+    pthread_mutex_lock(&lock);
+    started++;
+    pthread_cond_broadcast(&cond);
+    pthread_mutex_unlock(&lock);
     for (;;) {
         pthread_mutex_lock(&lock);
         while (round_no == seen && !stopping)
@@ -84,6 +88,10 @@ int main(int argc, char **argv)
     pthread_t *threads = calloc(nlong + 2, sizeof *threads);
     for (long k = 0; k < nlong; k++)
         pthread_create(&threads[k], NULL, long_lived, (void *)(k + 1));
+    pthread_mutex_lock(&lock);
+    while (started < nlong)
+        pthread_cond_wait(&cond, &lock);
+    pthread_mutex_unlock(&lock);
     for (long k = 0; k < 2; k++)
         pthread_create(&threads[nlong + k], NULL, spawner, NULL);
     dprintf(1, "ready %d\n", (int)getpid());
