@@ -22,7 +22,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 from . import arch, linux
 from .arch import PAGE_SIZE
 from .errors import FaultError, SitePatchedError, TracerError
-from .process import LoadedObject, Process, Thread
+from .process import LoadedObject, Process
 
 MEMFD_NAME = b"ptprobe\0"
 RECORD_SIZE = 1 << 20

@@ -7,10 +7,9 @@ It knows nothing about probes; :mod:`ptprobe.patching` arms them and
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from . import linux
@@ -102,12 +101,6 @@ def open_elf(path: str) -> ElfFile:
         elf = ElfFile(path)
         _elf_cache[key] = elf
     return elf
-
-
-@dataclass
-class SavedState:
-    regs: linux.Registers
-    patched: Optional[Tuple[int, bytes]] = None
 
 
 class Process:

@@ -23,13 +23,12 @@ import threading
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 from . import arch, linux, usdt
-from .errors import (FaultError, InstructionBoundaryError, NoSuchProcessError, ObjectFileError,
-                     ProbeSpecError, ProgramStartError, PtprobeError, SymbolNotFoundError,
-                     TracePermissionError, TracerError)
+from .errors import (InstructionBoundaryError, NoSuchProcessError, ProgramStartError, PtprobeError,
+                     SymbolNotFoundError, TracePermissionError, TracerError)
 from .hit import Hit, Regs
 from .patching import Patcher, Site
 from .placement import Placement
-from .process import LoadedObject, Process, Thread, open_elf, signed64
+from .process import LoadedObject, Process, Thread, open_elf
 from .spec import ProbeSpec, parse_spec
 
 log = logging.getLogger("ptprobe")

@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import struct
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from conftest import build
+from test_core import RecordingObserver, watchdog
 
 import ptprobe
 from ptprobe.elf import ElfFile
@@ -110,39 +110,6 @@ def captured_stdout() -> Iterator[Captured]:
             result.text = tmp.read().decode(errors="replace")
 
 
-@contextlib.contextmanager
-def watchdog(seconds: float, pids: List[int]) -> Iterator[None]:
-    """SIGKILL the pids if the block lasts more than *seconds* (a hang becomes a failure)."""
-    fired: List[bool] = []
-
-    def fire() -> None:
-        fired.append(True)
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-    assert not fired, f"watchdog: still running after {seconds} s, killed"
-
-
-class Recorder(ptprobe.Observer):
-    def __init__(self) -> None:
-        self.notices: List[str] = []
-        self.errors: List[str] = []
-
-    def notice(self, text: str) -> None:
-        self.notices.append(text)
-
-    def handler_error(self, probe, hit, error) -> None:
-        self.errors.append(f"{probe.name}: {type(error).__name__}: {error}")
-
-
 Record = Tuple[int, List]           # (hit address, hit args)
 
 
@@ -156,7 +123,7 @@ def run_traced(argv: Sequence[str], specs: Sequence[str], **options):
     """Run *argv* with one recording probe per spec.
 
     Returns (status, stdout, probes, records per probe, biases {path: bias} of argv[0])."""
-    observer = Recorder()
+    observer = RecordingObserver()
     records: List[List[Record]] = [[] for _ in specs]
     pids: List[int] = []
     with captured_stdout() as out:
@@ -166,7 +133,7 @@ def run_traced(argv: Sequence[str], specs: Sequence[str], **options):
                 probes = [session.probe(spec, recorder(rec)) for spec, rec in zip(specs, records)]
                 bias = load_bias(session.main_pid, argv[0])
                 status = session.wait()
-    assert not observer.errors, observer.errors
+    assert not observer.handler_errors, observer.handler_errors
     return status, out.text, probes, records, bias
 
 
@@ -270,7 +237,7 @@ def test_wildcard_spec(sdt_prog: str, spec: str, names: set) -> None:
 
 @needs_sdt_h
 def test_wildcard_matching_nothing_is_refused(sdt_prog: str) -> None:
-    with captured_stdout(), ptprobe.run([sdt_prog, "1"], observer=Recorder()) as session:
+    with captured_stdout(), ptprobe.run([sdt_prog, "1"], observer=RecordingObserver()) as session:
         with pytest.raises(LookupError):
             session.probe(f"usdt:{sdt_prog}:sdtprov:nothing*")
         probe = session.probe(f"usdt:{sdt_prog}:sdtprov:done")
@@ -434,7 +401,7 @@ def test_probes_in_linked_library_by_name() -> None:
     prog, lib = semlib_paths()
     n = 40
     argv = [prog, str(n)]
-    observer = Recorder()
+    observer = RecordingObserver()
     call_rec: List[Record] = []
     work_rec: List[Record] = []
     with captured_stdout() as out:
@@ -445,7 +412,7 @@ def test_probes_in_linked_library_by_name() -> None:
             (sem_note,) = notes(lib, "work")
             assert read_u16(session.main_pid, sem_note.semaphore + bias) == 1
             status = session.wait()
-    assert not observer.errors, observer.errors
+    assert not observer.handler_errors, observer.handler_errors
     assert status == 0
     check_site_addresses(call, lib, bias, "call")
     check_site_addresses(work, lib, bias, "work")
@@ -536,7 +503,7 @@ def test_semaphore_guarded_probe_fires_only_while_traced(loop_program: LoopProgr
     assert first[1] == first[2] == 0, first
     assert read_u16(pid, semaphore) == 0
 
-    observer = Recorder()
+    observer = RecordingObserver()
     rec: List[Record] = []
     with watchdog(30, [pid]):
         with ptprobe.attach(pid, observer=observer) as session:
@@ -547,7 +514,7 @@ def test_semaphore_guarded_probe_fires_only_while_traced(loop_program: LoopProgr
             assert read_u16(pid, semaphore) == 1
             session.detach()
             hits = probe.hits
-    assert not observer.errors, observer.errors
+    assert not observer.handler_errors, observer.handler_errors
     assert read_u16(pid, semaphore) == 0
     assert tracer_pid(pid) == 0
     check_site_addresses(probe, path, load_bias(pid, path), name)
