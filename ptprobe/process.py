@@ -118,6 +118,7 @@ class Process:
         self.syscall_gadget: Optional[int] = None   # address of `syscall; int3` in a ptprobe page
         self.filter_state = "none"                   # "none" | "installed" | "failed"
         self.release_on_stop = False                 # detach at the next stop (--no-follow)
+        self.exec_seen = False                       # an exec event has been seen
         self.shared_with: Optional[int] = None       # pid whose memory this process shares (vfork)
 
     # --- threads ------------------------------------------------------------------

@@ -177,7 +177,7 @@ class Session:
         self.threads[pid] = thread
         self._holding = 1
         # run until the exec stop
-        while proc.pid in self.processes and not getattr(proc, "_exec_seen", False):
+        while proc.pid in self.processes and not proc.exec_seen:
             self._step_loop()
         err = os.read(err_r, 64)
         os.close(err_r)
@@ -790,7 +790,7 @@ class Session:
         proc.filter_state = filter_state
         self._armed[proc.pid] = set()
         self._semaphores[proc.pid] = {}
-        proc._exec_seen = True  # type: ignore[attr-defined]
+        proc.exec_seen = True
         if not self.follow and proc.pid != self.main_pid:
             proc.release_on_stop = True     # a vfork-style child has left our memory: let it go
             self._release_child(proc)
