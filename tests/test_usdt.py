@@ -11,14 +11,12 @@ vacuously). Synchronisation with running targets goes through pipes and
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 from collections import Counter
 from pathlib import Path
@@ -28,7 +26,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from conftest import build
-from test_core import RecordingObserver, watchdog
+from test_core import RecordingObserver, captured_stdout, watchdog
 
 import ptprobe
 from ptprobe.elf import ElfFile
@@ -88,26 +86,6 @@ def tracer_pid(pid: int) -> int:
     raise AssertionError("no TracerPid line")
 
 
-class Captured:
-    text = ""
-
-
-@contextlib.contextmanager
-def captured_stdout() -> Iterator[Captured]:
-    """Point fd 1 (inherited by the programs ptprobe.run starts) at a file."""
-    result = Captured()
-    sys.stdout.flush()
-    saved = os.dup(1)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 1)
-        try:
-            yield result
-        finally:
-            sys.stdout.flush()
-            os.dup2(saved, 1)
-            os.close(saved)
-            tmp.seek(0)
-            result.text = tmp.read().decode(errors="replace")
 
 
 Record = Tuple[int, List]           # (hit address, hit args)
