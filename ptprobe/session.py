@@ -38,6 +38,9 @@ _U64 = (1 << 64) - 1
 _STOP_SIGNALS = (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 _SLOT_FRAME = 152                      # red zone 128 + rcx, r11, rax
 _EPROTO = 71
+# wait statuses of the two hit stops: a seccomp trace stop, a SIGTRAP signal stop
+_SLOT_STOP = (linux.PTRACE_EVENT_SECCOMP << 16) | (signal.SIGTRAP << 8) | 0x7F
+_TRAP_STOP = (signal.SIGTRAP << 8) | 0x7F
 _ARG_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")      # SysV integer arguments
 _BASE_OPTIONS = (linux.PTRACE_O_TRACECLONE | linux.PTRACE_O_TRACEFORK | linux.PTRACE_O_TRACEVFORK
                  | linux.PTRACE_O_TRACEEXEC | linux.PTRACE_O_TRACESECCOMP)
@@ -120,6 +123,7 @@ class Session:
         self._holding = 0
         self._stop_requested = False
         self._pause = False
+        self._counting = False          # some site's probes only count: try the hot path
         self._owner = threading.get_ident()
         self._armed: Dict[int, Set[Tuple[int, Tuple[int, int]]]] = {}   # pid -> {(id(probe), obj identity)}
         self._semaphores: Dict[int, Dict[int, int]] = {}                 # pid -> {address: increments}
@@ -453,11 +457,11 @@ class Session:
                     probe._semaphores[site.address] = sem
                     self._adjust_semaphore(proc, sem, +1)
 
-    @staticmethod
-    def _refresh_fast_path(site: Site) -> None:
+    def _refresh_fast_path(self, site: Site) -> None:
         """A site whose probes only count needs no register view per hit."""
         host = site.covered_by or site
         host.counting_only = not host.chained and all(p.handler is None for p in host.probes)
+        self._counting = self._counting or host.counting_only
 
     @staticmethod
     def _label(probe: Probe, obj: LoadedObject, vaddr: int, note) -> str:
@@ -573,7 +577,48 @@ class Session:
         except ChildProcessError:
             self._all_gone()
             return
+        if self._counting and (status == _SLOT_STOP or status == _TRAP_STOP) and self._counted(tid, status):
+            return
         self._dispatch(tid, status)
+
+    def _counted(self, tid: int, status: int) -> bool:
+        """The hot path: a hit on a site whose probes only count, resumed at
+        once with the fewest system calls (read rip, for int3 write it, continue).
+        False leaves the stop to :meth:`_dispatch`: not such a hit, or a thread
+        or session state (held, pausing, signals to deliver) that needs the
+        general path."""
+        thread = self.threads.get(tid)
+        if thread is None or thread.deferred_signals or thread.group_stop or self._holding or self._pause:
+            return False
+        proc = thread.process
+        patcher = self.patchers.get(proc.pid)
+        if patcher is None or proc.release_on_stop:
+            return False
+        try:
+            rip = linux.get_rip(tid)
+            if status == _SLOT_STOP:
+                site = patcher.slot_sites.get(rip)
+                if site is None or not site.counting_only or site.slot_kind != "return":
+                    return False
+            else:
+                site = patcher.int3_sites.get(rip)
+                if site is None or not site.counting_only:
+                    return False
+                if site.emulate:
+                    linux.set_rip(tid, site.resume)
+                elif site.xol is not None:
+                    linux.set_rip(tid, site.xol)
+                else:
+                    return False
+        except NoSuchProcessError:
+            return False            # killed meanwhile: the general path sees its end
+        for probe in site.probes:
+            probe.hits += 1
+        try:
+            linux.cont(tid)
+        except NoSuchProcessError:
+            thread.exited = True
+        return True
 
     def _all_gone(self) -> None:
         for tid in list(self.threads):
@@ -606,13 +651,20 @@ class Session:
             thread = self._claim(tid, status)
             if thread is None:
                 return
+        proc = thread.process
+        if (status == _SLOT_STOP or status == _TRAP_STOP) and not proc.release_on_stop:
+            thread.stopped = True         # the hit stops come first: they are the most frequent
+            if status == _SLOT_STOP:
+                self._slot_stop(thread)
+            else:
+                self._sigtrap(thread)
+            return
         if os.WIFEXITED(status) or os.WIFSIGNALED(status):
             self._thread_gone(thread, status)
             return
         thread.stopped = True
         sig = os.WSTOPSIG(status)
         event = status >> 16
-        proc = thread.process
         if proc.release_on_stop:
             self._release_child(proc)
             return
@@ -852,14 +904,6 @@ class Session:
                 self.observer.handler_error(probe, hit, exc)
 
     def _int3_hit(self, thread: Thread, site: Site, raw: linux.Registers) -> None:
-        if site.counting_only and (site.emulate or site.xol is not None):
-            for probe in site.probes:
-                probe.hits += 1
-            raw.rip = site.resume if site.emulate else site.xol
-            linux.set_regs(thread.tid, raw)
-            if self._holding == 0 and not self._pause:
-                thread.resume()
-            return
         regs = Regs(raw, {"rip": site.address})
         thread.in_hit = site
         self._run_handlers(site, regs, thread.tid)
@@ -928,12 +972,6 @@ class Session:
             raw.rax = (-_EPROTO) & _U64
             linux.set_regs(tid, raw)
             self._done(thread)
-            return
-        if site.counting_only and site.slot_kind == "return":
-            for probe in site.probes:
-                probe.hits += 1
-            if self._holding == 0 and not self._pause:
-                thread.resume()
             return
         mem = proc.mem
         sp = raw.rsp
