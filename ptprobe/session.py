@@ -19,11 +19,12 @@ import logging
 import os
 import shutil
 import signal
+import struct
 import threading
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 from . import arch, linux, usdt
-from .errors import (InstructionBoundaryError, NoSuchProcessError, ProgramStartError, PtprobeError,
+from .errors import (FaultError, InstructionBoundaryError, NoSuchProcessError, ProgramStartError, PtprobeError,
                      SymbolNotFoundError, TracePermissionError, TracerError)
 from .hit import Hit, Regs
 from .patching import Patcher, Site
@@ -37,6 +38,7 @@ Handler = Callable[[Hit], None]
 _U64 = (1 << 64) - 1
 _STOP_SIGNALS = (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 _SLOT_FRAME = 152                      # red zone 128 + rcx, r11, rax
+_SAVED = struct.Struct("<3Q")          # rax, r11, rcx as a slot pushed them, from rsp up
 _EPROTO = 71
 # wait statuses of the two hit stops: a seccomp trace stop, a SIGTRAP signal stop
 _SLOT_STOP = (linux.PTRACE_EVENT_SECCOMP << 16) | (signal.SIGTRAP << 8) | 0x7F
@@ -545,12 +547,13 @@ class Session:
             old = signal.signal(signal.SIGALRM, lambda *_: self.request_stop())
             signal.setitimer(signal.ITIMER_REAL, max(timeout, 0.001), 0.05)
         try:
-            if len(self.threads) == 1:
-                self.placement.engage(next(iter(self.threads)))
+            if self.threads:
+                self.placement.engage(self.main_pid if self.main_pid in self.threads else next(iter(self.threads)))
             self._resume_world()
             while self.returncode is None and self.threads and not self._stop_requested:
                 self._step_loop()
         finally:
+            self.placement.release()
             if timeout is not None:
                 signal.setitimer(signal.ITIMER_REAL, 0, 0)
                 signal.signal(signal.SIGALRM, old)
@@ -583,10 +586,11 @@ class Session:
 
     def _counted(self, tid: int, status: int) -> bool:
         """The hot path: a hit on a site whose probes only count, resumed at
-        once with the fewest system calls (read rip, for int3 write it, continue).
-        False leaves the stop to :meth:`_dispatch`: not such a hit, or a thread
-        or session state (held, pausing, signals to deliver) that needs the
-        general path."""
+        once with the fewest system calls (self-returning slot: read rip and
+        continue; int3: read rip, write it, continue; seed slot: read the
+        registers and the saved ones, write them, continue). False leaves the
+        stop to :meth:`_dispatch`: not such a hit, or a thread or session state
+        (held, pausing, signals to deliver) that needs the general path."""
         thread = self.threads.get(tid)
         if thread is None or thread.deferred_signals or thread.group_stop or self._holding or self._pause:
             return False
@@ -595,13 +599,8 @@ class Session:
         if patcher is None or proc.release_on_stop:
             return False
         try:
-            rip = linux.get_rip(tid)
-            if status == _SLOT_STOP:
-                site = patcher.slot_sites.get(rip)
-                if site is None or not site.counting_only or site.slot_kind != "return":
-                    return False
-            else:
-                site = patcher.int3_sites.get(rip)
+            if status == _TRAP_STOP:
+                site = patcher.int3_sites.get(linux.get_rip(tid))
                 if site is None or not site.counting_only:
                     return False
                 if site.emulate:
@@ -610,7 +609,22 @@ class Session:
                     linux.set_rip(tid, site.xol)
                 else:
                     return False
-        except NoSuchProcessError:
+            elif self.slots == "return":
+                site = patcher.slot_sites.get(linux.get_rip(tid))
+                if site is None or not site.counting_only or site.slot_kind != "return":
+                    return False
+            else:
+                raw = linux.get_regs(tid)
+                site = patcher.slot_sites.get(raw.rip)
+                if site is None or not site.counting_only or site.slot_kind != "seed":
+                    return False
+                # what the seed slot's missing tail would do: pop rax, r11, rcx, skip the red zone
+                raw.rax, raw.r11, raw.rcx = _SAVED.unpack(proc.mem.read(raw.rsp, _SAVED.size))
+                raw.rsp += _SLOT_FRAME
+                raw.rip = site.resume
+                raw.orig_rax = _U64
+                linux.set_regs(tid, raw)
+        except (NoSuchProcessError, FaultError):
             return False            # killed meanwhile: the general path sees its end
         for probe in site.probes:
             probe.hits += 1
@@ -720,7 +734,6 @@ class Session:
         return thread
 
     def _new_child(self, parent: Thread, event: int, child: int) -> None:
-        self.placement.adopt(child, parent.tid)
         if child in self.threads:
             return
         pproc = parent.process

@@ -40,6 +40,7 @@ def test_top_level_keys(report):
     assert meta["quick"] is True and meta["runs"] == 1
     assert meta["threads"] == [1, 2]
     assert {"default", "same"} <= set(meta["placements"])
+    assert meta["ptprobe_placements"] == ["auto"] + meta["placements"]
 
 
 def test_baselines(report):
@@ -67,7 +68,7 @@ def test_ptprobe_cases(report):
                 ("nop1", "int3", False), ("push", "int3", False), ("ret", "int3", False)]
     for site, stop, handler in required:
         for threads in (1, 2):
-            for where in report["meta"]["placements"]:
+            for where in report["meta"]["ptprobe_placements"]:
                 assert (site, stop, handler, threads, where) in seen, (site, stop, handler, threads, where)
     for r in report["ptprobe"]:
         _positive(r, "us_per_hit", "hits_per_s")
@@ -77,6 +78,7 @@ def test_ptprobe_cases(report):
 def test_ratios(report):
     ratios = report["ratios"]
     assert ratios["jmp_over_int3"] and ratios["ptprobe_over_c"] and ratios["placement_same_over_default"]
+    assert ratios["placement_auto_over_default"]
     for group in ratios.values():
         for r in group:
             _positive(r, "ratio")

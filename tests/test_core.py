@@ -362,6 +362,30 @@ def test_threads_each_hit_exactly(where):
     assert mechanisms(probe) == [mechanism]
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+@pytest.mark.parametrize("colocate", [True, False], ids=["colocate", "no-colocate"])
+def test_placement_pins_the_tracer_only(colocate):
+    """ptprobe pins its own thread to one CPU while it waits (unless told not to); the
+    program's threads keep their affinity; the tracer gets its own back afterwards."""
+    path = build("core_threads.c", "-O1", "-pthread")
+    own = frozenset(os.sched_getaffinity(0))
+    seen = set()
+
+    def handler(hit):
+        seen.add((frozenset(os.sched_getaffinity(0)), frozenset(os.sched_getaffinity(hit.tid))))
+
+    status, _, (probe,), _ = run_traced([path, "50"], [(f"uprobe:{path}:compute_nop5", handler)],
+                                        colocate=colocate)
+    assert status == 0 and probe.hits == 4 * 50
+    tracer = {t for t, _ in seen}
+    assert {p for _, p in seen} == {own}
+    if colocate:
+        assert len(tracer) == 1 and len(next(iter(tracer))) == 1 and next(iter(tracer)) <= own
+    else:
+        assert tracer == {own}
+    assert frozenset(os.sched_getaffinity(0)) == own
+
+
 # ---------------------------------------------------------------------------- attach / detach
 
 @pytest.mark.parametrize("name, mechanism", [("work", "int3"), ("work_nop5", "jmp")])

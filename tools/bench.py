@@ -22,7 +22,9 @@ Hit rates come from the target itself: it times its measured phase with the
 vDSO clock after a warm-up, so start-up and arming are not counted. Each
 traced case runs with one and with two hitting threads and under three CPU
 placements: ``default`` (the scheduler decides), ``same`` (tracer and tracee
-pinned to one CPU) and ``split`` (tracer on one CPU, tracee on another).
+pinned to one CPU) and ``split`` (tracer on one CPU, tracee on another);
+ptprobe's own placement is off in these three and measured as a fourth,
+``auto`` (nothing imposed, ptprobe pins itself as it does by default).
 
 Ratios are throughput ratios: ``jmp/int3`` is the jmp's hits/s over the int3's
 on the same site (above 1: the jmp is faster); ``ptprobe/C`` is ptprobe's
@@ -69,6 +71,7 @@ PTPROBE_CASES: List[Tuple[str, str, bool]] = [
 ]
 C_MODES = ["return", "seed", "int3"]
 PLACEMENTS = ["default", "same", "split"]
+AUTO = "auto"        # ptprobe only: nothing imposed, ptprobe's own placement (colocate=True)
 NOISY = 1.5          # the table marks a median whose runs spread more than this (max/min)
 
 
@@ -143,7 +146,7 @@ class Placement:
             return self.cpu_a, self.cpu_a
         if name == "split":
             return self.cpu_a, self.cpu_b
-        return None, None
+        return None, None           # default, auto
 
     @contextlib.contextmanager
     def tracer(self, name: str) -> Iterator[Optional[int]]:
@@ -186,7 +189,7 @@ def ptprobe_once(target: str, outfile: str, site: str, mechanism: str, handler: 
         os.unlink(outfile)
     with placement.tracer(where) as tracee_cpu:
         session = ptprobe.run([target, site, str(n), str(threads), str(warmup), outfile],
-                              slots=slots, seccomp=seccomp, observer=observer)
+                              slots=slots, seccomp=seccomp, observer=observer, colocate=where == AUTO)
         with session:
             if tracee_cpu is not None:
                 os.sched_setaffinity(session.main_pid, {tracee_cpu})
@@ -376,6 +379,7 @@ def run_benchmark(args) -> Dict:
             "kernel_hits_per_thread": kernel_hits,
             "threads": thread_counts,
             "placements": placements,
+            "ptprobe_placements": [AUTO] + placements,
             "quick": bool(args.quick),
             "slot_syscall_nr": arch.SLOT_SYSCALL_NR,
             "ratio_note": "throughput ratios (hits/s over hits/s); jmp/int3 > 1: jmp faster; "
@@ -385,7 +389,8 @@ def run_benchmark(args) -> Dict:
         "c_limit": [],
         "ptprobe": [],
         "kernel": {"available": False, "reason": None, "method": None, "results": []},
-        "ratios": {"jmp_over_int3": [], "ptprobe_over_c": [], "placement_same_over_default": []},
+        "ratios": {"jmp_over_int3": [], "ptprobe_over_c": [], "placement_same_over_default": [],
+                   "placement_auto_over_default": []},
         "arming": [],
         "errors": [],
     }
@@ -422,7 +427,7 @@ def run_benchmark(args) -> Dict:
         # -- ptprobe
         for site, mechanism, handler in PTPROBE_CASES:
             for threads in thread_counts:
-                for where in placements:
+                for where in [AUTO] + placements:
                     log(f"ptprobe {site} {mechanism}{' +handler' if handler else ''} threads={threads} {where} ...")
                     try:
                         stats = repeat(lambda: ptprobe_once(target, outfile, site, mechanism, handler, hits,
@@ -508,10 +513,10 @@ def compute_ratios(result: Dict) -> None:
                 ratios["jmp_over_int3"].append(dict(site=site, slots=stop, handler=handler, threads=threads,
                                                     placement=where,
                                                     ratio=r["hits_per_s"] / int3["hits_per_s"]))
-        if where == "same":
+        if where in ("same", AUTO):
             default = pt.get((site, stop, handler, threads, "default"))
             if default is not None:
-                ratios["placement_same_over_default"].append(dict(
+                ratios[f"placement_{where}_over_default"].append(dict(
                     site=site, stop=stop, handler=handler, threads=threads,
                     ratio=r["hits_per_s"] / default["hits_per_s"]))
 
@@ -534,6 +539,7 @@ def format_table(result: Dict) -> str:
         add(f"  syscall getpgid:   {base['syscall_getpgid_ns']:.0f} ns")
         add("")
     placements = meta["placements"]
+    columns = meta.get("ptprobe_placements", placements)
     c = {(r["stop"], r["threads"], r["placement"]): r for r in result["c_limit"]}
     pt = {(r["site"], r["stop"], r["handler"], r["threads"], r["placement"]): r for r in result["ptprobe"]}
     cases = []
@@ -551,14 +557,14 @@ def format_table(result: Dict) -> str:
     def label(site: str, stop: str, handler: bool) -> str:
         return f"{site} {'int3' if stop == 'int3' else 'jmp/' + stop}{' +handler' if handler else ''}"
 
-    head1 = "".join(f"{p:>20}" for p in placements)
-    head2 = "".join(f"{'us/hit':>9} {'hits/s':>9} " for _ in placements)
+    head1 = "".join(f"{p:>20}" for p in columns)
+    head2 = "".join(f"{'us/hit':>9} {'hits/s':>9} " for _ in columns)
     for threads in meta["threads"]:
         add(f"== {threads} hitting thread{'s' if threads > 1 else ''} " + "=" * 70)
         add(f"  {'':<32}{head1}   ptprobe/C")
         add(f"  {'C limit (tools/ctracer.c)':<32}{head2}   {' '.join(f'{p:>7}' for p in placements)}")
         for stop in C_MODES:
-            add(f"  {stop:<32}" + "".join(cell(c.get((stop, threads, p))) for p in placements))
+            add(f"  {stop:<32}" + "".join(cell(c.get((stop, threads, p))) for p in columns))
         add("  ptprobe")
         for site, stop, handler in cases:
             ratio = []
@@ -567,7 +573,7 @@ def format_table(result: Dict) -> str:
                 x = pt.get((site, stop, handler, threads, p))
                 ratio.append(f"{x['hits_per_s'] / lim['hits_per_s']:7.2f}" if lim and x else f"{'-':>7}")
             add(f"  {label(site, stop, handler):<32}"
-                + "".join(cell(pt.get((site, stop, handler, threads, p))) for p in placements)
+                + "".join(cell(pt.get((site, stop, handler, threads, p))) for p in columns)
                 + "   " + " ".join(ratio))
         kern = [k for k in result["kernel"]["results"] if k["threads"] == threads]
         if kern:
@@ -588,14 +594,15 @@ def format_table(result: Dict) -> str:
             add(f"  {label(site, slots, handler):<28}"
                 + "".join(f"{vals[k]:11.2f}" if k in vals else f"{'-':>11}" for k in cols))
         add("")
-    same = result["ratios"]["placement_same_over_default"]
-    if same:
+    for key, what in (("placement_same_over_default", "pinned to one CPU"),
+                      ("placement_auto_over_default", "ptprobe's own placement (auto)")):
+        group = result["ratios"].get(key, [])
         for threads in meta["threads"]:
-            vals = [r["ratio"] for r in same if r["threads"] == threads]
+            vals = [r["ratio"] for r in group if r["threads"] == threads]
             if vals:
-                add(f"placement, {threads} thread(s): pinned to one CPU vs default scheduling, hits/s ratio "
+                add(f"placement, {threads} thread(s): {what} vs default scheduling, ptprobe hits/s ratio "
                     f"median {statistics.median(vals):.2f} (min {min(vals):.2f}, max {max(vals):.2f})")
-        add("")
+    add("")
     if not result["kernel"]["available"]:
         add(f"kernel uprobes: skipped ({result['kernel']['reason']})")
     else:
