@@ -133,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="at most N slot pages per process (default 64)")
         p.add_argument("--no-follow", action="store_true", help="do not trace forked children")
         p.add_argument("--no-colocate", action="store_true",
-                       help="do not pin ptprobe to the CPU the program is on")
+                       help="do not pin ptprobe and a single-threaded program to one CPU")
         p.add_argument("-q", "--quiet", action="store_true", help="print no hits (counts only)")
 
     run = sub.add_parser("run", help="start a program under tracing",

@@ -547,8 +547,8 @@ class Session:
             old = signal.signal(signal.SIGALRM, lambda *_: self.request_stop())
             signal.setitimer(signal.ITIMER_REAL, max(timeout, 0.001), 0.05)
         try:
-            if self.threads:
-                self.placement.engage(self.main_pid if self.main_pid in self.threads else next(iter(self.threads)))
+            if len(self.threads) == 1:
+                self.placement.engage(next(iter(self.threads)))
             self._resume_world()
             while self.returncode is None and self.threads and not self._stop_requested:
                 self._step_loop()
@@ -734,6 +734,7 @@ class Session:
         return thread
 
     def _new_child(self, parent: Thread, event: int, child: int) -> None:
+        self.placement.adopt(child, parent.tid)
         if child in self.threads:
             return
         pproc = parent.process

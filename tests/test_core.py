@@ -364,25 +364,30 @@ def test_threads_each_hit_exactly(where):
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
 @pytest.mark.parametrize("colocate", [True, False], ids=["colocate", "no-colocate"])
-def test_placement_pins_the_tracer_only(colocate):
-    """ptprobe pins its own thread to one CPU while it waits (unless told not to); the
-    program's threads keep their affinity; the tracer gets its own back afterwards."""
-    path = build("core_threads.c", "-O1", "-pthread")
+@pytest.mark.parametrize("program", ["single-threaded", "multi-threaded"])
+def test_placement(program, colocate):
+    """A single-threaded program and ptprobe share one CPU while ptprobe waits (unless
+    told not to); a program that starts threads keeps its own affinity, and so do its
+    threads; the tracer gets its own back afterwards."""
+    if program == "single-threaded":
+        path = build("core_simple.c", "-O1")
+        argv, spec, hits = [path], f"uprobe:{path}:compute", 11
+    else:
+        path = build("core_threads.c", "-O1", "-pthread")
+        argv, spec, hits = [path, "50"], f"uprobe:{path}:compute_nop5", 4 * 50
     own = frozenset(os.sched_getaffinity(0))
     seen = set()
 
     def handler(hit):
         seen.add((frozenset(os.sched_getaffinity(0)), frozenset(os.sched_getaffinity(hit.tid))))
 
-    status, _, (probe,), _ = run_traced([path, "50"], [(f"uprobe:{path}:compute_nop5", handler)],
-                                        colocate=colocate)
-    assert status == 0 and probe.hits == 4 * 50
-    tracer = {t for t, _ in seen}
-    assert {p for _, p in seen} == {own}
-    if colocate:
-        assert len(tracer) == 1 and len(next(iter(tracer))) == 1 and next(iter(tracer)) <= own
+    status, _, (probe,), _ = run_traced(argv, [(spec, handler)], colocate=colocate)
+    assert status == 0 and probe.hits == hits
+    if colocate and program == "single-threaded":
+        ((tracer, tracee),) = seen
+        assert tracer == tracee and len(tracer) == 1 and tracer <= own
     else:
-        assert tracer == {own}
+        assert seen == {(own, own)}
     assert frozenset(os.sched_getaffinity(0)) == own
 
 

@@ -24,7 +24,10 @@ traced case runs with one and with two hitting threads and under three CPU
 placements: ``default`` (the scheduler decides), ``same`` (tracer and tracee
 pinned to one CPU) and ``split`` (tracer on one CPU, tracee on another);
 ptprobe's own placement is off in these three and measured as a fourth,
-``auto`` (nothing imposed, ptprobe pins itself as it does by default).
+``auto``: nothing imposed, ptprobe left to its default policy, which pins
+itself and a single-threaded program to one CPU. For ``auto`` with one hitting
+thread the target is single-threaded (its main thread runs the loop); with two
+it has three threads, and the policy leaves it to the scheduler.
 
 Ratios are throughput ratios: ``jmp/int3`` is the jmp's hits/s over the int3's
 on the same site (above 1: the jmp is faster); ``ptprobe/C`` is ptprobe's
@@ -188,7 +191,9 @@ def ptprobe_once(target: str, outfile: str, site: str, mechanism: str, handler: 
     with contextlib.suppress(FileNotFoundError):
         os.unlink(outfile)
     with placement.tracer(where) as tracee_cpu:
-        session = ptprobe.run([target, site, str(n), str(threads), str(warmup), outfile],
+        # auto, one hitting thread: a single-threaded target (THREADS 0), what the policy is for
+        workers = 0 if where == AUTO and threads == 1 else threads
+        session = ptprobe.run([target, site, str(n), str(workers), str(warmup), outfile],
                               slots=slots, seccomp=seccomp, observer=observer, colocate=where == AUTO)
         with session:
             if tracee_cpu is not None:
@@ -531,6 +536,10 @@ def format_table(result: Dict) -> str:
         f"(+{meta['warmup_per_thread']} warm-up)")
     add(f"us/hit = wall time of the measured phase / all threads' hits; "
         f"~ = runs spread more than {NOISY}x (min to max)")
+    add("placements: default = left to the scheduler, same = tracer and tracee pinned to one CPU, "
+        "split = pinned to two; ptprobe's own placement is off in these")
+    add("  and on in auto (ptprobe's default: it pins itself and a single-threaded program to one CPU; "
+        "with 1 hitting thread the target is single-threaded)")
     add("")
     base = result["baseline"]
     if base:

@@ -11,7 +11,8 @@
  *     mode=MODE threads=T iterations=N*T ns=ELAPSED
  *
  * to OUTFILE (default stdout).  Warm-up and thread creation stay outside the
- * measured time, so a tracer's start-up cost does not count.
+ * measured time, so a tracer's start-up cost does not count.  THREADS 0 makes
+ * a single-threaded program: the main thread runs the loop (reported as T=1).
  *
  * MODE names the probe site.  Every site is a global label (probe it as
  * "uprobe:PATH:LABEL"; the kernel takes its file offset) at the first byte of
@@ -153,6 +154,8 @@ static long long now_ns(void)
     return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+static int threaded = 1;     /* 0: THREADS was 0, the main thread runs the loop itself */
+
 struct span {
     long long start, end;
 };
@@ -165,7 +168,8 @@ static void *worker(void *arg)
     void (*fn)(void) = site_fn;
     for (long i = 0; i < warmup; i++)
         fn();
-    pthread_barrier_wait(&start_line);
+    if (threaded)
+        pthread_barrier_wait(&start_line);
     span->start = now_ns();
     for (long i = 0; i < iterations; i++)
         fn();
@@ -205,12 +209,21 @@ int main(int argc, char **argv)
     for (const struct mode *m = modes; m->name; m++)
         if (strcmp(m->name, mode) == 0)
             site_fn = m->fn;
-    if (site_fn == NULL || threads < 1 || threads > 64 || iterations < 0) {
+    if (site_fn == NULL || threads < 0 || threads > 64 || iterations < 0) {
         fprintf(stderr, "%s: bad mode, count or thread count\n", argv[0]);
         return 2;
     }
     pthread_t tids[64];
     struct span spans[64];
+    long long first = 0, last = 0;
+    if (threads == 0) {
+        threaded = 0;
+        threads = 1;
+        worker(&spans[0]);
+        first = spans[0].start;
+        last = spans[0].end;
+        goto report;
+    }
     pthread_barrier_init(&start_line, NULL, (unsigned)threads + 1);
     for (int i = 0; i < threads; i++)
         if (pthread_create(&tids[i], NULL, worker, &spans[i]) != 0) {
@@ -218,7 +231,6 @@ int main(int argc, char **argv)
             return 1;
         }
     pthread_barrier_wait(&start_line);
-    long long first = 0, last = 0;
     for (int i = 0; i < threads; i++) {
         pthread_join(tids[i], NULL);
         if (i == 0 || spans[i].start < first)
@@ -226,6 +238,7 @@ int main(int argc, char **argv)
         if (i == 0 || spans[i].end > last)
             last = spans[i].end;
     }
+report:;
     long long elapsed = last - first;
     FILE *out = strcmp(outfile, "-") == 0 ? stdout : fopen(outfile, "w");
     if (out == NULL) {
