@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import traceback
 from typing import IO, Dict, List, Optional, Sequence
 
 import ptprobe
@@ -40,6 +41,8 @@ class _CliObserver(ptprobe.Observer):
 
     def handler_error(self, probe: ptprobe.Probe, hit: ptprobe.Hit, error: BaseException) -> None:
         print(f"ptprobe: probe {probe.name}: {type(error).__name__}: {error}", file=self.err)
+        if os.environ.get("PTPROBE_DEBUG"):
+            traceback.print_exception(type(error), error, error.__traceback__, file=self.err)
 
 
 class _Printer:
@@ -67,6 +70,24 @@ def _show(value: object) -> str:
     if isinstance(value, int):
         return str(value) if -0x10000 < value < 0x10000 else f"{value:#x}"
     return repr(value)
+
+
+_CONVERSIONS = "duxpfs"
+
+
+def _check_format(fmt: str) -> Optional[str]:
+    """Why *fmt* is not a valid -f format, or None."""
+    i = 0
+    while i < len(fmt) - 1:
+        if fmt[i] == "%":
+            conv = fmt[i + 1]
+            if conv != "%" and conv not in _CONVERSIONS:
+                return (f"-f: unknown conversion %{conv} "
+                        f"(use {' '.join('%' + c for c in _CONVERSIONS)} or %% for a percent sign)")
+            i += 2
+        else:
+            i += 1
+    return None
 
 
 def _format(fmt: str, hit: ptprobe.Hit, args: Sequence) -> str:
@@ -100,13 +121,11 @@ def _format(fmt: str, hit: ptprobe.Hit, args: Sequence) -> str:
             out.append(f"{int(value) & _U64:#x}")
         elif conv == "f":
             out.append(str(float(value)))
-        elif conv == "s":
+        else:  # "s", the last of _CONVERSIONS (checked by _check_format)
             try:
                 out.append(hit.read_str(int(value)))
             except PtprobeError:
                 out.append(f"<bad address {int(value):#x}>")
-        else:
-            out.append("%" + conv)
     out.append("")
     return "".join(out).replace("\\n", "\n").replace("\\t", "\t")
 
@@ -200,12 +219,16 @@ def _list(args: argparse.Namespace, out: IO[str]) -> int:
 
 
 def _summary(session: ptprobe.Session, probes: List[ptprobe.Probe], err: IO[str]) -> None:
+    """One line per probe: hits, and its sites by mechanism. A site armed in several
+    processes (children that inherited it, or exec'd the same file) counts once."""
     for probe in probes:
-        kinds: Dict[str, int] = {}
+        kinds: Dict[str, set] = {}
         for site in probe.sites:
-            kinds[site.mechanism] = kinds.get(site.mechanism, 0) + 1
-        how = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "not armed"
-        print(f"ptprobe: {probe.name}: {probe.hits} hits ({how})", file=err)
+            obj = site.obj
+            where = (obj.identity, obj.link_time(site.address)) if obj is not None else (site.pid, site.address)
+            kinds.setdefault(site.mechanism, set()).add(where)
+        how = ", ".join(f"{len(w)} {k}" for k, w in sorted(kinds.items())) or "not armed"
+        print(f"ptprobe: {probe.name}: {probe.hits} hit{'' if probe.hits == 1 else 's'} ({how})", file=err)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -228,6 +251,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except PtprobeError as exc:
             print(f"ptprobe: {exc}", file=err)
             return exc.exit_code
+    problem = _check_format(args.format) if args.format is not None else None
+    if problem is not None:
+        print(f"ptprobe: {problem}", file=err)
+        return EXIT_USAGE
     printer = None if args.quiet else _Printer(out, args.json, args.format)
     options = dict(slots=args.slots, seccomp=not args.no_seccomp,
                    max_trampoline_pages=args.max_trampoline_pages, follow=not args.no_follow,

@@ -20,7 +20,7 @@ from conftest import NOBODY, build
 from test_core import (REPO, LoopTarget, code_in_memory, decode, read_mem, runtime_address,
                        symbol, unprivileged, write_mem)
 
-SUMMARY = re.compile(r"^ptprobe: (?P<spec>\S+): (?P<hits>\d+) hits \((?P<how>[^)]*)\)$")
+SUMMARY = re.compile(r"^ptprobe: (?P<spec>\S+): (?P<hits>\d+) hits? \((?P<how>[^)]*)\)$")
 
 
 def ptprobe_cli(*args: str, prefix: Sequence[str] = (), timeout: float = 60) -> subprocess.CompletedProcess:
@@ -115,6 +115,7 @@ def test_run_several_probes_and_library(simple):
     assert counts[specs[0]] == 11 and counts[specs[1]] == 1 and counts[specs[2]] >= 4
     found = summaries(result.stderr)
     assert {s: found[s][0] for s in specs} == counts
+    assert re.search(rf"^ptprobe: {re.escape(specs[1])}: 1 hit \(", result.stderr, re.M), result.stderr
 
 
 @pytest.mark.parametrize("slots", ["seed", "return"])
@@ -155,6 +156,14 @@ def test_run_errors(simple, tmp_path):
     assert nosym.returncode == 6
     assert "total" not in nosym.stdout          # the program never ran its own code
     error_line(nosym)
+    for fmt in ("%q", "x=%d %"):
+        badfmt = ptprobe_cli("run", "-f", fmt, "-p", f"uprobe:{simple}:compute", "--", simple)
+        if fmt == "%q":
+            assert badfmt.returncode == 2, badfmt.stderr
+            assert "%q" in error_line(badfmt) and "total" not in badfmt.stdout
+        else:       # a lone % at the end is printed as it is
+            assert badfmt.returncode == 0, badfmt.stderr
+            assert "x=5 %" in badfmt.stdout.splitlines()
 
 
 # ---------------------------------------------------------------------------- attach

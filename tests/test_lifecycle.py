@@ -214,6 +214,15 @@ def cli_popen(*args: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=_env(), cwd=str(REPO))
 
 
+def proc_stat_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat ("" once the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
 # --------------------------------------------------------------------------- fork: a prefork server
 
 WORKER = re.compile(r"^worker (\d+) sum=(\d+) ok=(\d) code=(\w\w,\w\w)$")
@@ -686,6 +695,32 @@ def test_cli_run_sigkilled_kills_the_program():
     finally:
         if pidfd is not None:
             os.close(pidfd)
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_cli_run_signalled_while_the_program_sleeps(sig):
+    """ptprobe alone gets the signal while the program sits in nanosleep(): ptprobe
+    detaches, and the sleep goes on to its full length (the kernel restarts it)."""
+    binary = build("life_sleep.c", "-O1")
+    cli = cli_popen("run", "-q", "-p", f"uprobe:{binary}:main", "--", binary, "1500")
+    try:
+        out = Lines(cli.stdout)
+        (line,) = [x for x in out.wait_for(lambda ls: any(x.startswith("sleeping ") for x in ls),
+                                           "the program going to sleep") if x.startswith("sleeping ")]
+        pid = int(line.split()[1])
+        # the program in its sleep: state S (read from /proc, no timing guess)
+        while proc_stat_state(pid) not in ("S", ""):
+            pass
+        cli.send_signal(sig)
+        assert cli.wait(timeout=GUARD) == 0
+        lines = out.wait_for(lambda ls: any(x.startswith("slept ") for x in ls), "the end of the sleep")
+        (slept,) = [x for x in lines if x.startswith("slept ")]
+        ms, rc = re.match(r"slept (\d+) ms rc=(-?\d+)$", slept).groups()
+        assert rc == "0" and int(ms) >= 1500, slept
+    finally:
         if cli.poll() is None:
             cli.kill()
             cli.wait()
