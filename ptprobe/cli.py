@@ -151,8 +151,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--max-trampoline-pages", type=int, default=64, metavar="N",
                        help="at most N slot pages per process (default 64)")
         p.add_argument("--no-follow", action="store_true", help="do not trace forked children")
-        p.add_argument("--no-colocate", action="store_true",
-                       help="do not pin ptprobe and a single-threaded program to one CPU")
+        p.add_argument("--colocate", choices=("single", "all", "off"), default="single",
+                       help="share one CPU with the program: while it has a single thread (default), "
+                            "with all its threads (faster hits, no parallelism), or never")
+        p.add_argument("--no-colocate", dest="colocate", action="store_const", const="off",
+                       help="same as --colocate=off")
         p.add_argument("-q", "--quiet", action="store_true", help="print no hits (counts only)")
 
     run = sub.add_parser("run", help="start a program under tracing",
@@ -258,7 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     printer = None if args.quiet else _Printer(out, args.json, args.format)
     options = dict(slots=args.slots, seccomp=not args.no_seccomp,
                    max_trampoline_pages=args.max_trampoline_pages, follow=not args.no_follow,
-                   colocate=not args.no_colocate, observer=observer)
+                   colocate=args.colocate, observer=observer)
     try:
         specs = [ptprobe.parse_spec(s) for s in args.probe]
     except ProbeSpecError as exc:

@@ -1,17 +1,31 @@
 """CPU placement: where the tracer runs relative to the tracee.
 
 A ptrace stop costs several times more when the tracer and the tracee sit on
-different CPUs (each stop is a cross-CPU wake-up both ways). While the traced
-program has a single thread, it cannot use more than one CPU anyway, so
-:class:`Placement` pins the tracer thread and the tracee to the CPU the tracee
-is on. As soon as a second thread or process appears, everything goes back to
-the affinity it had; on detach too.
+different CPUs (each stop is a cross-CPU wake-up both ways; on a VM, waking an
+idle vCPU is slow). Pinning the tracer alone does not help: the tracee must
+be pinned with it. So :class:`Placement` pins the tracer thread and the
+program's threads to one CPU, the one the program is on, in one of two modes:
+
+``single`` (the default)
+    only while the traced program has a single thread, which cannot use more
+    than one CPU anyway. As soon as a second thread or process appears,
+    everything goes back to the affinity it had.
+``all`` (opt-in)
+    every traced thread, new ones included. A multi-threaded program then runs
+    on one CPU while it is traced: hits are several times cheaper, and the
+    program loses its parallelism. Threads the program pinned itself to a CPU
+    set without that CPU are left alone.
+
+Every affinity changed is restored on :meth:`release` (on detach, at the end
+of each wait).
 """
 
 from __future__ import annotations
 
 import os
 from typing import Dict, Optional, Set
+
+MODES = ("single", "all", "off")
 
 
 def current_cpu(tid: int) -> Optional[int]:
@@ -25,10 +39,12 @@ def current_cpu(tid: int) -> Optional[int]:
 
 
 class Placement:
-    """Co-locates the tracer with a single-threaded tracee; undoes it on demand."""
+    """Co-locates the tracer with the tracee's threads; undoes it on demand."""
 
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
+    def __init__(self, mode: str = "single") -> None:
+        if mode not in MODES:
+            raise ValueError(f"placement mode must be one of {', '.join(MODES)}")
+        self.mode = mode
         self.cpu: Optional[int] = None
         self._tracer_mask: Optional[Set[int]] = None
         self._pinned: Dict[int, Set[int]] = {}       # tracee tid -> its own affinity
@@ -37,18 +53,21 @@ class Placement:
     def active(self) -> bool:
         return self.cpu is not None
 
-    def engage(self, tid: int) -> None:
-        """Pin the tracer and *tid* (the only traced thread) to *tid*'s CPU."""
-        if not self.enabled or self.active:
+    def engage(self, tids: "list[int]") -> None:
+        """Pin the tracer and the traced threads *tids* (the first one's CPU is
+        chosen) as the mode allows."""
+        if self.mode == "off" or self.active or not tids:
             return
-        cpu = current_cpu(tid)
+        if self.mode == "single" and len(tids) != 1:
+            return
+        cpu = current_cpu(tids[0])
         try:
             tracer_mask = os.sched_getaffinity(0)
-            tracee_mask = os.sched_getaffinity(tid)
-            if cpu is None or cpu not in tracer_mask or cpu not in tracee_mask or len(tracee_mask) == 1:
+            if cpu is None or cpu not in tracer_mask:
                 return
-            os.sched_setaffinity(tid, {cpu})
-            self._pinned[tid] = tracee_mask
+            confined = [self._pin(tid, cpu) for tid in tids]
+            if not any(confined):
+                return
             os.sched_setaffinity(0, {cpu})
         except OSError:
             self.release()
@@ -56,15 +75,43 @@ class Placement:
         self._tracer_mask = tracer_mask
         self.cpu = cpu
 
+    def _pin(self, tid: int, cpu: int) -> bool:
+        """Confine *tid* to *cpu* if it may run there; True if it now runs only there."""
+        try:
+            mask = os.sched_getaffinity(tid)
+            if cpu not in mask:
+                return False
+            if len(mask) > 1:
+                os.sched_setaffinity(tid, {cpu})
+                self._pinned[tid] = mask
+            return True     # (a thread pinned there by the program itself stays untouched)
+        except OSError:
+            return False    # gone meanwhile: nothing to restore
+
     def adopt(self, tid: int, parent: int) -> None:
-        """A new thread or process of the tracee appeared: undo the pinning
-        (the newcomer inherited it from *parent*, so give it the parent's own)."""
+        """A new thread or process of the tracee appeared; it inherited the
+        pinning from *parent*, so its own affinity is the parent's own. In
+        ``single`` mode this ends the pinning."""
         if not self.active:
             return
         mask = self._pinned.get(parent)
         if mask is not None:
             self._pinned[tid] = mask
-        self.release()
+        if self.mode == "single":
+            self.release()
+
+    def unpin(self, tid: int) -> None:
+        """Give *tid* its own affinity back now (it is about to be let go)."""
+        mask = self._pinned.pop(tid, None)
+        if mask is not None:
+            try:
+                os.sched_setaffinity(tid, mask)
+            except OSError:
+                pass
+
+    def forget(self, tid: int) -> None:
+        """*tid* is gone: nothing to restore for it."""
+        self._pinned.pop(tid, None)
 
     def release(self) -> None:
         """Give every pinned thread, and the tracer, its own affinity back."""

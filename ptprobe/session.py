@@ -103,7 +103,8 @@ class Session:
 
     def __init__(self, *, mode: str, slots: str = "return", seccomp: bool = True,
                  allow_no_new_privs: Optional[bool] = None, max_trampoline_pages: int = 64,
-                 follow: bool = True, observer: Optional[Observer] = None, colocate: bool = True) -> None:
+                 follow: bool = True, observer: Optional[Observer] = None,
+                 colocate: Union[bool, str] = True) -> None:
         if slots not in ("return", "seed"):
             raise ValueError("slots must be 'return' or 'seed'")
         self.mode = mode
@@ -113,7 +114,7 @@ class Session:
         self.max_trampoline_pages = max_trampoline_pages
         self.follow = follow
         self.observer = observer or Observer()
-        self.placement = Placement(colocate)
+        self.placement = Placement({True: "single", False: "off"}.get(colocate, colocate))
         self.probes: List[Probe] = []
         self.processes: Dict[int, Process] = {}
         self.patchers: Dict[int, Patcher] = {}
@@ -547,8 +548,8 @@ class Session:
             old = signal.signal(signal.SIGALRM, lambda *_: self.request_stop())
             signal.setitimer(signal.ITIMER_REAL, max(timeout, 0.001), 0.05)
         try:
-            if len(self.threads) == 1:
-                self.placement.engage(next(iter(self.threads)))
+            tids = sorted(self.threads, key=lambda tid: tid != self.main_pid)   # the main thread first
+            self.placement.engage(tids)
             self._resume_world()
             while self.returncode is None and self.threads and not self._stop_requested:
                 self._step_loop()
@@ -793,6 +794,7 @@ class Session:
         except PtprobeError as exc:
             self.observer.notice(f"child {proc.pid}: cannot restore every site: {exc}")
         for thread in list(proc.threads.values()):
+            self.placement.unpin(thread.tid)
             try:
                 if thread.stopped:
                     linux.detach(thread.tid, thread.pending_signal)
@@ -804,6 +806,7 @@ class Session:
         self._forget_process(proc)
 
     def _thread_gone(self, thread: Thread, status: int) -> None:
+        self.placement.forget(thread.tid)
         thread.exited = True
         thread.stopped = False
         self.threads.pop(thread.tid, None)
@@ -1212,7 +1215,9 @@ def run(argv: Sequence[str], *, env: Optional[Dict[str, str]] = None, **options)
     program's own code (constructors included) has run.
 
     Options: ``slots`` ("return" or "seed"), ``seccomp`` (False: int3 only),
-    ``max_trampoline_pages``, ``follow``, ``observer``.
+    ``max_trampoline_pages``, ``follow``, ``observer``, ``colocate`` (True:
+    share one CPU with a single-threaded program, "all": with every thread,
+    False: never; see :mod:`ptprobe.placement`).
     """
     session = Session(mode="run", **options)
     try:

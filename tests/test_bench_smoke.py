@@ -40,7 +40,7 @@ def test_top_level_keys(report):
     assert meta["quick"] is True and meta["runs"] == 1
     assert meta["threads"] == [1, 2]
     assert {"default", "same"} <= set(meta["placements"])
-    assert meta["ptprobe_placements"] == ["auto"] + meta["placements"]
+    assert meta["ptprobe_placements"] == ["auto", "all"] + meta["placements"]
 
 
 def test_baselines(report):
@@ -78,7 +78,7 @@ def test_ptprobe_cases(report):
 def test_ratios(report):
     ratios = report["ratios"]
     assert ratios["jmp_over_int3"] and ratios["ptprobe_over_c"] and ratios["placement_same_over_default"]
-    assert ratios["placement_auto_over_default"]
+    assert ratios["placement_auto_over_default"] and ratios["placement_all_over_default"]
     for group in ratios.values():
         for r in group:
             _positive(r, "ratio")

@@ -362,13 +362,17 @@ def test_threads_each_hit_exactly(where):
     assert mechanisms(probe) == [mechanism]
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
-@pytest.mark.parametrize("colocate", [True, False], ids=["colocate", "no-colocate"])
+TWO_CPUS = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+
+
+@TWO_CPUS
+@pytest.mark.parametrize("colocate", [True, "all", False], ids=["colocate", "colocate-all", "no-colocate"])
 @pytest.mark.parametrize("program", ["single-threaded", "multi-threaded"])
 def test_placement(program, colocate):
-    """A single-threaded program and ptprobe share one CPU while ptprobe waits (unless
-    told not to); a program that starts threads keeps its own affinity, and so do its
-    threads; the tracer gets its own back afterwards."""
+    """By default a single-threaded program and ptprobe share one CPU while ptprobe
+    waits, and a program that starts threads keeps its own affinity, threads too;
+    "all" pins every thread with ptprobe; False pins nothing. The tracer gets its
+    own affinity back afterwards."""
     if program == "single-threaded":
         path = build("core_simple.c", "-O1")
         argv, spec, hits = [path], f"uprobe:{path}:compute", 11
@@ -383,12 +387,31 @@ def test_placement(program, colocate):
 
     status, _, (probe,), _ = run_traced(argv, [(spec, handler)], colocate=colocate)
     assert status == 0 and probe.hits == hits
-    if colocate and program == "single-threaded":
+    if colocate == "all" or (colocate and program == "single-threaded"):
         ((tracer, tracee),) = seen
         assert tracer == tracee and len(tracer) == 1 and tracer <= own
     else:
         assert seen == {(own, own)}
     assert frozenset(os.sched_getaffinity(0)) == own
+
+
+@TWO_CPUS
+@pytest.mark.parametrize("colocate", [True, "all"], ids=["colocate", "colocate-all"])
+def test_placement_undone_on_detach(loop_target, colocate):
+    target = loop_target
+    own = frozenset(os.sched_getaffinity(target.pid))
+    assert len(own) > 1
+    pinned = []
+    waiting = [True]
+    with watchdog(60, [target.pid]), ptprobe.attach(target.pid, colocate=colocate) as session:
+        session.probe(f"uprobe:{target.path}:work",
+                      lambda hit: waiting[0] and pinned.append(frozenset(os.sched_getaffinity(target.pid))))
+        assert session.wait(timeout=0.3) is None
+        waiting[0] = False          # a hit handled while detaching comes after the pinning ended
+        session.detach()
+    assert pinned and all(len(mask) == 1 for mask in pinned)
+    assert frozenset(os.sched_getaffinity(target.pid)) == own
+    target.assert_alive_untraced_and_original()
 
 
 # ---------------------------------------------------------------------------- attach / detach

@@ -23,11 +23,12 @@ vDSO clock after a warm-up, so start-up and arming are not counted. Each
 traced case runs with one and with two hitting threads and under three CPU
 placements: ``default`` (the scheduler decides), ``same`` (tracer and tracee
 pinned to one CPU) and ``split`` (tracer on one CPU, tracee on another);
-ptprobe's own placement is off in these three and measured as a fourth,
-``auto``: nothing imposed, ptprobe left to its default policy, which pins
-itself and a single-threaded program to one CPU. For ``auto`` with one hitting
-thread the target is single-threaded (its main thread runs the loop); with two
-it has three threads, and the policy leaves it to the scheduler.
+ptprobe's own placement is off in these three and measured in two more:
+``auto``, nothing imposed, ptprobe left to its default policy, which pins
+itself and a single-threaded program to one CPU (with one hitting thread the
+target is then single-threaded, its main thread runs the loop; with two it
+has three threads, and the policy leaves it to the scheduler); and ``all``,
+nothing imposed, ``colocate="all"``: every thread pinned with ptprobe.
 
 Ratios are throughput ratios: ``jmp/int3`` is the jmp's hits/s over the int3's
 on the same site (above 1: the jmp is faster); ``ptprobe/C`` is ptprobe's
@@ -75,6 +76,8 @@ PTPROBE_CASES: List[Tuple[str, str, bool]] = [
 C_MODES = ["return", "seed", "int3"]
 PLACEMENTS = ["default", "same", "split"]
 AUTO = "auto"        # ptprobe only: nothing imposed, ptprobe's own placement (colocate=True)
+ALL = "all"          # ptprobe only: nothing imposed, colocate="all" (every thread pinned with ptprobe)
+OWN_PLACEMENTS = {AUTO: True, ALL: "all"}
 NOISY = 1.5          # the table marks a median whose runs spread more than this (max/min)
 
 
@@ -194,7 +197,8 @@ def ptprobe_once(target: str, outfile: str, site: str, mechanism: str, handler: 
         # auto, one hitting thread: a single-threaded target (THREADS 0), what the policy is for
         workers = 0 if where == AUTO and threads == 1 else threads
         session = ptprobe.run([target, site, str(n), str(workers), str(warmup), outfile],
-                              slots=slots, seccomp=seccomp, observer=observer, colocate=where == AUTO)
+                              slots=slots, seccomp=seccomp, observer=observer,
+                              colocate=OWN_PLACEMENTS.get(where, False))
         with session:
             if tracee_cpu is not None:
                 os.sched_setaffinity(session.main_pid, {tracee_cpu})
@@ -384,7 +388,7 @@ def run_benchmark(args) -> Dict:
             "kernel_hits_per_thread": kernel_hits,
             "threads": thread_counts,
             "placements": placements,
-            "ptprobe_placements": [AUTO] + placements,
+            "ptprobe_placements": list(OWN_PLACEMENTS) + placements,
             "quick": bool(args.quick),
             "slot_syscall_nr": arch.SLOT_SYSCALL_NR,
             "ratio_note": "throughput ratios (hits/s over hits/s); jmp/int3 > 1: jmp faster; "
@@ -395,7 +399,7 @@ def run_benchmark(args) -> Dict:
         "ptprobe": [],
         "kernel": {"available": False, "reason": None, "method": None, "results": []},
         "ratios": {"jmp_over_int3": [], "ptprobe_over_c": [], "placement_same_over_default": [],
-                   "placement_auto_over_default": []},
+                   "placement_auto_over_default": [], "placement_all_over_default": []},
         "arming": [],
         "errors": [],
     }
@@ -432,7 +436,7 @@ def run_benchmark(args) -> Dict:
         # -- ptprobe
         for site, mechanism, handler in PTPROBE_CASES:
             for threads in thread_counts:
-                for where in [AUTO] + placements:
+                for where in list(OWN_PLACEMENTS) + placements:
                     log(f"ptprobe {site} {mechanism}{' +handler' if handler else ''} threads={threads} {where} ...")
                     try:
                         stats = repeat(lambda: ptprobe_once(target, outfile, site, mechanism, handler, hits,
@@ -518,7 +522,7 @@ def compute_ratios(result: Dict) -> None:
                 ratios["jmp_over_int3"].append(dict(site=site, slots=stop, handler=handler, threads=threads,
                                                     placement=where,
                                                     ratio=r["hits_per_s"] / int3["hits_per_s"]))
-        if where in ("same", AUTO):
+        if where in ("same", AUTO, ALL):
             default = pt.get((site, stop, handler, threads, "default"))
             if default is not None:
                 ratios[f"placement_{where}_over_default"].append(dict(
@@ -540,6 +544,7 @@ def format_table(result: Dict) -> str:
         "split = pinned to two; ptprobe's own placement is off in these")
     add("  and on in auto (ptprobe's default: it pins itself and a single-threaded program to one CPU; "
         "with 1 hitting thread the target is single-threaded)")
+    add("  and in all (colocate='all': ptprobe pins itself and every thread of the program to one CPU)")
     add("")
     base = result["baseline"]
     if base:
@@ -604,7 +609,8 @@ def format_table(result: Dict) -> str:
                 + "".join(f"{vals[k]:11.2f}" if k in vals else f"{'-':>11}" for k in cols))
         add("")
     for key, what in (("placement_same_over_default", "pinned to one CPU"),
-                      ("placement_auto_over_default", "ptprobe's own placement (auto)")):
+                      ("placement_auto_over_default", "ptprobe's own placement (auto)"),
+                      ("placement_all_over_default", "colocate='all'")):
         group = result["ratios"].get(key, [])
         for threads in meta["threads"]:
             vals = [r["ratio"] for r in group if r["threads"] == threads]
