@@ -35,7 +35,8 @@ def _positive(entry, *keys):
 
 
 def test_top_level_keys(report):
-    assert {"meta", "baseline", "c_limit", "ptprobe", "kernel", "ratios", "arming", "errors"} <= set(report)
+    assert {"meta", "baseline", "c_limit", "python_limit", "ptprobe", "kernel", "ratios", "arming",
+            "errors"} <= set(report)
     meta = report["meta"]
     assert meta["quick"] is True and meta["runs"] == 1
     assert meta["threads"] == [1, 2]
@@ -50,13 +51,14 @@ def test_baselines(report):
     assert all(v > 0 for v in base["loop_ns_per_iter"].values())
 
 
-def test_c_limit(report):
-    seen = {(r["stop"], r["threads"], r["placement"]) for r in report["c_limit"]}
+@pytest.mark.parametrize("key", ["c_limit", "python_limit"])
+def test_limits(report, key):
+    seen = {(r["stop"], r["threads"], r["placement"]) for r in report[key]}
     for stop in ("return", "seed", "int3"):
         for threads in (1, 2):
             for where in report["meta"]["placements"]:
                 assert (stop, threads, where) in seen
-    for r in report["c_limit"]:
+    for r in report[key]:
         _positive(r, "us_per_hit", "hits_per_s")
 
 
@@ -79,6 +81,7 @@ def test_ratios(report):
     ratios = report["ratios"]
     assert ratios["jmp_over_int3"] and ratios["ptprobe_over_c"] and ratios["placement_same_over_default"]
     assert ratios["placement_auto_over_default"] and ratios["placement_all_over_default"]
+    assert ratios["python_over_c"] and ratios["ptprobe_over_python"]
     for group in ratios.values():
         for r in group:
             _positive(r, "ratio")

@@ -9,6 +9,9 @@ What it measures (every number a median of --runs runs):
   ``syscall(SYS_getpgid, 0)`` loop;
 * the C limit (tools/ctracer.c): the least a ptrace tracer can do per stop,
   for a self-returning slot, a seed slot and an int3 followed by a nop;
+* the Python limit (tools/pylimit.py): the same tracer loop in Python with
+  ptprobe's own system calls, so the C-to-Python gap is the interpreter's and
+  the Python-to-ptprobe gap is ptprobe's bookkeeping;
 * ptprobe through its Python API on every kind of site in
   tools/bench_target.c (nop5 by jmp with self-returning and seed slots and by
   int3, the USDT nop combos by jmp and by int3, a 1-byte nop, ``push %rbp`` and
@@ -173,16 +176,20 @@ def native_once(target: str, mode: str, n: int, threads: int = 1) -> Dict[str, i
 
 
 def ctracer_once(tracer: str, mode: str, n: int, threads: int, warmup: int,
-                 placement: Placement, where: str) -> Dict[str, int]:
+                 placement: Placement, where: str, python: bool = False) -> Dict[str, int]:
+    """One run of the C limit, or with *python* of the Python limit (tools/pylimit.py
+    tracing the same child)."""
     tracer_cpu, tracee_cpu = placement.cpus(where)
-    argv = [tracer, mode, str(n), str(threads), str(warmup),
-            str(-1 if tracer_cpu is None else tracer_cpu), str(-1 if tracee_cpu is None else tracee_cpu)]
+    prefix = [sys.executable, str(TOOLS / "pylimit.py")] if python else []
+    argv = prefix + [tracer, mode, str(n), str(threads), str(warmup),
+                     str(-1 if tracer_cpu is None else tracer_cpu), str(-1 if tracee_cpu is None else tracee_cpu)]
+    name = "pylimit" if python else "ctracer"
     out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
-        raise BenchError(f"ctracer {mode} failed ({out.returncode}): {out.stderr.strip()}")
+        raise BenchError(f"{name} {mode} failed ({out.returncode}): {out.stderr.strip()}")
     values = parse_line(out.stdout)
     if values.get("stops") != (n + warmup) * threads:
-        raise BenchError(f"ctracer {mode}: {values.get('stops')} stops, expected {(n + warmup) * threads}")
+        raise BenchError(f"{name} {mode}: {values.get('stops')} stops, expected {(n + warmup) * threads}")
     return values
 
 
@@ -396,10 +403,12 @@ def run_benchmark(args) -> Dict:
         },
         "baseline": {},
         "c_limit": [],
+        "python_limit": [],
         "ptprobe": [],
         "kernel": {"available": False, "reason": None, "method": None, "results": []},
         "ratios": {"jmp_over_int3": [], "ptprobe_over_c": [], "placement_same_over_default": [],
-                   "placement_auto_over_default": [], "placement_all_over_default": []},
+                   "placement_auto_over_default": [], "placement_all_over_default": [],
+                   "python_over_c": [], "ptprobe_over_python": []},
         "arming": [],
         "errors": [],
     }
@@ -432,6 +441,19 @@ def run_benchmark(args) -> Dict:
                         result["errors"].append(f"C limit {mode}/{threads}/{where}: {exc}")
                         continue
                     result["c_limit"].append(dict(stop=mode, threads=threads, placement=where, **stats))
+
+        # -- Python limit
+        for mode in C_MODES:
+            for threads in thread_counts:
+                for where in placements:
+                    log(f"Python limit {mode} threads={threads} {where} ...")
+                    try:
+                        stats = repeat(lambda: ctracer_once(tracer, mode, hits, threads, warmup, placement, where,
+                                                            python=True), runs)
+                    except (BenchError, subprocess.SubprocessError, OSError) as exc:
+                        result["errors"].append(f"Python limit {mode}/{threads}/{where}: {exc}")
+                        continue
+                    result["python_limit"].append(dict(stop=mode, threads=threads, placement=where, **stats))
 
         # -- ptprobe
         for site, mechanism, handler in PTPROBE_CASES:
@@ -508,14 +530,23 @@ def run_benchmark(args) -> Dict:
 
 def compute_ratios(result: Dict) -> None:
     c = {(r["stop"], r["threads"], r["placement"]): r for r in result["c_limit"]}
+    py = {(r["stop"], r["threads"], r["placement"]): r for r in result.get("python_limit", [])}
     pt = {(r["site"], r["stop"], r["handler"], r["threads"], r["placement"]): r for r in result["ptprobe"]}
     ratios = result["ratios"]
+    ratios["python_over_c"] = [dict(stop=k[0], threads=k[1], placement=k[2],
+                                    ratio=r["hits_per_s"] / c[k]["hits_per_s"]) for k, r in py.items() if k in c]
+    ratios["ptprobe_over_python"] = []
     for (site, stop, handler, threads, where), r in pt.items():
         limit = c.get((stop, threads, where))
         if limit is not None:
             ratios["ptprobe_over_c"].append(dict(site=site, stop=stop, handler=handler, threads=threads,
                                                  placement=where,
                                                  ratio=r["hits_per_s"] / limit["hits_per_s"]))
+        limit = py.get((stop, threads, where))
+        if limit is not None:
+            ratios["ptprobe_over_python"].append(dict(site=site, stop=stop, handler=handler, threads=threads,
+                                                      placement=where,
+                                                      ratio=r["hits_per_s"] / limit["hits_per_s"]))
         if stop != "int3":
             int3 = pt.get((site, "int3", handler, threads, where))
             if int3 is not None:
@@ -555,6 +586,7 @@ def format_table(result: Dict) -> str:
     placements = meta["placements"]
     columns = meta.get("ptprobe_placements", placements)
     c = {(r["stop"], r["threads"], r["placement"]): r for r in result["c_limit"]}
+    py = {(r["stop"], r["threads"], r["placement"]): r for r in result.get("python_limit", [])}
     pt = {(r["site"], r["stop"], r["handler"], r["threads"], r["placement"]): r for r in result["ptprobe"]}
     cases = []
     for r in result["ptprobe"]:
@@ -579,6 +611,14 @@ def format_table(result: Dict) -> str:
         add(f"  {'C limit (tools/ctracer.c)':<32}{head2}   {' '.join(f'{p:>7}' for p in placements)}")
         for stop in C_MODES:
             add(f"  {stop:<32}" + "".join(cell(c.get((stop, threads, p))) for p in columns))
+        if py:
+            add("  Python limit (tools/pylimit.py)                                                  "
+                "               Python/C")
+            for stop in C_MODES:
+                ratio = [f"{py[k]['hits_per_s'] / c[k]['hits_per_s']:7.2f}" if k in py and k in c else f"{'-':>7}"
+                         for k in ((stop, threads, p) for p in placements)]
+                add(f"  {stop:<32}" + "".join(cell(py.get((stop, threads, p))) for p in columns)
+                    + "   " + " ".join(ratio))
         add("  ptprobe")
         for site, stop, handler in cases:
             ratio = []

@@ -20,6 +20,11 @@
  *           SETREGS, CONT.
  *
  * TRACER_CPU / CHILD_CPU (-1: leave alone) pin the tracer and the child.
+ *
+ *   ctracer --child MODE N [THREADS [WARMUP]]
+ *
+ * runs the child alone: its parent, which must be waiting for it, is the
+ * tracer (tools/pylimit.py, the same loop in Python).
  * Output on stdout, from the child then the tracer:
  *
  *     mode=MODE threads=T iterations=N*T ns=ELAPSED
@@ -181,6 +186,11 @@ static int child_main(int threads)
 
 int main(int argc, char **argv)
 {
+    int child_only = argc > 1 && strcmp(argv[1], "--child") == 0;
+    if (child_only) {
+        argv++;
+        argc--;
+    }
     if (argc < 3) {
         fprintf(stderr, "usage: %s return|seed|int3 N [THREADS [WARMUP [TRACER_CPU [CHILD_CPU]]]]\n", argv[0]);
         return 2;
@@ -202,6 +212,8 @@ int main(int argc, char **argv)
     int child_cpu = argc > 6 ? atoi(argv[6]) : -1;
     if (threads < 1 || threads > 64)
         return 2;
+    if (child_only)
+        return child_main(threads);
     pin(0, tracer_cpu);
     fflush(stdout);
     pid_t child = fork();
