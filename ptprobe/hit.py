@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Set, Union, overload
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Set, Union, overload
 
 from . import linux
 
@@ -161,6 +161,14 @@ class Args(Sequence):
 
     def __len__(self) -> int:
         return self._len
+
+    def __iter__(self) -> Iterator[Union[int, float]]:
+        if not self._values:
+            # nothing read yet: all of them in one go (the common case, printing a hit)
+            values = self._hit.probe._arguments(self._hit)
+            self._values.update(enumerate(values))
+            return iter(values)
+        return (self[index] for index in range(self._len))
 
     @overload
     def __getitem__(self, index: int) -> Union[int, float]: ...

@@ -80,6 +80,12 @@ class Probe:
             return len(self._notes.get(hit.address, ()))
         return len(_ARG_REGISTERS)
 
+    def _arguments(self, hit: Hit) -> List[Union[int, float]]:
+        if self.spec.kind != "usdt":
+            get = hit.regs._get
+            return [get(name) for name in _ARG_REGISTERS]
+        return [self._argument(hit, index) for index in range(self._argument_count(hit))]
+
     def _argument(self, hit: Hit, index: int) -> Union[int, float]:
         if self.spec.kind != "usdt":
             return hit.regs._get(_ARG_REGISTERS[index])
