@@ -147,6 +147,11 @@ class Hit:
     def __repr__(self) -> str:
         return f"<Hit {self.probe.name} pid={self.pid} tid={self.tid} at {self.address:#x}>"
 
+    def _forget(self) -> None:
+        """The hit is over: drop the cached :class:`Args`, which refer back to the
+        hit, so that reference counting frees both (no garbage for the cyclic GC)."""
+        self._args = None
+
 
 class Args(Sequence):
     """A hit's arguments, each evaluated when first read (``args[3]`` of a slot hit

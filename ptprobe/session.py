@@ -24,8 +24,8 @@ import threading
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 from . import arch, linux, usdt
-from .errors import (FaultError, InstructionBoundaryError, NoSuchProcessError, ProgramStartError, PtprobeError,
-                     SymbolNotFoundError, TracePermissionError, TracerError)
+from .errors import (FaultError, InstructionBoundaryError, NoSuchProcessError, ProgramStartError,
+                     PtprobeError, SymbolNotFoundError, TracePermissionError, TracerError)
 from .hit import Hit, Regs
 from .patching import Patcher, Site
 from .placement import Placement
@@ -925,6 +925,7 @@ class Session:
             except Exception as exc:  # noqa: BLE001 - reported, tracing goes on
                 probe.errors += 1
                 self.observer.handler_error(probe, hit, exc)
+            hit._forget()
 
     def _int3_hit(self, thread: Thread, site: Site, raw: linux.Registers) -> None:
         regs = Regs(raw, {"rip": site.address})
