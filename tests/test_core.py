@@ -414,6 +414,18 @@ def test_placement_undone_on_detach(loop_target, colocate):
     target.assert_alive_untraced_and_original()
 
 
+@TWO_CPUS
+@pytest.mark.parametrize("follow", [True, False], ids=["follow", "no-follow"])
+def test_placement_all_and_children(follow):
+    """colocate="all": the program runs on ptprobe's CPU, and so does a child that stays
+    traced; a child let go (--no-follow) gets its own affinity back first."""
+    path = build("life_affinity.c", "-O1")
+    own = len(os.sched_getaffinity(0))
+    status, out, _, _ = run_traced([path], [], colocate="all", follow=follow)
+    assert status == 0
+    assert out.splitlines() == ["parent cpus=1", f"child cpus={1 if follow else own}"]
+
+
 # ---------------------------------------------------------------------------- attach / detach
 
 @pytest.mark.parametrize("name, mechanism", [("work", "int3"), ("work_nop5", "jmp")])
