@@ -239,6 +239,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     err = sys.stderr
     observer = _CliObserver(err)
     out: IO[str] = sys.stdout
+    problem = _check_format(args.format) if getattr(args, "format", None) is not None else None
+    if problem is not None:
+        print(f"ptprobe: {problem}", file=err)
+        return EXIT_USAGE
     if getattr(args, "output", None):
         try:
             out = open(args.output, "w")
@@ -254,10 +258,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except PtprobeError as exc:
             print(f"ptprobe: {exc}", file=err)
             return exc.exit_code
-    problem = _check_format(args.format) if args.format is not None else None
-    if problem is not None:
-        print(f"ptprobe: {problem}", file=err)
-        return EXIT_USAGE
     printer = None if args.quiet else _Printer(out, args.json, args.format)
     options = dict(slots=args.slots, seccomp=not args.no_seccomp,
                    max_trampoline_pages=args.max_trampoline_pages, follow=not args.no_follow,
@@ -352,9 +352,10 @@ def entry() -> None:
         code = 130
     except Exception as exc:  # noqa: BLE001 - a bug of ours: one line, unless asked for more
         if os.environ.get("PTPROBE_DEBUG"):
-            raise
-        print(f"ptprobe: internal error: {type(exc).__name__}: {exc} (PTPROBE_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
+            traceback.print_exc()
+        else:
+            print(f"ptprobe: internal error: {type(exc).__name__}: {exc} (PTPROBE_DEBUG=1 shows the traceback)",
+                  file=sys.stderr)
         code = EXIT_INTERNAL
     sys.exit(code)
 

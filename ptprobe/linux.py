@@ -129,7 +129,8 @@ def _ptrace(request: int, tid: int, addr: int = 0, data: int = 0, what: str = "p
 # tenth of a whole hit. Without argtypes ctypes passes a Python int as a C int,
 # which libffi sign-extends into the 64-bit register that glibc's variadic
 # ptrace() reads: exact for the tids, user-area offsets and signal numbers
-# passed here. Buffers go by byref() and 64-bit values as c_ulong. For these
+# passed here (a plain int of 2**31 or more would be silently truncated: any
+# address or 64-bit value must go as c_ulong). Buffers go by byref(). For these
 # requests -1 always means an error, so errno needs no clearing first.
 _hot = ctypes.CDLL(None, use_errno=True).ptrace
 _hot.restype = ctypes.c_long

@@ -48,6 +48,10 @@ class Placement:
         self.cpu: Optional[int] = None
         self._tracer_mask: Optional[Set[int]] = None
         self._pinned: Dict[int, Set[int]] = {}       # tracee tid -> its own affinity
+        # after a release: what was pinned then, for a thread or process created while
+        # it was, whose creation is seen only now (it inherited the pinning)
+        self._former: Dict[int, Set[int]] = {}
+        self._former_cpu: Optional[int] = None
 
     @property
     def active(self) -> bool:
@@ -60,6 +64,8 @@ class Placement:
             return
         if self.mode == "single" and len(tids) != 1:
             return
+        self._former.clear()
+        self._former_cpu = None
         cpu = current_cpu(tids[0])
         try:
             tracer_mask = os.sched_getaffinity(0)
@@ -93,12 +99,26 @@ class Placement:
         pinning from *parent*, so its own affinity is the parent's own. In
         ``single`` mode this ends the pinning."""
         if not self.active:
+            self._adopt_late(tid, parent)
             return
         mask = self._pinned.get(parent)
         if mask is not None:
             self._pinned[tid] = mask
         if self.mode == "single":
             self.release()
+
+    def _adopt_late(self, tid: int, parent: int) -> None:
+        """A child made while *parent* was pinned, seen after the release: it still
+        has the pinning it inherited; give it the parent's own affinity."""
+        mask = self._former.get(parent)
+        if mask is None or self._former_cpu is None:
+            return
+        self._former[tid] = mask
+        try:
+            if os.sched_getaffinity(tid) == {self._former_cpu}:
+                os.sched_setaffinity(tid, mask)
+        except OSError:
+            pass
 
     def unpin(self, tid: int) -> None:
         """Give *tid* its own affinity back now (it is about to be let go)."""
@@ -109,12 +129,23 @@ class Placement:
             except OSError:
                 pass
 
+    def moved(self, old: int, new: int) -> None:
+        """The thread *old* goes on as *new* (exec by a non-leader thread)."""
+        for table in (self._pinned, self._former):
+            table.pop(new, None)
+            if old in table:
+                table[new] = table.pop(old)
+
     def forget(self, tid: int) -> None:
         """*tid* is gone: nothing to restore for it."""
         self._pinned.pop(tid, None)
+        self._former.pop(tid, None)
 
     def release(self) -> None:
         """Give every pinned thread, and the tracer, its own affinity back."""
+        if self._pinned:
+            self._former = dict(self._pinned)
+            self._former_cpu = self.cpu
         for tid, mask in self._pinned.items():
             try:
                 os.sched_setaffinity(tid, mask)

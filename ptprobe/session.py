@@ -823,6 +823,7 @@ class Session:
             proc.exit_status = status
             for tid in list(proc.threads):
                 self.threads.pop(tid, None)
+                self.placement.forget(tid)
             proc.threads.clear()
             self._forget_process(proc)
             if proc.pid == self.main_pid:
@@ -847,8 +848,11 @@ class Session:
             if tid != thread.tid:
                 proc.threads.pop(tid, None)
                 self.threads.pop(tid, None)
+                if tid != former:
+                    self.placement.forget(tid)
         if former != thread.tid:
             self.threads.pop(former, None)
+            self.placement.moved(former, thread.tid)     # the exec'ing thread took the leader's tid
         for probe in self.probes + [self._loader_probe]:
             probe.sites = [s for s in probe.sites if s.process is not proc]
         if proc.shared_with is not None:
@@ -946,7 +950,10 @@ class Session:
             thread.in_hit = None
             self._done(thread)
             return
-        linux.set_regs(thread.tid, raw)
+        if regs._dirty <= {"rip"}:
+            linux.set_rip(thread.tid, raw.rip)      # PTRACE_POKEUSER costs the kernel a third of SETREGS
+        else:
+            linux.set_regs(thread.tid, raw)
         thread.in_hit = None
         self._done(thread)
 

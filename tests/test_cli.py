@@ -156,11 +156,17 @@ def test_run_errors(simple, tmp_path):
     assert nosym.returncode == 6
     assert "total" not in nosym.stdout          # the program never ran its own code
     error_line(nosym)
+    kept = tmp_path / "kept.txt"
+    kept.write_text("earlier hits\n")
     for fmt in ("%q", "x=%d %"):
         badfmt = ptprobe_cli("run", "-f", fmt, "-p", f"uprobe:{simple}:compute", "--", simple)
         if fmt == "%q":
             assert badfmt.returncode == 2, badfmt.stderr
             assert "%q" in error_line(badfmt) and "total" not in badfmt.stdout
+            # checked before -o FILE is opened: the file is left as it was
+            with_output = ptprobe_cli("run", "-f", fmt, "-o", str(kept), "-p", f"uprobe:{simple}:compute",
+                                      "--", simple)
+            assert with_output.returncode == 2 and kept.read_text() == "earlier hits\n"
         else:       # a lone % at the end is printed as it is
             assert badfmt.returncode == 0, badfmt.stderr
             assert "x=5 %" in badfmt.stdout.splitlines()

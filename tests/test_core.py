@@ -426,6 +426,41 @@ def test_placement_all_and_children(follow):
     assert out.splitlines() == ["parent cpus=1", f"child cpus={1 if follow else own}"]
 
 
+@TWO_CPUS
+def test_placement_thread_created_while_pinned_seen_after(tmp_path):
+    """colocate="all": a thread created while the program is pinned, whose creation
+    ptprobe handles only after wait() has given the affinities back (here: while
+    detaching), gets its own affinity too."""
+    path = build("life_late_clone.c", "-O1", "-pthread")
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([path, str(fifo)], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        ready = proc.stdout.readline().split()
+        assert ready[0] == "ready"
+        pid = int(ready[1])
+        own = os.sched_getaffinity(pid)
+        with watchdog(60, [pid]), ptprobe.attach(pid, colocate="all") as session:
+
+            def tick(hit):
+                if session.probes[0].hits == 1:
+                    with open(fifo, "wb") as go:        # the spawner creates a thread now,
+                        go.write(b"x")
+                    while len(os.listdir(f"/proc/{pid}/task")) < 3:
+                        pass                            # (its creation waits in ptrace's queue)
+                    session.request_stop()              # and wait() returns before seeing it
+
+            session.probe(f"uprobe:{path}:tick", tick)
+            assert session.wait() is None
+            session.detach()
+        tasks = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+        assert len(tasks) == 3
+        assert {t: os.sched_getaffinity(t) for t in tasks} == {t: own for t in tasks}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # ---------------------------------------------------------------------------- attach / detach
 
 @pytest.mark.parametrize("name, mechanism", [("work", "int3"), ("work_nop5", "jmp")])

@@ -4,14 +4,14 @@
     python3 tools/pylimit.py CTRACER MODE N [THREADS [WARMUP [TRACER_CPU [CHILD_CPU]]]]
 
 Starts ``CTRACER --child MODE N THREADS WARMUP`` (the same traced child as the
-C limit) and traces it with the least a Python tracer can do per stop, through
-the calls ptprobe itself uses (:mod:`ptprobe.linux`): ``waitpid``, then for
-``return`` PTRACE_PEEKUSER of rip and PTRACE_CONT; for ``int3`` PEEKUSER,
-POKEUSER rip + 1, CONT; for ``seed`` GETREGS, a read of the three saved
-registers, SETREGS, CONT. No probe table, no thread states, no handler:
-the gap to the C limit is the interpreter's, the gap from here to ptprobe is
-ptprobe's own work. Prints what ctracer prints (the child's timing line, then
-``stops=S``).
+C limit) and traces it making the same system calls as the C tracer, through
+ptprobe's own wrappers (:mod:`ptprobe.linux`): ``waitpid``, then for ``return``
+PTRACE_GETREGS and PTRACE_CONT; for ``int3`` GETREGS, rip + 1, SETREGS, CONT;
+for ``seed`` GETREGS, a read of the three saved registers, SETREGS, CONT. No
+probe table, no thread states, no handler: the gap to the C limit is the
+interpreter's alone. (ptprobe's hot path reads and writes rip alone, with
+PTRACE_PEEKUSER and PTRACE_POKEUSER, which cost the kernel less.) Prints what
+ctracer prints (the child's timing line, then ``stops=S``).
 """
 
 from __future__ import annotations
@@ -63,22 +63,22 @@ def main(argv: list) -> int:
     mem = linux.Memory(child)
     stops = 0
     exit_code = 1
-    wait_any, get_rip, set_rip, cont = linux.wait_any, linux.get_rip, linux.set_rip, linux.cont
+    wait_any, get_regs, set_regs, cont = linux.wait_any, linux.get_regs, linux.set_regs, linux.cont
     while True:
         tid, status = wait_any()
         if status == SLOT_STOP:
+            regs = get_regs(tid)
             if mode == "seed":
-                regs = linux.get_regs(tid)
                 regs.rax, regs.r11, regs.rcx = SAVED.unpack(mem.read(regs.rsp, SAVED.size))
                 regs.rsp += SLOT_FRAME
                 regs.orig_rax = (1 << 64) - 1
-                linux.set_regs(tid, regs)
-            else:
-                get_rip(tid)
+                set_regs(tid, regs)
             stops += 1
             cont(tid)
         elif status == TRAP_STOP:
-            set_rip(tid, get_rip(tid) + 1)       # over the nop after the int3
+            regs = get_regs(tid)
+            regs.rip += 1                        # over the nop after the int3
+            set_regs(tid, regs)
             stops += 1
             cont(tid)
         elif os.WIFEXITED(status) or os.WIFSIGNALED(status):
