@@ -223,6 +223,15 @@ def get_siginfo(tid: int) -> SigInfo:
     return info
 
 
+def stop_event(tid: int) -> int:
+    """The PTRACE_EVENT_* of the stop *tid* is in (0: another stop, or none known)."""
+    try:
+        info = get_siginfo(tid)
+    except TracerError:
+        return 0            # a group-stop has no siginfo (EINVAL)
+    return info.si_code >> 8 if info.si_signo == 5 and info.si_code & 0xFF == 5 else 0
+
+
 def copy_regs(regs: Registers) -> Registers:
     new = Registers()
     ctypes.memmove(ctypes.addressof(new), ctypes.addressof(regs), ctypes.sizeof(Registers))

@@ -17,6 +17,8 @@ from .elf import ElfFile
 from .errors import NoSuchProcessError, ObjectFileError, TracerError
 
 _FAULTS = (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE)
+_COMPLETING_EVENTS = (linux.PTRACE_EVENT_CLONE, linux.PTRACE_EVENT_FORK, linux.PTRACE_EVENT_VFORK,
+                      linux.PTRACE_EVENT_EXEC)
 _U64 = (1 << 64) - 1
 
 
@@ -199,6 +201,9 @@ class Process:
         tid = thread.tid
         saved = linux.get_regs(tid)
         restored = _prepare_restart(saved)
+        # stopped at a clone/fork/vfork/exec event, the thread is still inside that
+        # syscall: its result is written into rax only when it is resumed
+        completing = linux.stop_event(tid) in _COMPLETING_EVENTS
         patched: Optional[Tuple[int, bytes]] = None
         if self.syscall_gadget is not None:
             at = self.syscall_gadget
@@ -214,8 +219,14 @@ class Process:
                 setattr(regs, name, value & _U64)
             regs.rip = at
             linux.set_regs(tid, regs)
-            saw_seccomp = self._step_syscall(thread, at, regs)
+            saw_seccomp, finished = self._step_syscall(thread, at, regs)
             result = signed64(linux.get_regs(tid).rax)
+            if completing and finished is not None:
+                # keep that syscall's result (a new thread's tid, say), not the
+                # -ENOSYS placeholder rax held at the event stop
+                done = linux.copy_regs(saved)
+                done.rax = finished
+                restored = _prepare_restart(done)
         finally:
             if patched is not None:
                 self.mem.write(patched[0], patched[1])
@@ -223,8 +234,11 @@ class Process:
                 linux.set_regs(tid, restored)
         return result, saw_seccomp
 
-    def _step_syscall(self, thread: Thread, at: int, regs: linux.Registers) -> bool:
+    def _step_syscall(self, thread: Thread, at: int, regs: linux.Registers) -> Tuple[bool, Optional[int]]:
+        """Step *thread* through the syscall at *at*; returns (saw_seccomp_stop,
+        the result of the syscall the thread was stopped in, if resuming ran it)."""
         saw_seccomp = False
+        finished: Optional[int] = None
         thread.stepping = True
         try:
             linux.singlestep(thread.tid)
@@ -237,10 +251,12 @@ class Process:
                 event = status >> 16
                 if event == linux.PTRACE_EVENT_SECCOMP:
                     saw_seccomp = True
+                elif event == linux.PTRACE_EVENT_STOP:
+                    thread.interrupted = False      # a PTRACE_INTERRUPT consumed here
                 elif event == 0 and sig == signal.SIGTRAP:
                     now = linux.get_regs(thread.tid)
                     if now.rip == at + 2:
-                        return saw_seccomp
+                        return saw_seccomp, finished
                     if now.rip != at:
                         # not our step: a SIGTRAP for the program; keep it
                         thread.deferred_signals.append(sig)
@@ -248,6 +264,8 @@ class Process:
                         # a step trap reported before the syscall ran: resuming from a
                         # syscall-exit stop (the exec event) also wrote that syscall's
                         # result into rax. Set the registers again and step again.
+                        if finished is None:
+                            finished = now.rax
                         linux.set_regs(thread.tid, regs)
                 elif event == 0 and sig in _FAULTS:
                     raise TracerError(f"remote syscall {regs.rax} faulted with signal {sig} "

@@ -1071,7 +1071,9 @@ class Session:
         """Stop every traced thread (events that arrive meanwhile are handled)."""
         self._holding += 1
         for thread in list(self.threads.values()):
-            if not thread.stopped and not thread.exited and not thread.interrupted:
+            # interrupted or not: an earlier PTRACE_INTERRUPT may have been used up by a
+            # stop that was not reported as its own; a second one merges with a pending one
+            if not thread.stopped and not thread.exited:
                 try:
                     linux.interrupt(thread.tid)
                     thread.interrupted = True

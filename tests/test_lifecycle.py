@@ -700,6 +700,33 @@ def test_cli_run_sigkilled_kills_the_program():
             cli.wait()
 
 
+def test_attach_while_the_main_thread_creates_threads():
+    """Arming runs system calls in a stopped thread; the main thread may be stopped
+    inside clone3() at its clone event. The new thread's tid must reach the program
+    then, not the -ENOSYS rax holds at that stop (glibc would fall back to clone() on
+    the same stack, and the process would die). Fresh targets: a second attach would
+    reuse the first one's pages and run no system call."""
+    path = life("life_clone_burst.c", "-pthread")
+    for cycle in range(20):
+        target = Target([path])
+        try:
+            with guard(GUARD, [target.pid]):
+                with ptprobe.attach(target.pid) as session:
+                    session.probe(f"uprobe:{path}:life_nop5")
+                    session.wait(timeout=0.03)
+                    target.send(b"g")
+                    while session.returncode is None and not target.out.count("quiet "):
+                        session.wait(timeout=0.05)
+                    assert session.returncode is None, f"cycle {cycle}: the program died ({session.returncode})"
+                    session.detach()
+            assert not target.out.count("FAIL"), target.out.lines[-5:]
+            assert all(t == 0 for t in task_tracers(target.pid).values())
+            assert target.finish() == 0
+            assert target.out.count("done") == 1
+        finally:
+            target.kill()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_cli_run_signalled_while_the_program_sleeps(sig):
     """ptprobe alone gets the signal while the program sits in nanosleep(): ptprobe
