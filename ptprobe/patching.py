@@ -108,6 +108,13 @@ class Site:
     def pid(self) -> int:
         return self.process.pid
 
+    def refresh_counting(self) -> bool:
+        """Recompute whether the patch this site is in only counts (no probe on it
+        has a handler, no site chained to it); True if it does."""
+        host = self.covered_by or self
+        host.counting_only = not host.chained and all(p.handler is None for p in host.probes)
+        return host.counting_only
+
     def __repr__(self) -> str:
         return f"<Site {self.address:#x} {self.mechanism} pid={self.process.pid}>"
 

@@ -66,7 +66,7 @@ class Probe:
     def __init__(self, spec: ProbeSpec, handler: Optional[Handler], internal: bool = False) -> None:
         self.spec = spec
         self.name = spec.text
-        self.handler = handler
+        self._handler = handler
         self.internal = internal
         self.hits = 0
         self.errors = 0
@@ -74,6 +74,19 @@ class Probe:
         self._identity: Optional[Tuple[int, int]] = None
         self._notes: Dict[int, List[usdt.UsdtArg]] = {}     # usdt: site address -> parsed args
         self._semaphores: Dict[int, int] = {}              # usdt: site address -> runtime semaphore address
+
+    @property
+    def handler(self) -> Optional[Handler]:
+        """Called with each :class:`Hit`; None: the probe only counts. May be changed
+        while armed (a site keeps the counting-only hot path only while none of its
+        probes has a handler)."""
+        return self._handler
+
+    @handler.setter
+    def handler(self, handler: Optional[Handler]) -> None:
+        self._handler = handler
+        for site in self.sites:
+            site.refresh_counting()
 
     def _argument_count(self, hit: Hit) -> int:
         if self.spec.kind == "usdt":
@@ -468,9 +481,7 @@ class Session:
 
     def _refresh_fast_path(self, site: Site) -> None:
         """A site whose probes only count needs no register view per hit."""
-        host = site.covered_by or site
-        host.counting_only = not host.chained and all(p.handler is None for p in host.probes)
-        self._counting = self._counting or host.counting_only
+        self._counting = site.refresh_counting() or self._counting
 
     @staticmethod
     def _label(probe: Probe, obj: LoadedObject, vaddr: int, note) -> str:

@@ -771,6 +771,26 @@ def test_two_probes_on_one_site(site):
 
 # ---------------------------------------------------------------------------- handlers that change things
 
+@pytest.mark.parametrize("seccomp", [True, False], ids=["jmp", "int3"])
+def test_handler_set_after_arming(seccomp):
+    """A probe armed without a handler (counting only) and given one before the hits:
+    every hit calls it; taken away again, the hits are counted only."""
+    path = build("core_threads.c", "-O1", "-pthread")
+    seen = []
+    with captured_stdout(), watchdog(60, []), ptprobe.run([path, "50"], seccomp=seccomp) as session:
+        probe = session.probe(f"uprobe:{path}:compute_nop5")
+        assert mechanisms(probe) == ["jmp" if seccomp else "int3"]
+
+        def handler(hit):
+            seen.append(hit.tid)
+            if len(seen) == 100:
+                probe.handler = None
+
+        probe.handler = handler
+        assert session.wait() == 0
+    assert probe.hits == 200 and len(seen) == 100
+
+
 def test_handler_writes_argument_register():
     path = build("core_simple.c", "-O1")
     after = []
