@@ -163,6 +163,13 @@ class Hammer:
     def failures(self) -> List[str]:
         return [line for line in self.out.lines if line.startswith("FAIL")]
 
+    def wait_for_progress(self, threads: int, what: str, lines: int = 1, or_failure: bool = False) -> None:
+        """Block until threads 1..*threads* each printed *lines* more progress lines than
+        now (or, with *or_failure*, a FAIL line appeared)."""
+        before = {f"t{i} ": self.out.count(f"t{i} ") for i in range(1, threads + 1)}
+        self.out.wait_for(lambda ls: all(sum(1 for x in ls if x.startswith(t)) >= before[t] + lines
+                                         for t in before) or (or_failure and bool(self.failures())), what)
+
     def finish(self) -> int:
         """Tell it to stop; return its exit status (it checks every pass itself)."""
         try:
@@ -367,9 +374,7 @@ def test_attach_detach_50_times_while_two_threads_hammer(slots):
             assert _status(hammer.pid)["TracerPid"] == "0"
         assert mechanisms == {("jmp", slots)}
         # it runs on untraced: both threads still report progress
-        before = {t: hammer.out.count(t) for t in ("t1 ", "t2 ")}
-        hammer.out.wait_for(lambda ls: all(sum(1 for x in ls if x.startswith(t)) > before[t]
-                                           for t in before), "progress after the last detach")
+        hammer.wait_for_progress(2, "progress after the last detach")
         assert hammer.finish() == 0
         assert hammer.failures() == []
         assert any(line.startswith("done ") for line in hammer.out.lines)
@@ -460,9 +465,7 @@ def test_cli_sigkilled_self_returning_slots_keep_program_alive():
         assert _read_mem(hammer.pid, site_address, 1) == b"\xe9"
         for task in os.listdir(f"/proc/{hammer.pid}/task"):
             assert _status(int(task))["TracerPid"] == "0"
-        before = {t: hammer.out.count(t) for t in ("t1 ", "t2 ")}
-        hammer.out.wait_for(lambda ls: all(sum(1 for x in ls if x.startswith(t)) >= before[t] + 3
-                                           for t in before), "progress after the tracer died")
+        hammer.wait_for_progress(2, "progress after the tracer died", lines=3)
         assert hammer.proc.poll() is None
         assert hammer.finish() == 0
         assert hammer.failures() == []

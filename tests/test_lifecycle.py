@@ -779,9 +779,7 @@ def test_cli_sigint_while_four_threads_hammer(slots):
         assert all(t == 0 for t in task_tracers(hammer.pid).values())
         assert read_mem(hammer.pid, site, 6) == original
         # every thread runs on, its own register checks passing
-        before = {t: hammer.out.count(t) for t in ("t1 ", "t2 ", "t3 ", "t4 ")}
-        hammer.out.wait_for(lambda ls: all(sum(1 for x in ls if x.startswith(t)) > before[t] for t in before)
-                            or hammer.failures(), "progress after the detach")
+        hammer.wait_for_progress(4, "progress after the detach", or_failure=True)
         assert hammer.failures() == []
         assert hammer.finish() == 0
         assert hammer.failures() == []
