@@ -12,7 +12,8 @@ from .errors import (FaultError, HandlerError, InstructionBoundaryError, NoSuchP
                      SitePatchedError, SymbolNotFoundError, TracePermissionError, TracerError)
 from .hit import Hit, Regs
 from .patching import Site
-from .session import Observer, Probe, Session, attach, run
+from .probes import Probe
+from .session import Observer, Session, attach, run
 from .spec import ProbeSpec, parse_spec
 
 __version__ = "0.1.0"

@@ -4,7 +4,7 @@ Everything here is a pure function of its arguments: no I/O, no tracee access. T
 module is the only one that talks to capstone (decoding) and keystone (assembling);
 their exceptions are translated where they enter.
 
-Main pieces (see DESIGN.md sections 1, 2 and 4):
+Main pieces (see docs/design.md):
 
 * :func:`decode`, :func:`iter_instructions`, :func:`is_instruction_start` -- decode with
   capstone and never guess instruction boundaries.
@@ -36,6 +36,9 @@ __all__ = [
     "SEED_SLOT_SIZE",
     "RETURN_SLOT_SIZE",
     "RETURN_SLOT_JMP_OFFSET",
+    "SLOT_SAVED_REGISTERS",
+    "SLOT_SAVED",
+    "SLOT_FRAME_SIZE",
     "PAGE_SIZE",
     "XOL_ENTRY_SIZE",
     "JMP_REL32_SIZE",
@@ -114,6 +117,14 @@ RETURN_SLOT_TAIL_SOURCE: str = (
 #: Offset of the ``jmp rel32`` back to the site's resume address in a self-returning slot.
 RETURN_SLOT_JMP_OFFSET: int = 28
 
+#: The frame a slot has built on the stack when its syscall stops the thread:
+#: from rsp up, the program's rax, r11 and rcx (pushed in the reverse order), then
+#: the 128-byte red zone. The program's rsp is rsp + SLOT_FRAME_SIZE. (The same as
+#: ``seed_slot_frame(SEED_SLOT_SIZE)`` describes.)
+SLOT_SAVED_REGISTERS: tuple = ("rax", "r11", "rcx")
+SLOT_SAVED: struct.Struct = struct.Struct("<3Q")
+SLOT_FRAME_SIZE: int = 0x80 + SLOT_SAVED.size
+
 _INT32_MIN = -(1 << 31)
 _INT32_MAX = (1 << 31) - 1
 _ADDR_MASK = (1 << 64) - 1
@@ -151,7 +162,7 @@ FLOW_RET = "ret"  # near ret / ret imm16
 FLOW_LOOP = "loop"  # loop/loope/loopne/jrcxz/jecxz rel8
 FLOW_JMP_INDIRECT = "jmp_indirect"  # jmp r/m64
 FLOW_CALL_INDIRECT = "call_indirect"  # call r/m64
-FLOW_SPECIAL = "special"  # cannot run out of line (syscall, int, far branch, xbegin, ...)
+FLOW_SPECIAL = "special"  # cannot run out of line (int n, far branch, xbegin, ...)
 
 _JCC_IDS = frozenset(
     {
@@ -169,7 +180,7 @@ _LOOP_IDS = frozenset(
 )
 _SPECIAL_IDS = frozenset(
     {
-        _x86.X86_INS_SYSCALL, _x86.X86_INS_SYSENTER, _x86.X86_INS_SYSEXIT,
+        _x86.X86_INS_SYSENTER, _x86.X86_INS_SYSEXIT,
         _x86.X86_INS_SYSEXITQ, _x86.X86_INS_SYSRET, _x86.X86_INS_SYSRETQ,
         _x86.X86_INS_UD0, _x86.X86_INS_UD1, _x86.X86_INS_UD2, _x86.X86_INS_HLT,
         _x86.X86_INS_LJMP, _x86.X86_INS_LCALL, _x86.X86_INS_RETF, _x86.X86_INS_RETFQ,
@@ -190,7 +201,7 @@ class Instruction:
 
     ``flow`` is one of ``plain``, ``jmp``, ``jcc``, ``call``, ``ret``, ``loop``,
     ``jmp_indirect``, ``call_indirect`` or ``special`` (cannot be run out of line:
-    syscall, int n, far branches, xbegin, eip-relative operands, ...).
+    int n, far branches, xbegin, eip-relative operands, ...).
     ``target`` is the absolute target of a direct (relative) branch, else None.
     ``rip_disp_offset`` is the offset in ``raw`` of the disp32 of a rip-relative memory
     operand, else None.
@@ -228,6 +239,12 @@ def _read_int32(data: bytes, offset: int) -> int:
 
 def _flow_of(ci: capstone.CsInsn) -> tuple[str, int | None]:
     """Classify a capstone instruction's control flow; return (flow, direct target)."""
+    if ci.id == _x86.X86_INS_SYSCALL:
+        # runs out of line like any plain instruction: it has no operand, a restart
+        # (rip -= 2) runs the copy again, and the return address the kernel keeps in
+        # rcx is a register the ABI lets syscall clobber. Stepping it in place, with
+        # the other threads stopped, would stall on a blocking call and deadlock on vfork.
+        return FLOW_PLAIN, None
     groups = set(ci.groups)
     if ci.id in _SPECIAL_IDS or groups & _SPECIAL_GROUPS:
         return FLOW_SPECIAL, None
@@ -503,7 +520,7 @@ def _cached_assemble(key: str, source: str, nr: int) -> bytes:
 
 
 def seed_slot_code(nr: int = SLOT_SYSCALL_NR) -> bytes:
-    """The 16 bytes of a seed slot (DESIGN.md section 2) making syscall ``nr``."""
+    """The 16 bytes of a seed slot (docs/design.md, "Slots and pages") making syscall ``nr``."""
     if not 0 <= nr <= 0xFFFF_FFFF:
         raise ValueError(f"syscall number {nr:#x} does not fit in 32 bits")
     code = _cached_assemble("seed", SEED_SLOT_SOURCE.format(nr=nr), nr)
@@ -530,7 +547,7 @@ def return_slot_code(slot_address: int, resume_address: int, nr: int = SLOT_SYSC
 def slot_index(rip: int, page: int, stride: int) -> int | None:
     """Index of the slot of ``page`` whose syscall ``rip`` (just after it) belongs to, or None.
 
-    ``stride`` is SEED_SLOT_SIZE or RETURN_SLOT_SIZE (DESIGN.md section 3).
+    ``stride`` is SEED_SLOT_SIZE or RETURN_SLOT_SIZE (docs/design.md, "Catching a slot's syscall").
     """
     if not page < rip <= page + PAGE_SIZE:
         return None
@@ -668,7 +685,7 @@ def displaced_code(
 
     Returns None when this cannot be done correctly: a target, memory operand or the
     way back out of rel32 reach, an operand-size prefix on a relative branch, or an
-    instruction of flow ``special`` (syscall, int n, far branches, xbegin, ...). The
+    instruction of flow ``special`` (int n, far branches, xbegin, ...). The
     caller should then single-step the original instruction instead.
     """
     x = xol_address

@@ -6,10 +6,9 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from . import linux
+from . import procfs
 from .elf import ElfFile
-from .errors import ObjectFileError
-from .process import _load_bias, open_elf
+from .objects import open_elf, scan_objects
 
 
 @dataclass(frozen=True)
@@ -67,20 +66,8 @@ def iter_functions(path: str) -> Iterator[Function]:
 
 def iter_mapped_objects(pid: int) -> Iterator[Tuple[str, int]]:
     """(path, load bias) of each ELF object with executable code mapped in process *pid*."""
-    by_path: Dict[str, List[linux.Mapping]] = {}
-    for m in linux.read_maps(pid):
-        if m.path.startswith("/") and m.inode and not m.path.endswith(" (deleted)"):
-            by_path.setdefault(m.path, []).append(m)
-    for path, maps in by_path.items():
-        if not any(m.is_exec for m in maps):
-            continue
-        try:
-            elf = open_elf(path)
-        except ObjectFileError:
-            continue
-        bias = _load_bias(elf, maps)
-        if bias is not None:
-            yield path, bias
+    for obj in scan_objects(procfs.read_maps(pid)).values():
+        yield obj.path, obj.bias
 
 
 def iter_process_usdt_probes(pid: int) -> Iterator[UsdtProbe]:

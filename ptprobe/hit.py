@@ -1,23 +1,40 @@
-"""What a handler sees: :class:`Hit` and its register view :class:`Regs`."""
+"""What a handler sees: :class:`Hit`, its register view :class:`Regs` and its
+arguments :class:`Args`.
+
+The engine builds these per hit (``ptprobe.engine.hits``); the probe that was
+hit supplies the arguments through the :class:`ArgumentSource` protocol, so this
+module depends on no probe or engine module.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Set, Union, overload
+from typing import (TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Set, Union,
+                    overload)
 
-from . import linux
+from . import arch, linux
 
 if TYPE_CHECKING:  # pragma: no cover
     from .patching import Site
-    from .process import Process
-    from .session import Probe
 
-_U64 = (1 << 64) - 1
+Value = Union[int, float]
+
+
+class ArgumentSource(Protocol):
+    """What a :class:`Hit` needs of its probe (:class:`ptprobe.Probe` is one)."""
+
+    name: str
+
+    def argument_count(self, hit: "Hit") -> int: ...
+
+    def arguments(self, hit: "Hit") -> List[Value]: ...
+
+    def argument(self, hit: "Hit", index: int) -> Value: ...
 
 #: The registers a handler can read and write by name.
 REGISTER_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
                   "r12", "r13", "r14", "r15", "rip", "eflags", "fs_base", "gs_base",
                   "cs", "ss", "ds", "es", "fs", "gs")
-_STACKED = ("rax", "r11", "rcx")      # saved on the stack by a slot, in this order from rsp
+_STACKED = arch.SLOT_SAVED_REGISTERS   # saved on the stack by a slot
 
 
 class Regs:
@@ -32,28 +49,41 @@ class Regs:
     __slots__ = ("_raw", "_values", "_dirty", "_loader")
 
     def __init__(self, raw: linux.Registers, values: Dict[str, int],
-                 loader: Optional[Callable[["Regs"], None]] = None) -> None:
+                 loader: Optional[Callable[[], Dict[str, int]]] = None) -> None:
         self._raw = raw
         self._values = values           # values that differ from the raw registers
         self._dirty: Set[str] = set()
-        self._loader = loader           # fills rax/r11/rcx from the slot's stack on demand
+        self._loader = loader           # the program's rax/r11/rcx from a slot's stack, on demand
 
-    def _get(self, name: str) -> int:
+    def get(self, name: str) -> int:
+        """The program's value of register *name* (a name of :data:`REGISTER_NAMES`)."""
         value = self._values.get(name)
         if value is not None:
             return value
         if self._loader is not None and name in _STACKED:
-            self._loader(self)
-            self._loader = None
+            self.load_stacked()
             return self._values[name]
         return getattr(self._raw, name)
 
+
     def _set(self, name: str, value: int) -> None:
         if self._loader is not None and name in _STACKED:
-            self._loader(self)
-            self._loader = None
-        self._values[name] = int(value) & _U64
+            self.load_stacked()
+        self._values[name] = int(value) & linux.U64
         self._dirty.add(name)
+
+    def load_stacked(self) -> None:
+        """Read the registers a slot saved on the stack now (the engine needs them
+        all to finish a slot by hand)."""
+        if self._loader is not None:
+            for name, value in self._loader().items():
+                self._values.setdefault(name, value)
+            self._loader = None
+
+    def move_to(self, address: int) -> None:
+        """Show the program at *address* (the next site of a chained patch): rip
+        changes in the view, and does not count as a handler's change."""
+        self._values["rip"] = address
 
     @property
     def changed(self) -> Set[str]:
@@ -61,14 +91,14 @@ class Regs:
         return self._dirty
 
     def as_dict(self) -> Dict[str, int]:
-        return {name: self._get(name) for name in REGISTER_NAMES}
+        return {name: self.get(name) for name in REGISTER_NAMES}
 
     def __getitem__(self, name: str) -> int:
         if name == "rflags":
             name = "eflags"
         if name not in REGISTER_NAMES:
             raise KeyError(name)
-        return self._get(name)
+        return self.get(name)
 
     def __setitem__(self, name: str, value: int) -> None:
         if name == "rflags":
@@ -83,7 +113,7 @@ class Regs:
 
 def _reg_property(name: str) -> property:
     def getter(self: Regs) -> int:
-        return self._get(name)
+        return self.get(name)
 
     def setter(self: Regs, value: int) -> None:
         self._set(name, value)
@@ -99,16 +129,16 @@ Regs.rflags = _reg_property("eflags")  # type: ignore[attr-defined]
 class Hit:
     """One probe hit. Valid only while the handler runs."""
 
-    __slots__ = ("pid", "tid", "address", "probe", "regs", "site", "_process", "_args", "_xmm")
+    __slots__ = ("pid", "tid", "address", "probe", "regs", "site", "_mem", "_args", "_xmm")
 
-    def __init__(self, probe: "Probe", site: "Site", tid: int, regs: Regs) -> None:
+    def __init__(self, probe: ArgumentSource, site: "Site", pid: int, tid: int, regs: Regs) -> None:
         self.probe = probe
         self.site = site
-        self.pid: int = site.process.pid
+        self.pid = pid
         self.tid = tid
         self.address: int = site.address
         self.regs = regs
-        self._process: "Process" = site.process
+        self._mem: linux.Memory = site.space.mem
         self._args: Optional[Args] = None
         self._xmm: Optional[linux.FpRegisters] = None
 
@@ -134,22 +164,23 @@ class Hit:
 
     def read(self, address: int, size: int) -> bytes:
         """Read *size* bytes of the process's memory."""
-        return self._process.mem.read(address, size)
+        return self._mem.read(address, size)
 
     def read_str(self, address: int, limit: int = 4096, encoding: str = "utf-8") -> str:
         """Read a NUL-terminated string (at most *limit* bytes), decoded."""
-        return self._process.mem.read_cstring(address, limit).decode(encoding, "replace")
+        return self._mem.read_cstring(address, limit).decode(encoding, "replace")
 
     def write(self, address: int, data: bytes) -> None:
         """Write *data* into the process's memory."""
-        self._process.mem.write(address, bytes(data))
+        self._mem.write(address, bytes(data))
 
     def __repr__(self) -> str:
         return f"<Hit {self.probe.name} pid={self.pid} tid={self.tid} at {self.address:#x}>"
 
-    def _forget(self) -> None:
-        """The hit is over: drop the cached :class:`Args`, which refer back to the
-        hit, so that reference counting frees both (no garbage for the cyclic GC)."""
+    def expire(self) -> None:
+        """The hit is over (called by the engine): drop the cached :class:`Args`,
+        which refer back to the hit, so that reference counting frees both (no
+        garbage for the cyclic GC)."""
         self._args = None
 
 
@@ -161,25 +192,25 @@ class Args(Sequence):
 
     def __init__(self, hit: Hit) -> None:
         self._hit = hit
-        self._len = hit.probe._argument_count(hit)
-        self._values: Dict[int, Union[int, float]] = {}
+        self._len = hit.probe.argument_count(hit)
+        self._values: Dict[int, Value] = {}
 
     def __len__(self) -> int:
         return self._len
 
-    def __iter__(self) -> Iterator[Union[int, float]]:
+    def __iter__(self) -> Iterator[Value]:
         if not self._values:
             # nothing read yet: all of them in one go (the common case, printing a hit)
-            values = self._hit.probe._arguments(self._hit)
+            values = self._hit.probe.arguments(self._hit)
             self._values.update(enumerate(values))
             return iter(values)
         return (self[index] for index in range(self._len))
 
     @overload
-    def __getitem__(self, index: int) -> Union[int, float]: ...
+    def __getitem__(self, index: int) -> Value: ...
 
     @overload
-    def __getitem__(self, index: slice) -> List[Union[int, float]]: ...
+    def __getitem__(self, index: slice) -> List[Value]: ...
 
     def __getitem__(self, index):
         if isinstance(index, slice):
@@ -190,7 +221,7 @@ class Args(Sequence):
             raise IndexError("argument index out of range")
         value = self._values.get(index)
         if value is None:
-            value = self._hit.probe._argument(self._hit, index)
+            value = self._hit.probe.argument(self._hit, index)
             self._values[index] = value
         return value
 

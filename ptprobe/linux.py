@@ -1,11 +1,14 @@
-"""The one module over ptrace, waitpid and /proc.
+"""The one module over ptrace, waitpid, raw system calls and ctypes.
 
 Everything ptprobe asks of the kernel goes through here: ptrace requests (the
 raw call comes from python-ptrace; the requests, options and events it lacks
 are declared here), the register structures, a few raw syscalls (tgkill,
-kcmp), process memory through ``/proc/PID/mem`` and the parsing of
-``/proc/PID/maps`` and ``/proc/PID/status``. Kernel errors are translated into
-:mod:`ptprobe.errors` exceptions where they enter.
+kcmp), process memory through ``/proc/PID/mem``, and the kernel ABI layouts
+ptprobe writes into a tracee (``sock_fprog`` and the BPF program of the
+seccomp filter, glibc's ``r_debug``). Every ctypes declaration of the project
+is here. Kernel errors are translated into :mod:`ptprobe.errors` exceptions
+where they enter. The text files of ``/proc`` are parsed in
+:mod:`ptprobe.procfs`.
 """
 
 from __future__ import annotations
@@ -14,8 +17,6 @@ import ctypes
 import errno as _errno
 import functools
 import os
-from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional
 
 from ptrace.binding import func as _pt
 from ptrace.binding.linux_struct import siginfo as _siginfo
@@ -96,7 +97,6 @@ ERESTARTSYS = 512
 ERESTARTNOINTR = 513
 ERESTARTNOHAND = 514
 ERESTART_RESTARTBLOCK = 516
-CAP_SYS_ADMIN = 21
 
 Registers = _regs
 FpRegisters = _fpregs
@@ -223,6 +223,18 @@ def get_siginfo(tid: int) -> SigInfo:
     return info
 
 
+_SIGINFO_INTS = ctypes.c_int * 32          # a siginfo_t (128 bytes); si_code is the third int
+
+
+def is_int3_trap(tid: int) -> bool:
+    """True if the SIGTRAP *tid* is stopped with came from an int3 instruction
+    (``si_code == SI_KERNEL``), not from a program's kill, tgkill or single step."""
+    info = _SIGINFO_INTS()
+    if _hot(PTRACE_GETSIGINFO, tid, 0, ctypes.byref(info)) == -1:
+        raise _fail(tid, "read signal info")
+    return info[2] == SI_KERNEL
+
+
 def stop_event(tid: int) -> int:
     """The PTRACE_EVENT_* of the stop *tid* is in (0: another stop, or none known)."""
     try:
@@ -267,6 +279,33 @@ wait_any = functools.partial(os.waitpid, -1, WALL | WNOTHREAD)
 
 def wait_tid(tid: int) -> int:
     return os.waitpid(tid, WALL)[1]
+
+
+def wait_any_nohang() -> "tuple[int, int]":
+    """Like wait_any, but (0, 0) when nothing is pending."""
+    return os.waitpid(-1, WALL | WNOTHREAD | os.WNOHANG)
+
+
+def wait_tid_nohang(tid: int) -> "tuple[int, int]":
+    try:
+        return os.waitpid(tid, WALL | os.WNOHANG)
+    except ChildProcessError:
+        return 0, 0
+
+
+def lost_stop_status(tid: int) -> "int | None":
+    """The wait status of the ptrace-stop *tid* is in, rebuilt from its signal
+    information (for a stop whose status another waitpid collected); None if
+    *tid* is in no such stop."""
+    info = _SIGINFO_INTS()
+    if _hot(PTRACE_GETSIGINFO, tid, 0, ctypes.byref(info)) == -1:
+        if ctypes.get_errno() == _errno.EINVAL:      # a group-stop has no siginfo
+            return (PTRACE_EVENT_STOP << 16) | (19 << 8) | 0x7F     # SIGSTOP
+        return None
+    signo, code = info[0], info[2]
+    if signo == 5 and code & 0xFF == 5 and code >> 8:           # SIGTRAP | event << 8
+        return ((code >> 8) << 16) | (5 << 8) | 0x7F
+    return (signo << 8) | 0x7F
 
 
 # --- /proc ---------------------------------------------------------------------
@@ -336,83 +375,60 @@ class Memory:
             self._fd = -1
 
 
-@dataclass(frozen=True)
-class Mapping:
-    """One line of ``/proc/PID/maps``."""
-
-    start: int
-    end: int
-    perms: str
-    offset: int
-    dev: str
-    inode: int
-    path: str
-
-    @property
-    def is_exec(self) -> bool:
-        return "x" in self.perms
+# --- kernel and libc ABI layouts written into or read from a tracee -------------
+#: All-ones 64-bit value: ``orig_rax = U64`` means "no syscall to restart/skip it".
+U64 = (1 << 64) - 1
 
 
-def read_maps(pid: int) -> List[Mapping]:
-    try:
-        with open(f"/proc/{pid}/maps") as fh:
-            lines = fh.read().splitlines()
-    except FileNotFoundError:
-        raise NoSuchProcessError(f"no such process: {pid}", pid) from None
-    except PermissionError:
-        raise TracePermissionError(f"cannot read the maps of process {pid}: permission denied", pid) from None
-    maps = []
-    for line in lines:
-        parts = line.split(None, 5)
-        if len(parts) < 5:
-            continue
-        start, end = (int(x, 16) for x in parts[0].split("-"))
-        maps.append(Mapping(start, end, parts[1], int(parts[2], 16), parts[3], int(parts[4]),
-                            parts[5] if len(parts) > 5 else ""))
-    return maps
+def signed64(value: int) -> int:
+    """*value* (a 64-bit register) as a signed integer."""
+    value &= U64
+    return value - (1 << 64) if value >> 63 else value
 
 
-def read_status(pid: int) -> Dict[str, str]:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            text = fh.read()
-    except (FileNotFoundError, ProcessLookupError):
-        raise NoSuchProcessError(f"no such process: {pid}", pid) from None
-    except PermissionError:
-        raise TracePermissionError(f"cannot read the status of process {pid}", pid) from None
-    out = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        out[key] = value.strip()
-    return out
+class SockFprog(ctypes.Structure):
+    """``struct sock_fprog``: a BPF program for ``seccomp(SECCOMP_SET_MODE_FILTER)``."""
+
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_uint64)]
 
 
-def iter_threads(pid: int) -> Iterator[int]:
-    try:
-        names = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        raise NoSuchProcessError(f"no such process: {pid}", pid) from None
-    for name in names:
-        yield int(name)
+class SockFilter(ctypes.Structure):
+    """``struct sock_filter``: one classic BPF instruction."""
+
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint32)]
 
 
-def thread_group(tid: int) -> Optional[int]:
-    try:
-        return int(read_status(tid)["Tgid"])
-    except (NoSuchProcessError, KeyError, ValueError):
-        return None
+# offsets into ``struct seccomp_data`` and the BPF/seccomp numbers the filter uses
+SECCOMP_DATA_NR = 0
+SECCOMP_DATA_ARCH = 4
+AUDIT_ARCH_X86_64 = 0xC000003E
+SECCOMP_RET_TRACE = 0x7FF00000
+SECCOMP_RET_ALLOW = 0x7FFF0000
+BPF_LD_W_ABS = 0x20          # BPF_LD | BPF_W | BPF_ABS
+BPF_JEQ_K = 0x15             # BPF_JMP | BPF_JEQ | BPF_K
+BPF_RET_K = 0x06             # BPF_RET | BPF_K
 
 
-def has_cap_sys_admin(pid: int) -> bool:
-    caps = int(read_status(pid).get("CapEff", "0"), 16)
-    return bool(caps & (1 << CAP_SYS_ADMIN))
+def seccomp_trace_filter(nr: int) -> bytes:
+    """A BPF program: ``SECCOMP_RET_TRACE`` for x86-64 syscall *nr*, allow everything else."""
+    program = (SockFilter * 6)(
+        SockFilter(BPF_LD_W_ABS, 0, 0, SECCOMP_DATA_ARCH),
+        SockFilter(BPF_JEQ_K, 0, 3, AUDIT_ARCH_X86_64),   # other arch: allow
+        SockFilter(BPF_LD_W_ABS, 0, 0, SECCOMP_DATA_NR),
+        SockFilter(BPF_JEQ_K, 0, 1, nr),
+        SockFilter(BPF_RET_K, 0, 0, SECCOMP_RET_TRACE),
+        SockFilter(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+    )
+    return bytes(program)
 
 
-def exe_identity(path: str) -> "tuple[int, int]":
-    st = os.stat(path)
-    return (st.st_dev, st.st_ino)
+class RDebug(ctypes.Structure):
+    """glibc's ``struct r_debug`` (``_r_debug`` in ld.so), read to know when the
+    dynamic loader's list of objects is consistent."""
+
+    _fields_ = [("r_version", ctypes.c_int32), ("r_map", ctypes.c_uint64), ("r_brk", ctypes.c_uint64),
+                ("r_state", ctypes.c_int32), ("r_ldbase", ctypes.c_uint64)]
 
 
-def mapping_identity(mapping: Mapping) -> "tuple[int, int]":
-    major, minor = (int(x, 16) for x in mapping.dev.split(":"))
-    return (os.makedev(major, minor), mapping.inode)
+RT_CONSISTENT = 0
+R_STATE_OFFSET = RDebug.r_state.offset

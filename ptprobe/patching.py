@@ -1,11 +1,11 @@
-"""Patching a process: trampoline pages, slots, the seccomp filter, sites.
+"""Patching an address space: trampoline pages, slots, the seccomp filter, sites.
 
 One :class:`Patcher` per traced address space. It maps trampoline pages with
 remote syscalls, writes code only through ``/proc/PID/mem`` (so the tracee
 never has a writable and executable mapping), and turns probe addresses into
 armed :class:`Site` objects: a ``jmp`` into a slot for 5-byte NOP sites, an
-``int3`` otherwise. Every call here expects all threads of the process to be
-stopped.
+``int3`` otherwise. Every call here expects all threads of the address space
+to be stopped. See ``docs/design.md``, "Slots and pages".
 
 Pages are private mappings of a memfd named ``ptprobe`` (``/memfd:ptprobe``
 in ``/proc/PID/maps``). A read-only 1 MiB mapping of the same kind, the
@@ -15,25 +15,31 @@ which site, so that a later attach finds all of it again.
 
 from __future__ import annotations
 
+import ctypes
 import struct
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tuple
 
-from . import arch, linux
+from . import arch, linux, procfs
 from .arch import PAGE_SIZE
 from .errors import FaultError, SitePatchedError, TracerError
-from .process import LoadedObject, Process
+from .objects import LoadedObject
 
 MEMFD_NAME = b"ptprobe\0"
+# The record's layout (ptprobe's own, read back by a later ptprobe: change the magic
+# with it): a header, the sock_fprog and BPF program of the filter, a table of
+# pages (address, kind) and a table of slots (slot or copy address, resume or
+# instruction address; 0 marks the syscall gadget).
 RECORD_SIZE = 1 << 20
 RECORD_MAGIC = b"PTPROBE\x01"
 _HDR = struct.Struct("<8sQQQQ")        # magic, flags, nr, n_pages, n_slots
+_ENTRY = struct.Struct("<QQ")          # one row of the page and slot tables
 _FPROG_AT = 64
 _FILTER_AT = 80
 _PAGES_AT = 1024
-_PAGES_MAX = (8192 - 1024) // 16
+_PAGES_MAX = (8192 - 1024) // _ENTRY.size
 _SLOTS_AT = 8192
-_SLOTS_MAX = (RECORD_SIZE - 8192) // 16
+_SLOTS_MAX = (RECORD_SIZE - 8192) // _ENTRY.size
 FLAG_FILTER = 1
 FLAG_FILTER_FAILED = 2
 _KINDS = {"seed": 1, "return": 2, "xol": 3}
@@ -43,21 +49,28 @@ _MMAP_MIN = 0x10000
 _REACH = 0x7FFF0000
 
 
-def _bpf(code: int, jt: int, jf: int, k: int) -> bytes:
-    return struct.pack("<HBBI", code, jt, jf, k)
+class Target(Protocol):
+    """What a :class:`Patcher` needs of the address space it patches
+    (:class:`ptprobe.tracee.AddressSpace` is one)."""
 
+    mem: linux.Memory
+    filter_state: str
+    syscall_gadget: Optional[int]
 
-def seccomp_filter(nr: int) -> bytes:
-    """The BPF program: TRACE for x86-64 syscall *nr*, ALLOW for everything else."""
-    ld_w_abs, jeq_k, ret_k = 0x20, 0x15, 0x06
-    return b"".join([
-        _bpf(ld_w_abs, 0, 0, 4),                   # A = seccomp_data.arch
-        _bpf(jeq_k, 0, 3, 0xC000003E),             # AUDIT_ARCH_X86_64 ? next : allow
-        _bpf(ld_w_abs, 0, 0, 0),                   # A = seccomp_data.nr
-        _bpf(jeq_k, 0, 1, nr),                     # nr ? trace : allow
-        _bpf(ret_k, 0, 0, 0x7FF00000),             # SECCOMP_RET_TRACE
-        _bpf(ret_k, 0, 0, 0x7FFF0000),             # SECCOMP_RET_ALLOW
-    ])
+    @property
+    def pid(self) -> int: ...
+
+    def maps(self, refresh: bool = False) -> List[procfs.Mapping]: ...
+
+    def invalidate_maps(self) -> None: ...
+
+    def executable(self) -> str: ...
+
+    def stopped_thread(self) -> Any: ...
+
+    def scratch_address(self, thread: Any, size: int) -> int: ...
+
+    def syscall(self, nr: int, *args: int, thread: Any = None) -> Tuple[int, bool]: ...
 
 
 @dataclass
@@ -80,10 +93,10 @@ class Page:
 
 @dataclass(eq=False)
 class Site:
-    """One armed probe address in one process."""
+    """One armed probe address in one address space."""
 
     address: int                  # the probe address (what handlers see as rip)
-    process: Process
+    space: Target
     obj: Optional[LoadedObject]
     mechanism: str                # "int3" or "jmp"
     patch_at: int                 # where the patch bytes go
@@ -106,7 +119,7 @@ class Site:
 
     @property
     def pid(self) -> int:
-        return self.process.pid
+        return self.space.pid
 
     def refresh_counting(self) -> bool:
         """Recompute whether the patch this site is in only counts (no probe on it
@@ -116,18 +129,20 @@ class Site:
         return host.counting_only
 
     def __repr__(self) -> str:
-        return f"<Site {self.address:#x} {self.mechanism} pid={self.process.pid}>"
+        return f"<Site {self.address:#x} {self.mechanism} pid={self.space.pid}>"
 
 
 class Patcher:
     """Arms and disarms sites in one address space."""
 
-    def __init__(self, process: Process, *, slots: str = "return", seccomp: bool = True,
+    def __init__(self, space: Target, *, slots: str = "return", seccomp: bool = True,
                  allow_no_new_privs: bool = True, max_pages: int = 64,
-                 notice: Callable[[str], None] = lambda text: None) -> None:
+                 notice: Callable[[str], None] = lambda text: None, find_record: bool = True) -> None:
         if slots not in ("return", "seed"):
             raise ValueError("slots must be 'return' or 'seed'")
-        self.process = process
+        self.options: Dict[str, Any] = dict(slots=slots, seccomp=seccomp, allow_no_new_privs=allow_no_new_privs,
+                                            max_pages=max_pages, notice=notice)
+        self.space = space
         self.slot_kind = slots
         self.use_seccomp = seccomp
         self.allow_no_new_privs = allow_no_new_privs
@@ -144,15 +159,16 @@ class Patcher:
         self._record_flags = 0
         self._slot_records = 0                    # entries in the record's slot table
         self._nnp_hint_given = False
-        self._load_record()
+        if find_record:
+            self._load_record()
 
     # --- the record -------------------------------------------------------------
     def _load_record(self) -> None:
         """Find the record and pages an earlier ptprobe left in this process."""
-        for m in self.process.maps(refresh=True):
+        for m in self.space.maps(refresh=True):
             if m.path.startswith("/memfd:ptprobe") and m.end - m.start == RECORD_SIZE and m.perms.startswith("r--"):
                 try:
-                    header = self.process.mem.read(m.start, _HDR.size)
+                    header = self.space.mem.read(m.start, _HDR.size)
                 except Exception:
                     continue
                 magic, flags, nr, n_pages, n_slots = _HDR.unpack(header)
@@ -162,24 +178,24 @@ class Patcher:
                 self._record_flags = flags
                 self._slot_records = min(n_slots, _SLOTS_MAX)
                 if flags & FLAG_FILTER and nr == arch.SLOT_SYSCALL_NR:
-                    self.process.filter_state = "installed"
+                    self.space.filter_state = "installed"
                 elif flags & FLAG_FILTER_FAILED:
-                    self.process.filter_state = "failed"
-                table = self.process.mem.read(m.start + _PAGES_AT, 16 * min(n_pages, _PAGES_MAX))
-                for i in range(0, len(table), 16):
-                    addr, kind = struct.unpack_from("<QQ", table, i)
+                    self.space.filter_state = "failed"
+                table = self.space.mem.read(m.start + _PAGES_AT, _ENTRY.size * min(n_pages, _PAGES_MAX))
+                for i in range(0, len(table), _ENTRY.size):
+                    addr, kind = _ENTRY.unpack_from(table, i)
                     if kind in _KIND_NAMES:
                         self.pages[addr] = Page(addr, _KIND_NAMES[kind])
-                slots = self.process.mem.read(m.start + _SLOTS_AT, 16 * min(n_slots, _SLOTS_MAX))
-                for i in range(0, len(slots), 16):
-                    slot, resume = struct.unpack_from("<QQ", slots, i)
+                slots = self.space.mem.read(m.start + _SLOTS_AT, _ENTRY.size * min(n_slots, _SLOTS_MAX))
+                for i in range(0, len(slots), _ENTRY.size):
+                    slot, resume = _ENTRY.unpack_from(slots, i)
                     page = self.pages.get(slot & ~0xFFF)
                     if page is None:
                         continue
                     if page.kind == "xol":
                         page.used = max(page.used, slot - page.address + arch.XOL_ENTRY_SIZE)
                         if resume == 0:
-                            self.process.syscall_gadget = slot
+                            self.space.syscall_gadget = slot
                         else:
                             self.xol_owner[resume] = slot
                     else:
@@ -191,7 +207,7 @@ class Patcher:
         assert self.record is not None
         n_pages = len(self.pages)
         n_slots = self._slot_records
-        self.process.mem.write(self.record, _HDR.pack(RECORD_MAGIC, self._record_flags,
+        self.space.mem.write(self.record, _HDR.pack(RECORD_MAGIC, self._record_flags,
                                                       arch.SLOT_SYSCALL_NR, n_pages, n_slots))
 
     def _remember_slot(self, slot: int, resume: int) -> None:
@@ -200,34 +216,34 @@ class Patcher:
         n = self._slot_records
         if n >= _SLOTS_MAX:
             return
-        self.process.mem.write(self.record + _SLOTS_AT + 16 * n, struct.pack("<QQ", slot, resume))
+        self.space.mem.write(self.record + _SLOTS_AT + _ENTRY.size * n, _ENTRY.pack(slot, resume))
         self._slot_records = n + 1
         self._write_header()
 
     # --- mapping pages ----------------------------------------------------------
     def _memfd_map(self, address: int, size: int, prot: int, fixed: bool) -> Optional[int]:
         """Map *size* bytes of a new ``ptprobe`` memfd; None when it cannot be placed."""
-        proc = self.process
-        thread = proc.any_stopped_thread()
-        name_at = proc.scratch_address(thread, len(MEMFD_NAME))
-        proc.mem.write(name_at, MEMFD_NAME)
-        fd, _ = proc.syscall(linux.SYS_memfd_create, name_at, linux.MFD_CLOEXEC, thread=thread)
+        space = self.space
+        thread = space.stopped_thread()
+        name_at = space.scratch_address(thread, len(MEMFD_NAME))
+        space.mem.write(name_at, MEMFD_NAME)
+        fd, _ = space.syscall(linux.SYS_memfd_create, name_at, linux.MFD_CLOEXEC, thread=thread)
         flags = linux.MAP_PRIVATE | (linux.MAP_FIXED_NOREPLACE if fixed else 0)
         if fd < 0:
-            result, _ = proc.syscall(linux.SYS_mmap, address, size, prot, flags | linux.MAP_ANONYMOUS,
+            result, _ = space.syscall(linux.SYS_mmap, address, size, prot, flags | linux.MAP_ANONYMOUS,
                                      (1 << 64) - 1, 0, thread=thread)
         else:
             try:
-                res, _ = proc.syscall(linux.SYS_ftruncate, fd, size, thread=thread)
-                result = res if res < 0 else proc.syscall(linux.SYS_mmap, address, size, prot, flags, fd, 0,
+                res, _ = space.syscall(linux.SYS_ftruncate, fd, size, thread=thread)
+                result = res if res < 0 else space.syscall(linux.SYS_mmap, address, size, prot, flags, fd, 0,
                                                           thread=thread)[0]
             finally:
-                proc.syscall(linux.SYS_close, fd, thread=thread)
-        proc.invalidate_maps()
+                space.syscall(linux.SYS_close, fd, thread=thread)
+        space.invalidate_maps()
         if result < 0 and result > -4096:
             return None
         if fixed and result != address:
-            proc.syscall(linux.SYS_munmap, result, size, thread=thread)
+            space.syscall(linux.SYS_munmap, result, size, thread=thread)
             return None
         return result
 
@@ -236,7 +252,7 @@ class Patcher:
             return
         address = self._memfd_map(0, RECORD_SIZE, linux.PROT_READ, fixed=False)
         if address is None:
-            raise TracerError(f"cannot map ptprobe's record in process {self.process.pid}")
+            raise TracerError(f"cannot map ptprobe's record in process {self.space.pid}")
         self.record = address
         self._record_flags = 0
         self._slot_records = 0
@@ -245,7 +261,7 @@ class Patcher:
     def _candidates(self, near: Tuple[int, int], below_only: bool) -> Iterable[int]:
         """Free page addresses near the range *near*, nearest first."""
         lo, hi = near
-        maps = sorted(self.process.maps(refresh=True), key=lambda m: m.start)
+        maps = sorted(self.space.maps(refresh=True), key=lambda m: m.start)
         gaps: List[Tuple[int, int]] = []
         prev_end = _MMAP_MIN
         for m in maps:
@@ -284,7 +300,7 @@ class Patcher:
         if near_obj is not None:
             near = (near_obj.start, near_obj.end)
             # the main executable: never above it, where brk grows
-            below_only = not near_obj.elf.is_pie or near_obj.path == self._exe_path()
+            below_only = not near_obj.elf.is_pie or near_obj.path == self.space.executable()
         else:
             near = (min(addresses), max(addresses) + 16)
             below_only = False
@@ -296,28 +312,22 @@ class Patcher:
                 continue
             page = Page(address, kind)
             if kind == "seed":
-                self.process.mem.write(address, arch.seed_slot_code() * page.capacity)
+                self.space.mem.write(address, arch.seed_slot_code() * page.capacity)
             else:
-                self.process.mem.write(address, b"\xcc" * PAGE_SIZE)
+                self.space.mem.write(address, b"\xcc" * PAGE_SIZE)
             self.pages[address] = page
             index = len(self.pages) - 1
-            self.process.mem.write(self.record + _PAGES_AT + 16 * index, struct.pack("<QQ", address, _KINDS[kind]))
+            self.space.mem.write(self.record + _PAGES_AT + _ENTRY.size * index, _ENTRY.pack(address, _KINDS[kind]))
             self._write_header()
-            if kind == "xol" and self.process.syscall_gadget is None:
+            if kind == "xol" and self.space.syscall_gadget is None:
                 # `syscall; int3` for later remote syscalls (recorded with owner 0)
-                self.process.mem.write(address, b"\x0f\x05\xcc\xcc")
+                self.space.mem.write(address, b"\x0f\x05\xcc\xcc")
                 page.used = arch.XOL_ENTRY_SIZE
-                self.process.syscall_gadget = address
+                self.space.syscall_gadget = address
                 self._remember_slot(address, 0)
             return page
         return None
 
-    def _exe_path(self) -> str:
-        try:
-            import os
-            return os.readlink(f"/proc/{self.process.pid}/exe")
-        except OSError:
-            return ""
 
     # --- slots -------------------------------------------------------------------
     def _get_slot(self, site_jmp: int, resume: int, obj: Optional[LoadedObject]) -> Optional[int]:
@@ -342,7 +352,7 @@ class Patcher:
         page.owners[index] = resume
         slot = page.address + index * page.stride
         if page.kind == "return":
-            self.process.mem.write(slot, arch.return_slot_code(slot, resume))
+            self.space.mem.write(slot, arch.return_slot_code(slot, resume))
         self.slot_owner[resume] = slot
         self._remember_slot(slot, resume)
         return slot
@@ -357,7 +367,7 @@ class Patcher:
     def _get_xol(self, insn: arch.Instruction, obj: Optional[LoadedObject]) -> Optional[int]:
         """The address of an out-of-line copy of *insn*; None when it cannot run out of line."""
         known = self.xol_owner.get(insn.address)
-        if known is not None:
+        if known is not None and self._holds_copy(known, insn):
             return known                # armed before, also by an earlier attach: the same copy
         for page in self.pages.values():
             if page.kind == "xol" and page.used + arch.XOL_ENTRY_SIZE <= PAGE_SIZE:
@@ -372,9 +382,18 @@ class Patcher:
         code = arch.displaced_code(insn, page.address + page.used)
         return None if code is None else self._place_xol(page, insn, code)
 
+    def _holds_copy(self, at: int, insn: arch.Instruction) -> bool:
+        """True if the copy at *at* is the one *insn* needs (the code at an address
+        can change: a library unmapped and another mapped in its place)."""
+        code = arch.displaced_code(insn, at)
+        try:
+            return code is not None and self.space.mem.read(at, len(code)) == code
+        except FaultError:
+            return False
+
     def _place_xol(self, page: Page, insn: arch.Instruction, code: bytes) -> int:
         at = page.address + page.used
-        self.process.mem.write(at, code)
+        self.space.mem.write(at, code)
         page.used += arch.XOL_ENTRY_SIZE
         self.xol_owner[insn.address] = at
         self._remember_slot(at, insn.address)
@@ -382,59 +401,59 @@ class Patcher:
 
     # --- the seccomp filter -------------------------------------------------------
     def _ensure_filter(self) -> bool:
-        proc = self.process
+        space = self.space
         if not self.use_seccomp:
             return False
-        if proc.filter_state != "none":
-            return proc.filter_state == "installed"
-        status = linux.read_status(proc.pid)
+        if space.filter_state != "none":
+            return space.filter_state == "installed"
+        status = procfs.read_status(space.pid)
         nnp = status.get("NoNewPrivs", "0") == "1"
-        if not nnp and not linux.has_cap_sys_admin(proc.pid):
+        if not nnp and not procfs.has_cap_sys_admin(space.pid):
             if not self.allow_no_new_privs:
                 if not self._nnp_hint_given:
                     self._nnp_hint_given = True
                     self.notice("process %d lacks CAP_SYS_ADMIN: using int3; --allow-no-new-privs enables "
-                                "the faster jmp slots (sets the irrevocable no_new_privs flag)" % proc.pid)
+                                "the faster jmp slots (sets the irrevocable no_new_privs flag)" % space.pid)
                 return False
         self._ensure_record()
         assert self.record is not None
-        thread = proc.any_stopped_thread()
-        if not nnp and not linux.has_cap_sys_admin(proc.pid):
-            res, _ = proc.syscall(linux.SYS_prctl, linux.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, thread=thread)
+        thread = space.stopped_thread()
+        if not nnp and not procfs.has_cap_sys_admin(space.pid):
+            res, _ = space.syscall(linux.SYS_prctl, linux.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, thread=thread)
             if res != 0:
-                self.notice(f"cannot set no_new_privs in process {proc.pid}: using int3")
+                self.notice(f"cannot set no_new_privs in process {space.pid}: using int3")
                 return self._filter_failed()
-        program = seccomp_filter(arch.SLOT_SYSCALL_NR)
-        proc.mem.write(self.record + _FILTER_AT, program)
-        proc.mem.write(self.record + _FPROG_AT, struct.pack("<HxxxxxxQ", len(program) // 8,
-                                                            self.record + _FILTER_AT))
-        res, _ = proc.syscall(linux.SYS_seccomp, linux.SECCOMP_SET_MODE_FILTER,
+        program = linux.seccomp_trace_filter(arch.SLOT_SYSCALL_NR)
+        space.mem.write(self.record + _FILTER_AT, program)
+        fprog = linux.SockFprog(len(program) // ctypes.sizeof(linux.SockFilter), self.record + _FILTER_AT)
+        space.mem.write(self.record + _FPROG_AT, bytes(fprog))
+        res, _ = space.syscall(linux.SYS_seccomp, linux.SECCOMP_SET_MODE_FILTER,
                               linux.SECCOMP_FILTER_FLAG_TSYNC, self.record + _FPROG_AT, thread=thread)
         if res != 0:
             why = f"thread {res} could not be synchronised" if res > 0 else f"error {-res}"
-            self.notice(f"cannot install the seccomp filter in process {proc.pid} ({why}): using int3")
+            self.notice(f"cannot install the seccomp filter in process {space.pid} ({why}): using int3")
             return self._filter_failed()
         self._record_flags |= FLAG_FILTER
         self._write_header()
-        _, stopped = proc.syscall(arch.SLOT_SYSCALL_NR, thread=thread)
+        _, stopped = space.syscall(arch.SLOT_SYSCALL_NR, thread=thread)
         if not stopped:
-            self.notice(f"another seccomp filter in process {proc.pid} overrules ptprobe's: using int3")
+            self.notice(f"another seccomp filter in process {space.pid} overrules ptprobe's: using int3")
             self._record_flags |= FLAG_FILTER_FAILED
             self._write_header()
-            proc.filter_state = "failed"
+            space.filter_state = "failed"
             return False
-        proc.filter_state = "installed"
+        space.filter_state = "installed"
         return True
 
     def _filter_failed(self) -> bool:
-        self.process.filter_state = "failed"
+        self.space.filter_state = "failed"
         return False
 
     # --- sites --------------------------------------------------------------------------
     def prepare(self, address: int, obj: Optional[LoadedObject], file_code: bytes,
                 insn: arch.Instruction) -> Site:
         """Decide how to arm *address* (not yet written). *file_code* holds the file's bytes there."""
-        proc = self.process
+        space = self.space
         site = self.sites.get(address)
         if site is not None:
             return site
@@ -442,7 +461,7 @@ class Patcher:
         if host is not None and host.patch_at <= address < host.resume:
             # the long NOP of a nop1+nop5/nop10 site probed on its own: the same patch
             # serves both, and each pass runs this site's probes right after the host's
-            site = Site(address, proc, obj, host.mechanism, host.patch_at, b"", b"", host.resume,
+            site = Site(address, space, obj, host.mechanism, host.patch_at, b"", b"", host.resume,
                         insn=insn, slot=host.slot, slot_kind=host.slot_kind, covered_by=host, armed=True)
             host.chained.append(site)
             host.counting_only = False
@@ -459,13 +478,13 @@ class Patcher:
             patch_at = address
             original = file_code[:1]
             resume = address + insn.size
-        current = proc.mem.read(patch_at, len(original))
+        current = space.mem.read(patch_at, len(original))
         reused_slot: Optional[int] = None
         if current != original:
             reused_slot = self._recognise_jmp(patch_at, current, resume)
             if reused_slot is None:
                 raise SitePatchedError(
-                    f"the code at {address:#x} in process {proc.pid} differs from the file "
+                    f"the code at {address:#x} in process {space.pid} differs from the file "
                     f"({current.hex()} instead of {original.hex()}): already patched by someone else", address)
         if jmp is not None and self.use_seccomp:
             slot = reused_slot
@@ -474,7 +493,7 @@ class Patcher:
             elif slot is not None and not self._ensure_filter():
                 slot = None
             if slot is not None:
-                site = Site(address, proc, obj, "jmp", patch_at, original, arch.jmp_rel32(patch_at, slot),
+                site = Site(address, space, obj, "jmp", patch_at, original, arch.jmp_rel32(patch_at, slot),
                             resume, insn=insn, slot=slot, slot_kind=self.pages[slot & ~0xFFF].kind)
                 site.armed = reused_slot is not None
                 self.sites[address] = site
@@ -482,15 +501,15 @@ class Patcher:
                 return site
         if reused_slot is not None:
             # an earlier ptprobe's jmp, now to be served by int3: repair it first
-            proc.mem.write(patch_at, original)
+            space.mem.write(patch_at, original)
         # int3 goes on the first byte of the site (the 90 of a combo), so that
         # the trap is reported at address + 1 whatever the site's form
-        site = Site(address, proc, obj, "int3", address, file_code[:1], b"\xcc", resume, insn=insn)
+        site = Site(address, space, obj, "int3", address, file_code[:1], b"\xcc", resume, insn=insn)
         if jmp is not None:
             site.emulate = True          # the whole NOP (or combo) is skipped
             if not self.use_seccomp:
                 pass
-            elif proc.filter_state != "installed":
+            elif space.filter_state != "installed":
                 site.fallback_reason = "no seccomp filter"
             elif resume in self.slot_owner:
                 site.fallback_reason = "its slot, from an earlier attach, is of the other kind"
@@ -519,7 +538,7 @@ class Patcher:
         for site in sites:
             if site.armed:
                 continue
-            self.process.mem.write(site.patch_at, site.patched)
+            self.space.mem.write(site.patch_at, site.patched)
             site.armed = True
             if site.mechanism == "int3":
                 self.int3_sites[site.address + 1] = site
@@ -535,7 +554,7 @@ class Patcher:
             return
         if site.armed:
             try:
-                self.process.mem.write(site.patch_at, site.original)
+                self.space.mem.write(site.patch_at, site.original)
             finally:
                 site.armed = False
         self.sites.pop(site.address, None)
@@ -586,24 +605,26 @@ class Patcher:
             return None
         return slot, offset, resume
 
-    def fork(self, child: Process) -> "Patcher":
-        """The patcher of a child that got a copy of this address space."""
-        new = Patcher.__new__(Patcher)
-        new.__dict__.update(self.__dict__)
-        new.process = child
+    def fork(self, space: Target) -> "Patcher":
+        """The patcher of *space*, a copy of this address space made by fork: the
+        same record, pages, slots, copies and sites (new :class:`Site` objects for
+        the child, on the same probes)."""
+        new = Patcher(space, find_record=False, **self.options)
+        new.record = self.record
+        new._record_flags = self._record_flags
+        new._slot_records = self._slot_records
+        new._nnp_hint_given = self._nnp_hint_given
         new.pages = {a: Page(p.address, p.kind, dict(p.owners), p.used) for a, p in self.pages.items()}
         new.slot_owner = dict(self.slot_owner)
         new.xol_owner = dict(self.xol_owner)
-        new.sites = {}
-        for address, site in self.sites.items():
-            copy = Site(**{**site.__dict__, "process": child, "probes": list(site.probes)})
-            new.sites[address] = copy
+        new.sites = {address: replace(site, space=space, probes=list(site.probes))
+                     for address, site in self.sites.items()}
         for copy in new.sites.values():
             copy.chained = [new.sites[c.address] for c in copy.chained if c.address in new.sites]
             if copy.covered_by is not None:
                 copy.covered_by = new.sites.get(copy.covered_by.address)
         new.int3_sites = {a + 1: s for a, s in new.sites.items() if s.mechanism == "int3" and s.armed}
         new.slot_sites = {s.slot + arch.SEED_SLOT_SIZE: s for s in new.sites.values()
-                          if s.slot is not None and s.armed}
+                          if s.slot is not None and s.armed and s.covered_by is None}
         new.retired = dict(self.retired)
         return new

@@ -25,17 +25,9 @@ from __future__ import annotations
 import os
 from typing import Dict, Optional, Set
 
+from .procfs import current_cpu
+
 MODES = ("single", "all", "off")
-
-
-def current_cpu(tid: int) -> Optional[int]:
-    """The CPU *tid* last ran on (field 39 of /proc/TID/stat)."""
-    try:
-        with open(f"/proc/{tid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        return int(fields[36])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 class Placement:

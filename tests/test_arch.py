@@ -183,7 +183,7 @@ def test_decode_invalid_and_truncated() -> None:
         ("c2 08 00", "ret", None),
         ("ff e0", "jmp_indirect", None),
         ("ff 15 00 10 00 00", "call_indirect", None),
-        ("0f 05", "special", None),
+        ("0f 05", "plain", None),  # syscall: runs out of line
         ("cc", "special", None),
         ("c7 f8 00 00 00 00", "special", None),  # xbegin
         ("ff 2c 24", "special", None),  # jmp far [rsp] (capstone: "jmp ptr [rsp]")
@@ -487,7 +487,6 @@ def test_displaced_indirect_jmp_and_call() -> None:
 @pytest.mark.parametrize(
     "hex_bytes",
     [
-        "0f 05",  # syscall
         "cc",  # int3
         "cd 80",  # int 0x80
         "0f 0b",  # ud2
@@ -500,6 +499,15 @@ def test_displaced_indirect_jmp_and_call() -> None:
 )
 def test_displaced_special_is_refused(hex_bytes: str) -> None:
     assert arch.displaced_code(insn_at(hex_bytes), XOL) is None
+
+
+def test_displaced_syscall_is_a_copy_then_jmp_back() -> None:
+    """A syscall runs out of line (stepping it in place would stall every other
+    thread for as long as it blocks, and deadlock on vfork)."""
+    insn = insn_at("0f 05")
+    out = xol_listing(arch.displaced_code(insn, XOL))
+    assert [i.mnemonic for i in out[:2]] == ["syscall", "jmp"]
+    assert out[1].target == insn.end
 
 
 @pytest.mark.parametrize("hex_bytes", ["48 89 e5", "eb 10", "74 10", "e8 00 00 00 00", "e2 fe", "ff d0"])

@@ -1,0 +1,365 @@
+"""Probes: from a spec to armed sites, in every traced address space.
+
+* :class:`Probe` -- one probe (public): its spec, handler, hit count and sites,
+  and its arguments at a hit (it is the :class:`~ptprobe.hit.ArgumentSource`
+  of its hits).
+* :class:`Probes` -- the session's probes: resolving a spec into link-time
+  locations of an ELF file (checked by decoding), arming them in each address
+  space through its :class:`~ptprobe.patching.Patcher`, USDT arguments and
+  semaphores, watching the dynamic loader so that libraries mapped later get
+  their probes, and following copies (fork) and new images (exec).
+
+Every arming call expects the world stopped; :class:`Probes` asks the loop for
+it where it is not.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
+
+from . import arch, linux, procfs, usdt
+from .elf import ElfFile, UsdtNote
+from .engine.loop import EventLoop
+from .errors import InstructionBoundaryError, PtprobeError, SymbolNotFoundError, TracerError
+from .hit import Hit, Value
+from .objects import LoadedObject, open_elf
+from .patching import Site
+from .spec import ProbeSpec, parse_spec
+from .tracee import AddressSpace, Process
+
+Handler = Callable[[Hit], None]
+#: SysV integer argument registers, the arguments of a uprobe.
+ARG_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
+
+
+class Probe:
+    """A probe armed at one or more sites; returned by :meth:`ptprobe.Session.probe`."""
+
+    def __init__(self, spec: ProbeSpec, handler: Optional[Handler], internal: bool = False) -> None:
+        self.spec = spec
+        self.name = spec.text
+        self._handler = handler
+        self.internal = internal
+        self.hits = 0
+        self.errors = 0
+        self.sites: List[Site] = []
+        #: (device, inode) of the file a spec with a path names; None for object names
+        self.identity: Optional[Tuple[int, int]] = None
+        self.usdt_args: Dict[int, List[usdt.UsdtArg]] = {}     # site address -> parsed USDT args
+        self.semaphores: Dict[int, int] = {}                   # site address -> run-time semaphore
+        self.on_change: Callable[[Site], None] = lambda site: None
+
+    @property
+    def handler(self) -> Optional[Handler]:
+        """Called with each :class:`Hit`; None: the probe only counts. May be changed
+        while armed (a site keeps the counting-only hot path only while none of its
+        probes has a handler)."""
+        return self._handler
+
+    @handler.setter
+    def handler(self, handler: Optional[Handler]) -> None:
+        self._handler = handler
+        for site in self.sites:
+            self.on_change(site)
+
+    # --- arguments (ArgumentSource) ----------------------------------------------------
+    def argument_count(self, hit: Hit) -> int:
+        if self.spec.kind == "usdt":
+            return len(self.usdt_args.get(hit.address, ()))
+        return len(ARG_REGISTERS)
+
+    def arguments(self, hit: Hit) -> List[Value]:
+        if self.spec.kind != "usdt":
+            get = hit.regs.get
+            return [get(name) for name in ARG_REGISTERS]
+        return [self.argument(hit, index) for index in range(self.argument_count(hit))]
+
+    def argument(self, hit: Hit, index: int) -> Value:
+        if self.spec.kind != "usdt":
+            return hit.regs.get(ARG_REGISTERS[index])
+        spec = self.usdt_args[hit.address][index]
+        obj = hit.site.obj
+
+        def resolve(sym: str) -> int:
+            if obj is None:
+                raise SymbolNotFoundError(f"no object for symbol {sym}", sym)
+            return obj.runtime(obj.elf.get_symbol(sym).address)
+
+        return usdt.evaluate(spec, hit.regs.get, hit.read, get_xmm=hit.xmm, resolve_symbol=resolve,
+                             rip=hit.address)
+
+    def __repr__(self) -> str:
+        return f"<Probe {self.name} hits={self.hits} sites={len(self.sites)}>"
+
+
+# --------------------------------------------------------------------------- locations
+
+def iter_locations(spec: ProbeSpec, elf: ElfFile) -> Iterator[Tuple[int, Optional[UsdtNote]]]:
+    """(link-time address, USDT note or None) of each site of *spec* in *elf*;
+    raises on a missing symbol or an address that is not an instruction start."""
+    if spec.kind == "usdt":
+        found = False
+        for note in elf.iter_usdt_notes():
+            if fnmatch.fnmatchcase(note.provider, spec.provider or "*") and \
+                    fnmatch.fnmatchcase(note.name, spec.name or "*"):
+                found = True
+                yield note.address, note
+        if not found:
+            raise SymbolNotFoundError(f"no USDT probe {spec.provider}:{spec.name} in {elf.path}",
+                                      f"{spec.provider}:{spec.name}")
+        return
+    if spec.symbol is not None:
+        sym = elf.get_symbol(spec.symbol)
+        address = sym.address + spec.offset
+        if spec.offset and sym.size and spec.offset >= sym.size:
+            raise InstructionBoundaryError(
+                f"{spec.symbol}+{spec.offset:#x} is past the end of {spec.symbol} (size {sym.size:#x})", address)
+        start, size = sym.address, sym.size
+    else:
+        address = spec.address or 0
+        covering = elf.symbol_at(address)
+        if covering is not None:
+            start, size = covering.address, covering.size
+        else:
+            start, size = _sweep_start(elf, address)
+    if not elf.is_executable_address(address):
+        raise InstructionBoundaryError(f"{address:#x} is not in executable code of {elf.path}", address)
+    if address != start:
+        code = elf.read(start, max(size, address - start + 16), partial=True)
+        if not arch.is_instruction_start(code, start, address):
+            raise InstructionBoundaryError(f"{address:#x} is not on an instruction boundary in {elf.path}", address)
+    if arch.decode(elf.read(address, 16, partial=True), address) is None:
+        raise InstructionBoundaryError(f"no valid instruction at {address:#x} in {elf.path}", address)
+    yield address, None
+
+
+def _sweep_start(elf: ElfFile, address: int) -> Tuple[int, int]:
+    """Where to start decoding towards an *address* no symbol covers: the nearest
+    function symbol below it, or its segment's start."""
+    best = None
+    for sym in elf.iter_symbols():
+        if sym.kind == "func" and sym.address <= address and (best is None or sym.address > best.address):
+            best = sym
+    if best is None:
+        for seg in elf.segments:
+            if seg.vaddr <= address < seg.vaddr + seg.memsz:
+                return seg.vaddr, address - seg.vaddr + 16
+        return address, 16
+    return best.address, address - best.address + 16
+
+
+def _label(obj: LoadedObject, vaddr: int, note: Optional[UsdtNote]) -> str:
+    """What a site shows as its name: ``provider:name``, ``symbol``, ``symbol+0x4``."""
+    if note is not None:
+        return f"{note.provider}:{note.name}"
+    sym = obj.elf.symbol_at(vaddr)
+    if sym is None:
+        return f"{obj.name}:{vaddr:#x}"
+    return sym.name if vaddr == sym.address else f"{sym.name}+{vaddr - sym.address:#x}"
+
+
+def matches(probe: Probe, obj: LoadedObject) -> bool:
+    """Does *probe*'s PATH name *obj* (by file identity, or by mapped name)?"""
+    spec = probe.spec
+    if probe.identity is not None:
+        return obj.identity == probe.identity
+    base = os.path.basename(obj.path)
+    return base == spec.path or base.startswith(spec.path + ".so") or \
+        (spec.path == "ld.so" and base.startswith("ld-linux"))
+
+
+# --------------------------------------------------------------------------- the table
+
+class Probes:
+    """The probes of a session, and the loader watch that arms them in libraries
+    mapped later."""
+
+    def __init__(self, loop: EventLoop, *, notice: Callable[[str], None],
+                 site_changed: Callable[[Site], None]) -> None:
+        self.loop = loop
+        self.notice = notice
+        self.site_changed = site_changed
+        self.probes: List[Probe] = []
+        self.loader = Probe(parse_spec("uprobe:ld.so:_dl_debug_state"), self._on_loader, internal=True)
+        self.loader.on_change = site_changed
+        #: run mode's start: hold the world at the loader's first consistent state
+        self.startup_pid = 0
+        self.startup_reached = False
+
+    def add(self, spec: Union[str, ProbeSpec], handler: Optional[Handler]) -> Probe:
+        """A new probe for *spec*, checked against its file when the spec names
+        one (not armed yet)."""
+        parsed = parse_spec(spec) if isinstance(spec, str) else spec
+        probe = Probe(parsed, handler)
+        probe.on_change = self.site_changed
+        if parsed.is_path:
+            elf = open_elf(parsed.path)
+            try:
+                probe.identity = procfs.file_identity(parsed.path)
+            except OSError as exc:
+                raise TracerError(f"{parsed.path}: {exc.strerror}") from None
+            for _ in iter_locations(parsed, elf):
+                pass
+        return probe
+
+    def all(self) -> List[Probe]:
+        return self.probes + [self.loader]
+
+    # --- arming ------------------------------------------------------------------------
+    def arm(self, space: AddressSpace, probe: Probe, raise_errors: bool) -> bool:
+        """Arm *probe* in every object of *space* it names; True if armed anywhere."""
+        armed = False
+        for obj in list(space.objects.values()):
+            if not matches(probe, obj):
+                continue
+            if (id(probe), obj.identity) in space.armed:
+                armed = True
+                continue
+            try:
+                self._arm_in_object(space, probe, obj)
+                armed = True
+            except PtprobeError as exc:
+                if raise_errors:
+                    raise
+                self.notice(f"{probe.name}: not armed in process {space.pid}: {exc}")
+        return armed
+
+    def _arm_in_object(self, space: AddressSpace, probe: Probe, obj: LoadedObject) -> None:
+        patcher = space.patcher
+        sites: List[Site] = []
+        notes: List[Optional[UsdtNote]] = []
+        for vaddr, note in iter_locations(probe.spec, obj.elf):
+            address = obj.runtime(vaddr)
+            code = obj.elf.read(vaddr, 16, partial=True)
+            insn = arch.decode(code, address)
+            if insn is None:
+                raise InstructionBoundaryError(f"no valid instruction at {address:#x}", address)
+            sites.append(patcher.prepare(address, obj, code, insn))
+            notes.append(note)
+        patcher.write(sites)
+        space.armed.add((id(probe), obj.identity))
+        for site, note in zip(sites, notes):
+            site.internal = site.internal or probe.internal
+            if probe not in site.probes:
+                site.probes.append(probe)
+                self.site_changed(site)
+            if site not in probe.sites:
+                probe.sites.append(site)
+                if site.fallback_reason and not probe.internal:
+                    self.notice(f"{probe.name}: site {site.address:#x} uses int3 ({site.fallback_reason})")
+            if not site.label:
+                site.label = _label(obj, obj.link_time(site.address), note)
+            if note is not None:
+                probe.usdt_args[site.address] = usdt.parse_args(note.args)
+                if note.semaphore:
+                    sem = obj.runtime(note.semaphore) if obj.elf.is_pie else note.semaphore
+                    probe.semaphores[site.address] = sem
+                    adjust_semaphore(space, sem, +1)
+
+    def arm_everywhere(self, probe: Probe, processes: List[Process]) -> bool:
+        """Arm a new *probe* in every process (the world is stopped); errors raise."""
+        armed_any = False
+        for proc in processes:
+            if proc.exited:
+                continue
+            proc.space.refresh_objects()
+            armed_any |= self.arm(proc.space, probe, raise_errors=True)
+        self.probes.append(probe)
+        return armed_any
+
+    # --- copies, new images, unmapped objects ------------------------------------------------
+    def adopt_fork(self, space: AddressSpace) -> None:
+        """*space* is a fork's copy: its sites (new objects) join their probes."""
+        for site in space.patcher.sites.values():
+            for probe in site.probes:
+                probe.sites.append(site)
+
+    def after_exec(self, process: Process, former: AddressSpace) -> None:
+        """*process* runs a new image: forget the old one's sites; arm the probes
+        given by path again when the path is the new image's (or one of its
+        libraries), and watch its loader."""
+        if former.owner is process:         # (a vfork child leaves its parent's space intact)
+            for probe in self.all():
+                probe.sites = [s for s in probe.sites if s.space is not former]
+        if self.loop.holding or not self.probes:
+            return
+        with self.loop.held():
+            process.space.refresh_objects()
+            for probe in self.probes:
+                if probe.identity is not None:
+                    self.arm(process.space, probe, raise_errors=False)
+            self.watch_loader(process.space)
+
+    def forget_unmapped(self, space: AddressSpace) -> None:
+        """Sites and semaphores of objects the program unmapped (dlclose) are gone with them."""
+        for obj in space.unmapped:
+            space.patcher.forget_object(obj)
+            space.armed = {k for k in space.armed if k[1] != obj.identity}
+            for address in list(space.semaphores):
+                if obj.contains(address):
+                    del space.semaphores[address]
+        space.unmapped.clear()
+
+    def restore(self, space: AddressSpace) -> List[str]:
+        """Put back every site's original bytes and undo our semaphore increments
+        in *space*; returns what could not be restored."""
+        problems = [f"process {space.pid}: cannot restore the site at {site.address:#x}"
+                    for site in space.patcher.disarm_all()]
+        for address, count in space.semaphores.items():
+            if count > 0:
+                try:
+                    adjust_semaphore(space, address, -count)
+                except PtprobeError as exc:
+                    problems.append(f"process {space.pid}: cannot restore a semaphore: {exc}")
+        return problems
+
+    def release(self, space: AddressSpace) -> None:
+        """A forked child is let go: restore its copy (errors raise)."""
+        problems = self.restore(space)
+        if problems:
+            raise TracerError("; ".join(problems))
+
+    # --- the dynamic loader -----------------------------------------------------------------
+    def watch_loader(self, space: AddressSpace) -> bool:
+        """Arm the loader probe (``_dl_debug_state``) in *space*; True if armed."""
+        space.refresh_objects()
+        for obj in space.objects.values():
+            if os.path.basename(obj.path).startswith("ld-linux") and obj.elf.find_symbol("_dl_debug_state"):
+                try:
+                    self._arm_in_object(space, self.loader, obj)
+                except PtprobeError as exc:
+                    self.notice(f"cannot watch the dynamic loader in process {space.pid}: {exc}")
+                    return False
+                return True
+        return False
+
+    def _on_loader(self, hit: Hit) -> None:
+        space = hit.site.space
+        obj = hit.site.obj
+        r_debug = obj.elf.find_symbol("_r_debug") if obj is not None else None
+        if r_debug is not None and obj is not None:
+            at = obj.runtime(r_debug.address) + linux.R_STATE_OFFSET
+            if int.from_bytes(space.mem.read(at, 4), "little") != linux.RT_CONSISTENT:
+                return          # RT_ADD / RT_DELETE: not consistent yet
+        new = space.refresh_objects()
+        self.forget_unmapped(space)
+        if hit.pid == self.startup_pid and not self.startup_reached:
+            self.startup_reached = True
+            self.loop.hold()        # run mode: the libraries are mapped; stop here
+            return
+        if not new:
+            return
+        with self.loop.world_stopped():
+            for probe in self.probes:
+                self.arm(space, probe, raise_errors=False)
+
+
+def adjust_semaphore(space: AddressSpace, address: int, delta: int) -> None:
+    """Add *delta* to the 16-bit USDT semaphore at *address* (kept in 0..0xFFFF)
+    and remember our part of it."""
+    value = int.from_bytes(space.mem.read(address, 2), "little")
+    value = max(0, min(0xFFFF, value + delta))
+    space.mem.write(address, value.to_bytes(2, "little"))
+    space.semaphores[address] = space.semaphores.get(address, 0) + delta

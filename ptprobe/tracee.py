@@ -1,0 +1,325 @@
+"""The traced world: threads, processes and address spaces.
+
+* :class:`Thread` -- one traced thread and what the tracer knows of its stop.
+* :class:`Process` -- a thread group: its threads and the address space it runs in.
+* :class:`AddressSpace` -- everything ptprobe knows and has done in one address
+  space: its memory, mapped objects, the :class:`~ptprobe.patching.Patcher`
+  with its pages and armed sites, the probes armed in each object, USDT
+  semaphore increments, the seccomp filter state, and the way to run system
+  calls inside it. A process made by ``fork`` gets a new one
+  (:meth:`AddressSpace.fork`); a ``vfork`` child, or any clone sharing memory,
+  runs in its parent's; ``exec`` replaces it (:meth:`AddressSpace.after_exec`).
+
+Nothing here waits for events: remote syscalls single-step one stopped thread
+and wait for that thread only (see ``docs/design.md``, "Working inside the
+tracee").
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Callable, Dict, List, Optional, Set, Tuple
+
+from . import linux, procfs
+from .errors import NoSuchProcessError, TracerError
+from .objects import Identity, LoadedObject, scan_objects
+from .patching import Patcher
+
+_FAULTS = (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE)
+_COMPLETING_EVENTS = (linux.PTRACE_EVENT_CLONE, linux.PTRACE_EVENT_FORK, linux.PTRACE_EVENT_VFORK,
+                      linux.PTRACE_EVENT_EXEC)
+#: Registers that carry a syscall's arguments, in order.
+_SYSCALL_ARGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+
+
+class Thread:
+    """One traced thread and what the tracer knows of its current stop."""
+
+    __slots__ = ("tid", "process", "stopped", "pending_signal", "group_stop", "interrupted",
+                 "stepping", "deferred_signals", "exited", "in_hit")
+
+    def __init__(self, tid: int, process: "Process") -> None:
+        self.tid = tid
+        self.process = process
+        self.stopped = False          # in a ptrace-stop the tracer has seen and not resumed
+        self.pending_signal = 0       # signal to inject when resumed
+        self.group_stop = False       # stopped in a group-stop: resume with PTRACE_LISTEN
+        self.interrupted = False      # PTRACE_INTERRUPT sent, its stop not seen yet
+        self.stepping = False         # single-stepping (remote syscall, step-over)
+        self.deferred_signals: List[int] = []
+        self.exited = False
+        self.in_hit: Optional[object] = None   # the site whose hit is being handled
+
+    def resume(self) -> None:
+        """Resume from the current stop, delivering the pending signal."""
+        if not self.stopped or self.exited:
+            return
+        self.stopped = False
+        try:
+            if self.group_stop:
+                linux.listen(self.tid)
+            else:
+                sig = self.pending_signal
+                if not sig and self.deferred_signals:
+                    sig = self.deferred_signals.pop(0)
+                self.pending_signal = 0
+                linux.cont(self.tid, sig)
+        except NoSuchProcessError:
+            self.exited = True
+
+    def signal_to_deliver(self) -> int:
+        """The signal this thread would get if it were let go now."""
+        return self.pending_signal or (self.deferred_signals[0] if self.deferred_signals else 0)
+
+    def __repr__(self) -> str:
+        return f"<Thread {self.tid} of {self.process.pid}{' stopped' if self.stopped else ''}>"
+
+
+class Process:
+    """One traced thread group."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.threads: Dict[int, Thread] = {}
+        self.exited = False
+        self.exit_status: Optional[int] = None
+        self.release_on_stop = False         # detach at the next stop (--no-follow)
+        self.exec_seen = False               # an exec event has been seen
+        # the space it runs in: set by whoever creates the process, right after
+        # (a new AddressSpace, a fork's copy, or, for a vfork child, the parent's)
+        self.space: AddressSpace
+
+    @property
+    def mem(self) -> linux.Memory:
+        return self.space.mem
+
+    @property
+    def shares_memory(self) -> bool:
+        """True for a vfork/CLONE_VM child running in another process's address space."""
+        return self.space.owner is not self
+
+    def add_thread(self, tid: int) -> Thread:
+        thread = self.threads.get(tid)
+        if thread is None:
+            thread = Thread(tid, self)
+            self.threads[tid] = thread
+        return thread
+
+    def stopped_thread(self) -> Thread:
+        """A thread stopped by the tracer (not in a group-stop if possible)."""
+        fallback = None
+        for thread in self.threads.values():
+            if thread.stopped and not thread.exited:
+                if not thread.group_stop:
+                    return thread
+                fallback = fallback or thread
+        if fallback is None:
+            raise TracerError(f"no stopped thread in process {self.pid}")
+        return fallback
+
+    def __repr__(self) -> str:
+        return f"<Process {self.pid}>"
+
+
+class AddressSpace:
+    """One address space and everything ptprobe keeps about it.
+
+    *owner* is the process whose threads run the remote system calls; a
+    ``vfork`` child shares its parent's space and owns none.
+    """
+
+    def __init__(self, owner: Process, patcher_options: Dict[str, object],
+                 wait_thread: Callable[[int], int]) -> None:
+        self.owner = owner
+        self.mem = linux.Memory(owner.pid)
+        self.wait_thread = wait_thread             # the event loop's wait for one thread
+        self.objects: Dict[Identity, LoadedObject] = {}
+        self.unmapped: List[LoadedObject] = []      # objects seen unmapped, not yet handled
+        self.syscall_gadget: Optional[int] = None   # `syscall; int3` in a ptprobe page
+        self.filter_state = "none"                   # ptprobe's seccomp filter: none|installed|failed
+        # what the probe layer armed here: (probe key, object identity), and
+        # semaphore address -> our increments
+        self.armed: Set[Tuple[int, Identity]] = set()
+        self.semaphores: Dict[int, int] = {}
+        self._patcher_options = patcher_options
+        self._maps: Optional[List[procfs.Mapping]] = None
+        self.patcher = Patcher(self, **patcher_options)   # type: ignore[arg-type]
+
+    @property
+    def pid(self) -> int:
+        return self.owner.pid
+
+    # --- derived spaces ----------------------------------------------------------
+    def fork(self, child: Process) -> "AddressSpace":
+        """The space of *child*, a copy of this one made by fork (same code, pages,
+        sites, semaphores and filter; its own memory file)."""
+        space = AddressSpace.__new__(AddressSpace)
+        space.owner = child
+        space.mem = linux.Memory(child.pid)
+        space.objects = dict(self.objects)
+        space.unmapped = []
+        space.syscall_gadget = self.syscall_gadget
+        space.filter_state = self.filter_state
+        space.armed = set(self.armed)
+        space.semaphores = dict(self.semaphores)
+        space._patcher_options = self._patcher_options
+        space.wait_thread = self.wait_thread
+        space._maps = None
+        space.patcher = self.patcher.fork(space)
+        return space
+
+    def after_exec(self, process: Process) -> "AddressSpace":
+        """The space *process* runs in after exec: new memory, nothing armed; the
+        seccomp filter (a property of the threads, not of the memory) stays."""
+        if self.owner is process:
+            self.mem.close()
+        space = AddressSpace(process, self._patcher_options, self.wait_thread)
+        space.filter_state = self.filter_state
+        return space
+
+    def close(self) -> None:
+        self.mem.close()
+
+    # --- memory map ----------------------------------------------------------------
+    def maps(self, refresh: bool = False) -> List[procfs.Mapping]:
+        if self._maps is None or refresh:
+            self._maps = procfs.read_maps(self.pid)
+        return self._maps
+
+    def invalidate_maps(self) -> None:
+        self._maps = None
+
+    def refresh_objects(self) -> List[LoadedObject]:
+        """Re-read the maps; return the objects newly mapped (those no longer
+        mapped go to :attr:`unmapped`)."""
+        now = scan_objects(self.maps(refresh=True), self.objects)
+        new = [obj for identity, obj in now.items() if identity not in self.objects]
+        self.unmapped.extend(obj for identity, obj in self.objects.items() if identity not in now)
+        self.objects = now
+        return new
+
+    def object_at(self, address: int) -> Optional[LoadedObject]:
+        for obj in self.objects.values():
+            if obj.contains(address):
+                return obj
+        return None
+
+    def executable(self) -> str:
+        return procfs.executable(self.pid)
+
+    # --- remote syscalls -----------------------------------------------------------
+    def stopped_thread(self) -> Thread:
+        return self.owner.stopped_thread()
+
+    def scratch_address(self, thread: Thread, size: int) -> int:
+        """An address below the red zone of *thread*'s stack, for short-lived data."""
+        rsp = linux.get_regs(thread.tid).rsp
+        return (rsp - 128 - 256 - size) & ~0xF
+
+    def syscall(self, nr: int, *args: int, thread: Optional[Thread] = None) -> Tuple[int, bool]:
+        """Make the tracee run syscall *nr*; returns (result, saw_seccomp_stop).
+
+        Every thread of the space must be stopped. The thread's registers are
+        restored afterwards, with an interrupted syscall set up to restart;
+        signals that arrive meanwhile are kept and delivered later.
+        """
+        thread = thread or self.stopped_thread()
+        tid = thread.tid
+        saved = linux.get_regs(tid)
+        restored = _prepare_restart(saved)
+        # stopped at a clone/fork/vfork/exec event, the thread is still inside that
+        # syscall: its result is written into rax only when it is resumed
+        completing = linux.stop_event(tid) in _COMPLETING_EVENTS
+        patched: Optional[Tuple[int, bytes]] = None
+        if self.syscall_gadget is not None:
+            at = self.syscall_gadget
+        else:
+            at = saved.rip
+            patched = (at, self.mem.read(at, 2))
+            self.mem.write(at, b"\x0f\x05")
+        try:
+            regs = linux.copy_regs(saved)
+            regs.rax = nr
+            regs.orig_rax = linux.U64
+            for name, value in zip(_SYSCALL_ARGS, args):
+                setattr(regs, name, value & linux.U64)
+            regs.rip = at
+            linux.set_regs(tid, regs)
+            saw_seccomp, finished = _step_syscall(thread, at, regs, self.wait_thread)
+            result = linux.signed64(linux.get_regs(tid).rax)
+            if completing and finished is not None:
+                # keep that syscall's result (a new thread's tid, say), not the
+                # -ENOSYS placeholder rax held at the event stop
+                done = linux.copy_regs(saved)
+                done.rax = finished
+                restored = _prepare_restart(done)
+        finally:
+            if patched is not None:
+                self.mem.write(patched[0], patched[1])
+            if not thread.exited:
+                linux.set_regs(tid, restored)
+        return result, saw_seccomp
+
+    def __repr__(self) -> str:
+        return f"<AddressSpace of {self.pid}>"
+
+
+def _step_syscall(thread: Thread, at: int, regs: linux.Registers,
+                  wait_thread: Callable[[int], int]) -> Tuple[bool, Optional[int]]:
+    """Step *thread* through the syscall at *at*; returns (saw_seccomp_stop, the
+    result of the syscall the thread was stopped in, if resuming ran it)."""
+    saw_seccomp = False
+    finished: Optional[int] = None
+    thread.stepping = True
+    try:
+        linux.singlestep(thread.tid)
+        while True:
+            status = wait_thread(thread.tid)
+            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                thread.exited = True
+                raise NoSuchProcessError(f"thread {thread.tid} exited during a remote syscall", thread.tid)
+            sig = os.WSTOPSIG(status)
+            event = status >> 16
+            if event == linux.PTRACE_EVENT_SECCOMP:
+                saw_seccomp = True
+            elif event == linux.PTRACE_EVENT_STOP:
+                thread.interrupted = False      # a PTRACE_INTERRUPT consumed here
+            elif event == 0 and sig == signal.SIGTRAP:
+                now = linux.get_regs(thread.tid)
+                if now.rip == at + 2:
+                    return saw_seccomp, finished
+                if now.rip != at:
+                    # not our step: a SIGTRAP for the program; keep it
+                    thread.deferred_signals.append(sig)
+                else:
+                    # a step trap reported before the syscall ran: resuming from a
+                    # syscall-exit stop (the exec event) also wrote that syscall's
+                    # result into rax. Set the registers again and step again.
+                    if finished is None:
+                        finished = now.rax
+                    linux.set_regs(thread.tid, regs)
+            elif event == 0 and sig in _FAULTS:
+                raise TracerError(f"remote syscall {regs.rax} faulted with signal {sig} in thread {thread.tid}")
+            elif event == 0:
+                thread.deferred_signals.append(sig)
+            linux.singlestep(thread.tid)
+    finally:
+        thread.stepping = False
+
+
+def _prepare_restart(saved: linux.Registers) -> linux.Registers:
+    """A copy of *saved* in which an interrupted syscall is set up to restart."""
+    regs = linux.copy_regs(saved)
+    orig = linux.signed64(regs.orig_rax)
+    rax = linux.signed64(regs.rax)
+    if orig >= 0:
+        if rax in (-linux.ERESTARTSYS, -linux.ERESTARTNOINTR, -linux.ERESTARTNOHAND):
+            regs.rax = orig
+            regs.rip -= 2
+            regs.orig_rax = linux.U64
+        elif rax == -linux.ERESTART_RESTARTBLOCK:
+            regs.rax = linux.SYS_restart_syscall
+            regs.rip -= 2
+            regs.orig_rax = linux.U64
+    return regs

@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Before/after: ptprobe's hit cost at two revisions, measured in one run.
+
+    python3 tools/bench_ab.py [--base REV] [--runs N] [--hits N] [--cases a,b,...]
+
+The working tree's ptprobe (after) and the one at REV (before; default HEAD,
+extracted with ``git archive`` into a temporary directory) trace the same
+target (tools/bench_target.c, built once), alternating case by case and run by
+run, so that both see the same machine state. Tracer and program are pinned to
+one CPU (the ``same`` placement of tools/bench.py). Prints the median us per hit
+of each side and their ratio (after/before: below 1 is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List
+
+TOOLS = Path(__file__).resolve().parent
+REPO = TOOLS.parent
+
+#: name -> (site in bench_target.c, mechanism: return|seed|int3, handler)
+CASES = {
+    "return": ("nop5", "return", False),
+    "return+handler": ("nop5", "return", True),
+    "return+args": ("nop5", "return", "args"),
+    "seed": ("nop5", "seed", False),
+    "seed+handler": ("nop5", "seed", True),
+    "int3": ("nop5", "int3", False),
+    "int3+handler": ("nop5", "int3", True),
+    "int3-push": ("push", "int3", False),
+    "usdt-nop1+nop5": ("usdt_nop1_5", "return", False),
+}
+
+# Runs in a child Python whose sys.path starts with one tree; prints ns per hit.
+_DRIVER = r"""
+import json, os, sys
+import ptprobe
+target, site, mechanism, handler, n, outfile, cpu = sys.argv[1:8]
+n = int(n); cpu = int(cpu)
+os.sched_setaffinity(0, {cpu})
+def trivial(hit):
+    pass
+def args(hit):
+    hit.args[0]
+handlers = {"False": None, "True": trivial, "args": args}
+slots = "seed" if mechanism == "seed" else "return"
+session = ptprobe.run([target, site, str(n), "1", "200", outfile], slots=slots,
+                      seccomp=mechanism != "int3", colocate=False)
+with session:
+    os.sched_setaffinity(session.main_pid, {cpu})
+    probe = session.probe(f"uprobe:{target}:site_{site}", handlers[handler])
+    status = session.wait()
+assert status == 0, status
+assert probe.hits == n + 200, probe.hits
+line = open(outfile).read().split()
+values = dict(t.split("=") for t in line if "=" in t)
+print(json.dumps(int(values["ns"]) / int(values["iterations"])))
+"""
+
+
+def build_target(workdir: Path) -> str:
+    target = workdir / "bench_target"
+    subprocess.run(["gcc", "-O2", "-fno-pie", "-no-pie", "-pthread", str(TOOLS / "bench_target.c"),
+                    "-o", str(target)], check=True, capture_output=True, text=True)
+    return str(target)
+
+
+def extract(rev: str, into: Path) -> None:
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "ptprobe"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+
+
+def once(tree: Path, target: str, case: str, n: int, outfile: str, cpu: int) -> float:
+    site, mechanism, handler = CASES[case]
+    env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1")
+    out = subprocess.run([sys.executable, "-c", _DRIVER, target, site, mechanism, str(handler), str(n),
+                          outfile, str(cpu)], capture_output=True, text=True, env=env, timeout=600)
+    if out.returncode != 0:
+        raise SystemExit(f"bench_ab: {case} in {tree} failed: {out.stderr.strip()[-500:]}")
+    return float(out.stdout.strip().splitlines()[-1]) / 1000.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default="HEAD", help="the 'before' revision (default HEAD)")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--hits", type=int, default=20000)
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    cases = [c for c in args.cases.split(",") if c]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s): {', '.join(unknown)}")
+    cpu = min(os.sched_getaffinity(0))
+    work = Path(tempfile.mkdtemp(prefix="ptprobe-ab-"))
+    try:
+        before = work / "before"
+        before.mkdir()
+        extract(args.base, before)
+        target = build_target(work)
+        trees = {"before": before, "after": REPO}
+        results: Dict[str, Dict[str, List[float]]] = {c: {"before": [], "after": []} for c in cases}
+        for run in range(args.runs):
+            for case in cases:
+                for side in (("before", "after") if run % 2 == 0 else ("after", "before")):
+                    results[case][side].append(once(trees[side], target, case, args.hits,
+                                                     str(work / "out"), cpu))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    table = {c: {side: statistics.median(v) for side, v in r.items()} for c, r in results.items()}
+    if args.json:
+        print(json.dumps({"base": args.base, "runs": args.runs, "hits": args.hits, "us_per_hit": table}))
+        return 0
+    print(f"us per hit, median of {args.runs}, {args.hits} hits, one CPU; before = {args.base}, "
+          f"after = working tree")
+    print(f"  {'case':<18}{'before':>9}{'after':>9}{'after/before':>14}")
+    for case, row in table.items():
+        print(f"  {case:<18}{row['before']:9.2f}{row['after']:9.2f}{row['after'] / row['before']:14.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
