@@ -110,3 +110,18 @@ def loop_target(loop_binary) -> Iterator[Target]:
     finally:
         target.kill()
 
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """pytest-timeout (``timeout`` in setup.cfg) by its default method, SIGALRM, cannot
+    bound these tests: Session.wait(timeout=...) takes SIGALRM and the real-time timer
+    for itself, and the plugin's timer is gone after the first such wait. Unless a
+    method was chosen (--timeout-method, timeout_method in the ini file), use "thread":
+    a test still running at the deadline ends the run, with the stacks of all threads.
+    (The watchdogs in the tests fail the test itself, well before that.)"""
+    if not config.pluginmanager.hasplugin("timeout"):
+        return
+    if config.getoption("timeout_method") or config.getini("timeout_method"):
+        return
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(method="thread"))
