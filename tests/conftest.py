@@ -1,4 +1,5 @@
-"""Shared test fixtures: C targets compiled with gcc at test time."""
+"""Shared test fixtures: C targets compiled with gcc at test time, and the fixtures
+several test modules use (their helpers are in helpers.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import pytest
+
+from helpers import Target
 
 C_DIR = Path(__file__).parent / "c"
 _CACHE = Path(os.environ.get("PTPROBE_TEST_BUILD", "/tmp/ptprobe-test-build"))
@@ -90,3 +93,35 @@ def unprivileged_python() -> tuple:
         path.chmod(0o755 if path.is_dir() else 0o644 | (0o111 if os.access(path, os.X_OK) else 0))
     env = dict(os.environ, PYTHONPATH=str(site), PYTHONDONTWRITEBYTECODE="1")
     return python, env
+
+
+@pytest.fixture
+def loop_binary() -> str:
+    """core_loop (calls work() for ever, printing "progress N ..."), built."""
+    return build("core_loop.c", "-O1")
+
+
+@pytest.fixture
+def loop_target(loop_binary) -> Iterator[Target]:
+    """core_loop running untraced; killed afterwards."""
+    target = Target([loop_binary])
+    try:
+        yield target
+    finally:
+        target.kill()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """pytest-timeout (``timeout`` in setup.cfg) by its default method, SIGALRM, cannot
+    bound these tests: Session.wait(timeout=...) takes SIGALRM and the real-time timer
+    for itself, and the plugin's timer is gone after the first such wait. Unless a
+    method was chosen (--timeout-method, timeout_method in the ini file), use "thread":
+    a test still running at the deadline ends the run, with the stacks of all threads.
+    (The watchdogs in the tests fail the test itself, well before that.)"""
+    if not config.pluginmanager.hasplugin("timeout"):
+        return
+    if config.getoption("timeout_method") or config.getini("timeout_method"):
+        return
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(method="thread"))

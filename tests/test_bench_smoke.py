@@ -10,11 +10,11 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import REPO, repo_env
+
 BENCH = REPO / "tools" / "bench.py"
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
@@ -22,9 +22,8 @@ pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not 
 
 @pytest.fixture(scope="module")
 def report():
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run([sys.executable, str(BENCH), "--quick", "--json"], capture_output=True, text=True,
-                         timeout=120, env=env, cwd=str(REPO))
+                         timeout=120, env=repo_env(), cwd=str(REPO))
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout)
 

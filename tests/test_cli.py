@@ -11,32 +11,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
-from typing import Sequence
 
 import pytest
 
 from conftest import NOBODY, build
-from test_core import (REPO, LoopTarget, code_in_memory, decode, read_mem, runtime_address,
-                       symbol, unprivileged, write_mem)
-
-SUMMARY = re.compile(r"^ptprobe: (?P<spec>\S+): (?P<hits>\d+) hits? \((?P<how>[^)]*)\)$")
-
-
-def ptprobe_cli(*args: str, prefix: Sequence[str] = (), timeout: float = 60) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1")
-    return subprocess.run([*prefix, sys.executable, "-m", "ptprobe", *args], cwd=str(REPO), env=env,
-                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def summaries(stderr: str) -> dict:
-    """{spec: (hits, mechanisms text)} from the summary lines on stderr."""
-    out = {}
-    for line in stderr.splitlines():
-        m = SUMMARY.match(line)
-        if m:
-            out[m["spec"]] = (int(m["hits"]), m["how"])
-    return out
+from helpers import (SUMMARY, code_in_memory, decode, ptprobe_cli, read_mem, reaped_pid, runtime_address,
+                     summaries, symbol, unprivileged, write_mem)
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:
@@ -50,15 +30,6 @@ def error_line(result: subprocess.CompletedProcess) -> str:
 @pytest.fixture
 def simple() -> str:
     return build("core_simple.c", "-O1", "-fno-pie", "-no-pie")
-
-
-@pytest.fixture
-def loop_target() -> LoopTarget:
-    target = LoopTarget(build("core_loop.c", "-O1"))
-    try:
-        yield target
-    finally:
-        target.close()
 
 
 # ---------------------------------------------------------------------------- run
@@ -198,14 +169,8 @@ def test_attach_with_slot(loop_target):
     target.assert_alive_untraced_and_original(("work", "spare"))
 
 
-def _reaped_pid() -> int:
-    child = subprocess.Popen(["true"])
-    child.wait()
-    return child.pid
-
-
 def test_attach_unknown_pid():
-    result = ptprobe_cli("attach", str(_reaped_pid()), "-p", "uprobe:libc.so.6:getpid", "--duration", "0.1")
+    result = ptprobe_cli("attach", str(reaped_pid()), "-p", "uprobe:libc.so.6:getpid", "--duration", "0.1")
     assert result.returncode == 3
     error_line(result)
 
@@ -221,7 +186,7 @@ def test_attach_permission_denied():
         error_line(result)
         target.assert_alive_untraced_and_original(("work",))
     finally:
-        target.close()
+        target.kill()
 
 
 @pytest.mark.parametrize("case, code", [

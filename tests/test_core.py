@@ -8,95 +8,31 @@ through sleeps.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import select
 import signal
 import struct
 import subprocess
-import sys
-import tempfile
-import threading
-import time
 from collections import Counter
-from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import capstone
 import pytest
 from capstone import x86_const
-from elftools.elf.elffile import ELFFile
 
-from conftest import NOBODY, build, unprivileged_python
+from conftest import NOBODY, build
+from helpers import (RecordingObserver, captured_stdout, code_in_memory, decode, file_bytes, mechanisms,
+                     read_mem, reaped_pid, run_traced, runtime_address, symbol, unprivileged, untraced,
+                     watchdog, write_mem)
 
 import ptprobe
 from ptprobe import errors
 
-REPO = Path(__file__).resolve().parent.parent
-
-
 
 # ---------------------------------------------------------------------------- ELF helpers
-
-def symbol(path: str, name: str) -> Tuple[int, int]:
-    """(link-time address, size) of symbol *name* in *path* (symtab, then dynsym)."""
-    with open(path, "rb") as fh:
-        elf = ELFFile(fh)
-        for section_name in (".symtab", ".dynsym"):
-            table = elf.get_section_by_name(section_name)
-            if table is None:
-                continue
-            for sym in table.get_symbol_by_name(name) or ():
-                if sym["st_shndx"] != "SHN_UNDEF":
-                    return sym["st_value"], sym["st_size"]
-    raise LookupError(f"{name} not in {path}")
-
-
-def file_offset(path: str, address: int) -> int:
-    """The file offset of link-time *address* (through the PT_LOAD headers)."""
-    with open(path, "rb") as fh:
-        for seg in ELFFile(fh).iter_segments():
-            if seg["p_type"] == "PT_LOAD" and seg["p_vaddr"] <= address < seg["p_vaddr"] + seg["p_filesz"]:
-                return address - seg["p_vaddr"] + seg["p_offset"]
-    raise LookupError(f"{address:#x} is not in a PT_LOAD segment of {path}")
-
-
-def file_bytes(path: str, address: int, size: int) -> bytes:
-    with open(path, "rb") as fh:
-        fh.seek(file_offset(path, address))
-        return fh.read(size)
-
-
-def decode(path: str, name: str) -> List[capstone.CsInsn]:
-    """The instructions of function *name*, at link-time addresses."""
-    address, size = symbol(path, name)
-    assert size > 0, f"{name} has no size"
-    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-    md.detail = True
-    insns = list(md.disasm(file_bytes(path, address, size), address))
-    assert sum(i.size for i in insns) == size, f"{name} did not decode completely"
-    return insns
-
 
 def is_rip_relative(insn: capstone.CsInsn) -> bool:
     return any(op.type == x86_const.X86_OP_MEM and op.mem.base == x86_const.X86_REG_RIP
                for op in insn.operands)
-
-
-def runtime_address(pid: int, path: str, address: int) -> int:
-    """Where link-time *address* of file *path* is mapped in process *pid*."""
-    off = file_offset(path, address)
-    st = os.stat(path)
-    with open(f"/proc/{pid}/maps") as fh:
-        for line in fh:
-            fields = line.split()
-            if len(fields) < 6 or int(fields[4]) != st.st_ino:
-                continue
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            map_off = int(fields[2], 16)
-            if map_off <= off < map_off + (end - start):
-                return start + off - map_off
-    raise LookupError(f"{path}+{off:#x} is not mapped in {pid}")
 
 
 def mapping_of(pid: int, address: int) -> str:
@@ -110,211 +46,9 @@ def mapping_of(pid: int, address: int) -> str:
     raise LookupError(f"{address:#x} is not mapped in {pid}")
 
 
-def read_mem(pid: int, address: int, size: int) -> bytes:
-    with open(f"/proc/{pid}/mem", "rb") as fh:
-        fh.seek(address)
-        return fh.read(size)
-
-
-def write_mem(pid: int, address: int, data: bytes) -> None:
-    with open(f"/proc/{pid}/mem", "r+b", buffering=0) as fh:
-        fh.seek(address)
-        fh.write(data)
-
-
-def proc_status(pid: int) -> Dict[str, str]:
-    out = {}
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            key, _, value = line.partition(":")
-            out[key] = value.strip()
-    return out
-
-
-def tracer_pid(pid: int) -> int:
-    return int(proc_status(pid)["TracerPid"])
-
-
-def code_in_memory(pid: int, path: str, name: str) -> Tuple[bytes, bytes]:
-    """(bytes of function *name* in the process, the same bytes in the file)."""
-    address, size = symbol(path, name)
-    return read_mem(pid, runtime_address(pid, path, address), size), file_bytes(path, address, size)
-
-
 def program_lines(text: str) -> List[str]:
     """Program output without the line that shows its pid."""
     return [line for line in text.splitlines() if not line.startswith("pid ")]
-
-
-# ---------------------------------------------------------------------------- processes
-
-class Lines:
-    """Lines from a pipe, with a timeout on each read (not a synchronising sleep)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.buf = b""
-
-    def readline(self, timeout: float = 15.0) -> str:
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError("no line from the target within %.0f s" % timeout)
-            ready, _, _ = select.select([self.fd], [], [], left)
-            if ready:
-                chunk = os.read(self.fd, 65536)
-                if not chunk:
-                    raise AssertionError("the target closed its output (did it die?)")
-                self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return line.decode()
-
-    def drain(self) -> List[str]:
-        """Every complete line available now."""
-        while select.select([self.fd], [], [], 0)[0]:
-            chunk = os.read(self.fd, 65536)
-            if not chunk:
-                break
-            self.buf += chunk
-        *lines, self.buf = self.buf.split(b"\n")
-        return [line.decode() for line in lines]
-
-
-class LoopTarget:
-    """core_loop running untraced: calls work() forever, reports progress on a pipe."""
-
-    def __init__(self, path: str, prefix: Sequence[str] = ()) -> None:
-        self.path = path
-        self.proc = subprocess.Popen([*prefix, path], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        self.pid = self.proc.pid
-        self.lines = Lines(self.proc.stdout.fileno())
-        ready = self.lines.readline()
-        assert ready == f"ready {self.pid}", ready
-
-    def last_progress(self) -> int:
-        """The last counter value printed so far (0 if none)."""
-        value = 0
-        for line in self.lines.drain():
-            if line.startswith("progress "):
-                value = int(line.split()[1])
-        return value
-
-    def assert_alive_untraced_and_original(self, names: Sequence[str] = ("work",),
-                                           patched: Optional[Dict[str, bytes]] = None) -> None:
-        """Not traced, still making progress, and the code of *names* as in the file
-        (or as the test patched it)."""
-        assert self.proc.poll() is None, f"target died: {self.proc.returncode}"
-        assert tracer_pid(self.pid) == 0
-        assert proc_status(self.pid)["State"][0] in "RS", proc_status(self.pid)["State"]
-        for name in names:
-            memory, original = code_in_memory(self.pid, self.path, name)
-            expected = (patched or {}).get(name, original)
-            assert memory == expected, f"{name}: {memory.hex()} in memory, expected {expected.hex()}"
-        before = self.last_progress()
-        while True:
-            line = self.lines.readline()
-            if line.startswith("progress ") and int(line.split()[1]) > before:
-                break
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
-        self.proc.stdout.close()
-
-
-@pytest.fixture
-def loop_binary() -> str:
-    return build("core_loop.c", "-O1")
-
-
-@pytest.fixture
-def loop_target(loop_binary) -> Iterator[LoopTarget]:
-    target = LoopTarget(loop_binary)
-    try:
-        yield target
-    finally:
-        target.close()
-
-
-class Captured:
-    text = ""
-
-
-@contextlib.contextmanager
-def captured_stdout() -> Iterator[Captured]:
-    """Redirect fd 1 (inherited by programs ptprobe.run starts) to a file."""
-    result = Captured()
-    sys.stdout.flush()
-    saved = os.dup(1)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 1)
-        try:
-            yield result
-        finally:
-            sys.stdout.flush()
-            os.dup2(saved, 1)
-            os.close(saved)
-            tmp.seek(0)
-            result.text = tmp.read().decode(errors="replace")
-
-
-@contextlib.contextmanager
-def watchdog(seconds: float, pids: List[int]) -> Iterator[None]:
-    """SIGKILL every pid in *pids* if the block takes longer than *seconds*, so a
-    hang in the engine ends the test (as a failure) instead of the run."""
-    fired = []
-
-    def fire() -> None:
-        fired.append(True)
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-    assert not fired, f"watchdog: the traced program ran for more than {seconds} s and was killed"
-
-
-class RecordingObserver(ptprobe.Observer):
-    def __init__(self) -> None:
-        self.notices: List[str] = []
-        self.handler_errors: List[str] = []
-
-    def notice(self, text: str) -> None:
-        self.notices.append(text)
-
-    def handler_error(self, probe, hit, error) -> None:
-        self.handler_errors.append(f"{probe.name}: {type(error).__name__}: {error}")
-
-
-def run_traced(argv: Sequence[str], probes: Sequence[Tuple[str, object]], timeout: float = 60.0,
-               **options) -> Tuple[int, str, List[ptprobe.Probe], RecordingObserver]:
-    """Run *argv* with *probes* armed; (status, stdout, probes, observer)."""
-    observer = options.pop("observer", None) or RecordingObserver()
-    pids: List[int] = []
-    with captured_stdout() as out:
-        with watchdog(timeout, pids):
-            with ptprobe.run(list(argv), observer=observer, **options) as session:
-                pids.append(session.main_pid)
-                armed = [session.probe(spec, handler) for spec, handler in probes]
-                status = session.wait()
-    assert not observer.handler_errors, observer.handler_errors
-    return status, out.text, armed, observer
-
-
-def untraced(argv: Sequence[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
-
-
-def mechanisms(probe: ptprobe.Probe) -> List[str]:
-    return [site.mechanism for site in probe.sites]
 
 
 # ---------------------------------------------------------------------------- threads
@@ -877,12 +611,6 @@ def test_program_sigtrap_reaches_its_handler(how):
 
 # ---------------------------------------------------------------------------- errors (Python API)
 
-def reaped_pid() -> int:
-    child = subprocess.Popen(["true"])
-    child.wait()
-    return child.pid
-
-
 def test_api_no_such_process():
     with pytest.raises(errors.NoSuchProcessError) as info:
         ptprobe.attach(reaped_pid())
@@ -893,12 +621,6 @@ def test_api_program_start_error(tmp_path):
     with pytest.raises(errors.ProgramStartError) as info:
         ptprobe.run([str(tmp_path / "no-such-program")])
     assert info.value.exit_code == 9
-
-
-def unprivileged(loop_binary: str) -> Tuple[str, dict, LoopTarget]:
-    """(python, env) for a tracer running as nobody, and a root-owned target it may not trace."""
-    python, env = unprivileged_python()
-    return python, env, LoopTarget(loop_binary)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to set up a process it may not trace")
@@ -915,7 +637,7 @@ def test_api_permission_denied(loop_binary):
         assert result.stdout.strip() == "TracePermissionError 4", (result.stdout, result.stderr)
         target.assert_alive_untraced_and_original(("work",))
     finally:
-        target.close()
+        target.kill()
 
 
 @pytest.fixture

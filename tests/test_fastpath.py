@@ -19,33 +19,23 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
-from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import pytest
 from elftools.elf.elffile import ELFFile
 
 from conftest import NOBODY, build, unprivileged_python
+from helpers import (LINE_TIMEOUT, NOP5, REPO, Hammer, Lines, fast_build, load_bias, mechanisms,
+                     proc_status, read_mem, repo_env)
 
 import ptprobe
 from ptprobe import arch, linux
 
-REPO = Path(__file__).resolve().parent.parent
-NOP5 = bytes.fromhex("0f1f440000")
 SLOTS = pytest.mark.parametrize("slots", ["seed", "return"])
 EPROTO = 71
-LINE_TIMEOUT = 30.0          # guard against hangs only; nothing asserts on time
 
 
 # --------------------------------------------------------------------------- helpers
-
-def _build(name: str, *flags: str) -> str:
-    extra = ("fast_regcheck.c",) if name in ("fast_regs.c", "fast_nrcall.c", "fast_hammer.c") else ()
-    if name == "fast_hammer.c":
-        flags = flags + ("-pthread",)
-    return build(name, *flags, extra_sources=extra)
-
 
 def _symbols(path: str) -> Dict[str, int]:
     with open(path, "rb") as fh:
@@ -68,124 +58,12 @@ def _probe_k(path: str) -> List[int]:
     raise AssertionError("probe_k not found")
 
 
-def _load_base(pid: int, path: str) -> int:
-    """Run-time address of file offset 0 of *path* in *pid* (ET_DYN objects)."""
-    real = os.path.realpath(path)
-    with open(f"/proc/{pid}/maps") as fh:
-        for line in fh:
-            parts = line.split()
-            if len(parts) >= 6 and parts[5] == real and int(parts[2], 16) == 0:
-                return int(parts[0].split("-")[0], 16)
-    raise AssertionError(f"{path} is not mapped in {pid}")
-
-
 def _runtime(pid: int, path: str, symbol: str) -> int:
     value = _symbols(path)[symbol]
     with open(path, "rb") as fh:
         if ELFFile(fh).header["e_type"] == "ET_EXEC":
             return value
-    return _load_base(pid, path) + value
-
-
-def _read_mem(pid: int, address: int, size: int) -> bytes:
-    with open(f"/proc/{pid}/mem", "rb") as fh:
-        fh.seek(address)
-        return fh.read(size)
-
-
-def _status(pid: int) -> Dict[str, str]:
-    out = {}
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            key, _, value = line.partition(":")
-            out[key] = value.strip()
-    return out
-
-
-def _mechanisms(probe) -> List[str]:
-    return [s.mechanism for s in probe.sites]
-
-
-def _env() -> Dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-class Lines:
-    """Collects the lines a pipe delivers, on a thread of its own."""
-
-    def __init__(self, stream) -> None:
-        self.lines: List[str] = []
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _pump(self, stream) -> None:
-        for raw in iter(stream.readline, b""):
-            line = raw.decode(errors="replace").rstrip("\n")
-            with self._cond:
-                self.lines.append(line)
-                self._cond.notify_all()
-        with self._cond:
-            self.lines.append("<EOF>")
-            self._cond.notify_all()
-
-    def wait_for(self, predicate, what: str) -> List[str]:
-        """Block until predicate(lines) holds (or the stream ends); return the lines."""
-        with self._cond:
-            ok = self._cond.wait_for(lambda: predicate(self.lines) or "<EOF>" in self.lines,
-                                     timeout=LINE_TIMEOUT)
-            if not ok or not predicate(self.lines):
-                raise AssertionError(f"never saw {what}; last lines: {self.lines[-10:]}")
-            return list(self.lines)
-
-    def count(self, prefix: str) -> int:
-        with self._cond:
-            return sum(1 for line in self.lines if line.startswith(prefix))
-
-
-class Hammer:
-    """fast_hammer running as a child, its stdout collected."""
-
-    def __init__(self, binary: str, threads: int, every: int, prefix: Sequence = ()) -> None:
-        self.binary = binary
-        self.proc = subprocess.Popen(list(prefix) + [binary, str(threads), str(every)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.pid = self.proc.pid
-        self.out = Lines(self.proc.stdout)
-        self.out.wait_for(lambda ls: "ready" in ls, "ready")
-
-    def send(self, data: bytes) -> None:
-        self.proc.stdin.write(data)
-        self.proc.stdin.flush()
-
-    def failures(self) -> List[str]:
-        return [line for line in self.out.lines if line.startswith("FAIL")]
-
-    def wait_for_progress(self, threads: int, what: str, lines: int = 1, or_failure: bool = False) -> None:
-        """Block until threads 1..*threads* each printed *lines* more progress lines than
-        now (or, with *or_failure*, a FAIL line appeared)."""
-        before = {f"t{i} ": self.out.count(f"t{i} ") for i in range(1, threads + 1)}
-        self.out.wait_for(lambda ls: all(sum(1 for x in ls if x.startswith(t)) >= before[t] + lines
-                                         for t in before) or (or_failure and bool(self.failures())), what)
-
-    def finish(self) -> int:
-        """Tell it to stop; return its exit status (it checks every pass itself)."""
-        try:
-            self.send(b"q")
-            self.proc.stdin.close()
-        except BrokenPipeError:
-            pass
-        status = self.proc.wait(timeout=LINE_TIMEOUT)
-        self.out.wait_for(lambda ls: "<EOF>" in ls, "end of output")
-        return status
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
+    return load_bias(pid, path) + value
 
 
 def _wait_for_hits(session, probe, at_least: int = 1, rounds: int = 500) -> None:
@@ -211,12 +89,12 @@ def _run(argv, spec_handlers, **options):
 
 @SLOTS
 def test_red_zone_survives_1000_hits(slots, capfd):
-    binary = _build("fast_redzone.c")
+    binary = fast_build("fast_redzone.c")
     status, (probe,) = _run([binary, "1000"], [(f"uprobe:{binary}:rz_site", None)], slots=slots)
     out = capfd.readouterr().out
     assert "redzone bad=0" in out, out
     assert status == 0
-    assert _mechanisms(probe) == ["jmp"]
+    assert mechanisms(probe) == ["jmp"]
     assert probe.sites[0].slot_kind == slots
     assert probe.hits == 1000
 
@@ -226,7 +104,7 @@ def test_red_zone_survives_1000_hits(slots, capfd):
 
 @SLOTS
 def test_registers_survive_site_and_handler_sees_program_values(slots, capfd):
-    binary = _build("fast_regs.c")
+    binary = fast_build("fast_regs.c")
     k = _probe_k(binary)
     seed, passes = 0x0123456789ABCDEF, 64
     problems: List[str] = []
@@ -261,7 +139,7 @@ def test_registers_survive_site_and_handler_sees_program_values(slots, capfd):
     out = capfd.readouterr().out
     assert f"check ok {passes}" in out, out
     assert status == 0
-    assert _mechanisms(probe) == ["jmp"]
+    assert mechanisms(probe) == ["jmp"]
     assert probe.hits == passes
     assert probe.errors == 0
     assert problems == []
@@ -270,7 +148,7 @@ def test_registers_survive_site_and_handler_sees_program_values(slots, capfd):
 
 @SLOTS
 def test_handler_writes_rax_rcx_r11_rbx(slots, capfd):
-    binary = _build("fast_regs.c")
+    binary = fast_build("fast_regs.c")
     new = {"rax": 0xAAAA00000000AAAA, "rcx": 0xCCCC0000CCCC0001, "r11": 0x1111000011110011,
            "rbx": 0xBBBB0000BBBB000B}
 
@@ -282,7 +160,7 @@ def test_handler_writes_rax_rcx_r11_rbx(slots, capfd):
                             slots=slots)
     out = capfd.readouterr().out
     assert status == 0, out                   # every other register came through unchanged
-    assert _mechanisms(probe) == ["jmp"]
+    assert mechanisms(probe) == ["jmp"]
     assert probe.hits == 1 and probe.errors == 0
     want = " ".join(f"{name}={value:#x}" for name, value in new.items())
     assert want in out, out
@@ -290,7 +168,7 @@ def test_handler_writes_rax_rcx_r11_rbx(slots, capfd):
 
 @SLOTS
 def test_handler_moves_rip(slots, capfd):
-    binary = _build("fast_regs.c")
+    binary = fast_build("fast_regs.c")
     syms = _symbols(binary)
     delta = syms["jump_target"] - syms["jump_site"]
 
@@ -301,7 +179,7 @@ def test_handler_moves_rip(slots, capfd):
     out = capfd.readouterr().out
     assert status == 0
     assert "jump 2" in out, out
-    assert _mechanisms(probe) == ["jmp"]
+    assert mechanisms(probe) == ["jmp"]
     assert probe.hits == 1 and probe.errors == 0
 
     status, (probe,) = _run([binary, "jump"], [(f"uprobe:{binary}:jump_site", None)], slots=slots)
@@ -315,14 +193,14 @@ def test_handler_moves_rip(slots, capfd):
 
 @SLOTS
 def test_program_making_the_slot_syscall_gets_eproto(slots, capfd):
-    binary = _build("fast_nrcall.c")
+    binary = fast_build("fast_nrcall.c")
     nr = arch.SLOT_SYSCALL_NR
     status, (probe,) = _run([binary, str(nr)], [(f"uprobe:{binary}:regs_site", None)], slots=slots)
     out = capfd.readouterr().out
     assert f"libc ret=-1 errno={EPROTO}" in out, out
     assert f"raw ret=-{EPROTO}" in out, out
     assert status == 0, out                   # registers intact, both site passes intact
-    assert _mechanisms(probe) == ["jmp"]
+    assert mechanisms(probe) == ["jmp"]
     assert probe.hits == 2
 
 
@@ -331,7 +209,7 @@ def test_program_making_the_slot_syscall_gets_eproto(slots, capfd):
 
 @SLOTS
 def test_300_sites_with_one_trampoline_page(slots, capfd):
-    binary = _build("fast_many.c")
+    binary = fast_build("fast_many.c")
     with ptprobe.run([binary, "3"], slots=slots, max_trampoline_pages=1) as session:
         probes = [session.probe(f"uprobe:{binary}:site_{i}") for i in range(300)]
         status = session.wait()
@@ -354,7 +232,7 @@ def test_300_sites_with_one_trampoline_page(slots, capfd):
 
 @SLOTS
 def test_attach_detach_50_times_while_two_threads_hammer(slots):
-    binary = _build("fast_hammer.c")
+    binary = fast_build("fast_hammer.c")
     spec = f"uprobe:{binary}:regs_site"
     hammer = Hammer(binary, 2, 20000)
     try:
@@ -370,8 +248,8 @@ def test_attach_detach_50_times_while_two_threads_hammer(slots):
                 session.detach()
             assert hammer.proc.poll() is None, f"cycle {cycle}: the program died: {hammer.out.lines[-5:]}"
             assert hammer.failures() == [], f"cycle {cycle}"
-            assert _read_mem(hammer.pid, site_address, 5) == NOP5, f"cycle {cycle}"
-            assert _status(hammer.pid)["TracerPid"] == "0"
+            assert read_mem(hammer.pid, site_address, 5) == NOP5, f"cycle {cycle}"
+            assert proc_status(hammer.pid)["TracerPid"] == "0"
         assert mechanisms == {("jmp", slots)}
         # it runs on untraced: both threads still report progress
         hammer.wait_for_progress(2, "progress after the last detach")
@@ -391,7 +269,7 @@ def test_seed_detach_inside_slot():
     Internals: Session.threads, Session.processes[pid].mem, Site.slot,
     ptprobe.linux.cont/get_regs/set_regs/singlestep/wait_tid.
     """
-    binary = _build("fast_hammer.c")
+    binary = fast_build("fast_hammer.c")
     spec = f"uprobe:{binary}:regs_site"
     hammer = Hammer(binary, 0, 1000)            # only the main thread, passing the site on "g"
     try:
@@ -432,7 +310,7 @@ def test_seed_detach_inside_slot():
             hammer.out.wait_for(lambda ls, n=n: f"ok {n}" in ls or hammer.failures(), f"ok {n}")
             assert hammer.failures() == [], f"offset {offset}"
             assert hammer.proc.poll() is None, f"offset {offset}: the program died"
-            assert _read_mem(hammer.pid, site_address, 5) == NOP5
+            assert read_mem(hammer.pid, site_address, 5) == NOP5
         assert len(slots_seen) == 1
         assert hammer.finish() == 0
         assert hammer.failures() == []
@@ -448,23 +326,23 @@ def _step(tid: int) -> None:
 
 
 def test_cli_sigkilled_self_returning_slots_keep_program_alive():
-    binary = _build("fast_hammer.c")
+    binary = fast_build("fast_hammer.c")
     hammer = Hammer(binary, 2, 5000)
     cli = None
     try:
         site_address = _runtime(hammer.pid, binary, "regs_site")
         cli = subprocess.Popen([sys.executable, "-m", "ptprobe", "attach", str(hammer.pid), "--slots",
                                 "return", "-p", f"uprobe:{binary}:regs_site"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=str(REPO))
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=repo_env(), cwd=str(REPO))
         hits = Lines(cli.stdout)
         hits.wait_for(lambda ls: len(ls) >= 200, "200 hit lines from the CLI")     # one per hit
-        assert _read_mem(hammer.pid, site_address, 1) == b"\xe9"     # the jmp is in place
+        assert read_mem(hammer.pid, site_address, 1) == b"\xe9"     # the jmp is in place
         cli.send_signal(signal.SIGKILL)
         assert cli.wait(timeout=LINE_TIMEOUT) == -signal.SIGKILL
         # the tracer is gone and the site still jumps into the slots: the program runs on
-        assert _read_mem(hammer.pid, site_address, 1) == b"\xe9"
+        assert read_mem(hammer.pid, site_address, 1) == b"\xe9"
         for task in os.listdir(f"/proc/{hammer.pid}/task"):
-            assert _status(int(task))["TracerPid"] == "0"
+            assert proc_status(int(task))["TracerPid"] == "0"
         hammer.wait_for_progress(2, "progress after the tracer died", lines=3)
         assert hammer.proc.poll() is None
         assert hammer.finish() == 0
@@ -481,21 +359,21 @@ def test_cli_sigkilled_self_returning_slots_keep_program_alive():
 
 @SLOTS
 def test_reattach_reuses_slot_and_filter(slots):
-    binary = _build("fast_hammer.c")
+    binary = fast_build("fast_hammer.c")
     spec = f"uprobe:{binary}:regs_site"
     hammer = Hammer(binary, 0, 1000)
     try:
-        assert _status(hammer.pid)["Seccomp_filters"] == "0"
+        assert proc_status(hammer.pid)["Seccomp_filters"] == "0"
         slot_addresses = []
         filters = []
         for n in (1, 2):
             session = ptprobe.attach(hammer.pid, slots=slots)
             try:
                 probe = session.probe(spec)
-                assert _mechanisms(probe) == ["jmp"]
+                assert mechanisms(probe) == ["jmp"]
                 assert probe.sites[0].slot_kind == slots
                 slot_addresses.append(probe.sites[0].slot)
-                filters.append(_status(hammer.pid)["Seccomp_filters"])
+                filters.append(proc_status(hammer.pid)["Seccomp_filters"])
                 hammer.send(b"g")
                 _wait_for_hits(session, probe, at_least=1)
                 assert probe.hits == 1
@@ -503,7 +381,7 @@ def test_reattach_reuses_slot_and_filter(slots):
                 session.detach()
             hammer.out.wait_for(lambda ls, n=n: f"ok {n}" in ls or hammer.failures(), f"ok {n}")
         assert filters == ["1", "1"]
-        assert _status(hammer.pid)["Seccomp_filters"] == "1"
+        assert proc_status(hammer.pid)["Seccomp_filters"] == "1"
         assert slot_addresses[0] == slot_addresses[1]
         assert hammer.finish() == 0
         assert hammer.failures() == []
@@ -542,7 +420,7 @@ def test_nop_combos_fentry_and_shared_library(slots, capfd):
         def handler(hit):
             rips[name].append(hit.regs.rip)
             if name == "lib":
-                expected.setdefault("lib", _load_base(hit.pid, lib) + _symbols(lib)["lib_site"])
+                expected.setdefault("lib", load_bias(hit.pid, lib) + _symbols(lib)["lib_site"])
         return handler
 
     n = 7
@@ -556,7 +434,7 @@ def test_nop_combos_fentry_and_shared_library(slots, capfd):
     assert status == 0, out
     assert f"forms {n} {11 * n}" in out and f"fentry {n} {100 * n}" in out and f"lib {n} {3 * n}" in out, out
     for probe in probes:
-        assert _mechanisms(probe) == ["jmp"], probe.name
+        assert mechanisms(probe) == ["jmp"], probe.name
         site = probe.sites[0]
         assert site.slot_kind == slots
         assert abs(site.slot - site.address) < 1 << 31, f"{probe.name}: slot {site.slot:#x} is not near"
@@ -577,8 +455,8 @@ def test_nop_combos_fentry_and_shared_library(slots, capfd):
 
 def _programs():
     return {
-        "redzone": (lambda: (_build("fast_redzone.c"), ["300"], "rz_site")),
-        "regs": (lambda: (_build("fast_regs.c"), ["check", "0x42", "40"], "regs_site")),
+        "redzone": (lambda: (fast_build("fast_redzone.c"), ["300"], "rz_site")),
+        "regs": (lambda: (fast_build("fast_regs.c"), ["check", "0x42", "40"], "regs_site")),
         "forms": (lambda: (_forms_build()[0], ["4"], "form_b")),
     }
 
@@ -593,7 +471,7 @@ def test_no_seccomp_same_results_through_int3(program, capfd):
                                                    lambda hit: rips.append(hit.regs.rip - hit.address))],
                                 seccomp=seccomp)
         out = capfd.readouterr().out
-        results[seccomp] = (status, out, probe.hits, rips, _mechanisms(probe))
+        results[seccomp] = (status, out, probe.hits, rips, mechanisms(probe))
     assert results[True][4] == ["jmp"]
     assert results[False][4] == ["int3"]
     assert results[True][0] == results[False][0] == 0
@@ -606,10 +484,10 @@ def test_no_seccomp_same_results_through_int3(program, capfd):
                                              (("--no-seccomp",), "int3"),
                                              (("--max-trampoline-pages", "0"), "int3")])
 def test_cli_run_summary(flags, mechanism):
-    binary = _build("fast_redzone.c")
+    binary = fast_build("fast_redzone.c")
     spec = f"uprobe:{binary}:rz_site"
     res = subprocess.run([sys.executable, "-m", "ptprobe", "run", "-q", *flags, "-p", spec, "--", binary, "250"],
-                         capture_output=True, text=True, env=_env(), cwd=str(REPO), timeout=60)
+                         capture_output=True, text=True, env=repo_env(), cwd=str(REPO), timeout=60)
     assert res.returncode == 0, res.stderr
     assert "redzone bad=0" in res.stdout
     assert f"ptprobe: {spec}: 250 hits (1 {mechanism})" in res.stderr, res.stderr
@@ -625,7 +503,7 @@ def nobody_dir():
     top = tempfile.mkdtemp(prefix="ptprobe-nobody-", dir="/tmp")
     try:
         os.chmod(top, 0o755)
-        shutil.copy(_build("fast_hammer.c"), os.path.join(top, "fast_hammer"))
+        shutil.copy(fast_build("fast_hammer.c"), os.path.join(top, "fast_hammer"))
         os.chmod(os.path.join(top, "fast_hammer"), 0o755)
         yield top
     finally:
@@ -639,7 +517,7 @@ def test_non_root_attach_needs_consent_for_slots(nobody_dir):
     env.pop("PYTHONHOME", None)
     hammer = Hammer(binary, 2, 20000, prefix=NOBODY)
     try:
-        status = _status(hammer.pid)
+        status = proc_status(hammer.pid)
         assert status["Uid"].split()[0] == "65534" and int(status["CapEff"], 16) == 0
         assert status["NoNewPrivs"] == "0"
         spec = f"uprobe:{binary}:regs_site"
@@ -654,18 +532,18 @@ def test_non_root_attach_needs_consent_for_slots(nobody_dir):
         assert "--allow-no-new-privs" in res.stderr, res.stderr
         m = re.search(re.escape(f"ptprobe: {spec}: ") + r"(\d+) hits \(1 int3\)", res.stderr)
         assert m and int(m.group(1)) > 0, res.stderr
-        assert _status(hammer.pid)["NoNewPrivs"] == "0"          # not set without consent
-        assert _status(hammer.pid)["Seccomp_filters"] == "0"
+        assert proc_status(hammer.pid)["NoNewPrivs"] == "0"          # not set without consent
+        assert proc_status(hammer.pid)["Seccomp_filters"] == "0"
 
         res = cli("--allow-no-new-privs")
         assert res.returncode == 0, res.stderr
         m = re.search(re.escape(f"ptprobe: {spec}: ") + r"(\d+) hits \(1 jmp\)", res.stderr)
         assert m and int(m.group(1)) > 0, res.stderr
-        assert _status(hammer.pid)["NoNewPrivs"] == "1"
-        assert _status(hammer.pid)["Seccomp_filters"] == "1"
+        assert proc_status(hammer.pid)["NoNewPrivs"] == "1"
+        assert proc_status(hammer.pid)["Seccomp_filters"] == "1"
 
         assert hammer.proc.poll() is None
-        assert _read_mem(hammer.pid, _runtime(hammer.pid, binary, "regs_site"), 5) == NOP5
+        assert read_mem(hammer.pid, _runtime(hammer.pid, binary, "regs_site"), 5) == NOP5
         assert hammer.finish() == 0
         assert hammer.failures() == []
     finally:

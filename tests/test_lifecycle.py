@@ -29,23 +29,19 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections import Counter
-from typing import Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import pytest
 
 from conftest import build
-from test_cli import ptprobe_cli, summaries
-from test_core import (REPO, LoopTarget, RecordingObserver, captured_stdout, code_in_memory,
-                       file_bytes, proc_status, read_mem, run_traced, symbol, untraced)
-from test_fastpath import NOP5, Hammer, Lines, _build as fast_build, _env, _load_base
+from helpers import (GUARD, NOP5, REPO, Hammer, Lines, RecordingObserver, Target, captured_stdout,
+                     code_in_memory, fast_build, file_bytes, load_bias, proc_status, ptprobe_cli, read_mem,
+                     recorder, repo_env, run_traced, summaries, symbol, untraced, watchdog)
 
 import ptprobe
 
 MODES = pytest.mark.parametrize("mode", ["return", "seed", "int3"])
-GUARD = 60.0                      # seconds: guards against hangs only; nothing asserts on time
 SITES = ("life_sites.c",)
 
 
@@ -78,9 +74,16 @@ def patched_bytes(mode: str) -> str:
     return ("cc" if mode == "int3" else "e9") + ",cc"
 
 
-def stat_state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as fh:
-        return fh.read().rsplit(")", 1)[1].split()[0]
+def stat_state(pid: int, gone_ok: bool = False) -> str:
+    """The state letter of /proc/PID/stat; with *gone_ok*, "" once the process is gone
+    (else that is an error)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        if gone_ok:
+            return ""
+        raise
 
 
 def task_tracers(pid: int) -> Dict[int, int]:
@@ -90,14 +93,6 @@ def task_tracers(pid: int) -> Dict[int, int]:
         with contextlib.suppress(OSError):
             out[int(task)] = int(proc_status(int(task))["TracerPid"])
     return out
-
-
-def recorder(into: List[Tuple[int, int, object]]) -> Callable[[ptprobe.Hit], None]:
-    """A handler that records (pid, tid, first argument) of every hit."""
-    def handler(hit: ptprobe.Hit) -> None:
-        args = hit.args
-        into.append((hit.pid, hit.tid, args[0] if args else None))
-    return handler
 
 
 def pump(session: ptprobe.Session, lines: Lines, predicate, what: str, rounds: int = 1500) -> None:
@@ -124,103 +119,15 @@ def piped_run(argv: Sequence[str], **opts) -> Iterator[Tuple[ptprobe.Session, Li
         os.close(saved)
         os.close(w)
     lines = Lines(os.fdopen(r, "rb"))
-    with guard(GUARD, [session.main_pid]):
+    with watchdog(GUARD, [session.main_pid]):
         with session:
             yield session, lines
     lines.wait_for(lambda ls: "<EOF>" in ls, "the end of the program's output")
 
 
-class Target:
-    """A target started untraced, with stdin commands and its stdout collected."""
-
-    def __init__(self, argv: Sequence[str]) -> None:
-        self.proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.pid = self.proc.pid
-        self.out = Lines(self.proc.stdout)
-        self.out.wait_for(lambda ls: f"ready {self.pid}" in ls, "ready")
-
-    def send(self, data: bytes) -> None:
-        self.proc.stdin.write(data)
-        self.proc.stdin.flush()
-
-    def finish(self) -> int:
-        with contextlib.suppress(BrokenPipeError):
-            self.send(b"q")
-            self.proc.stdin.close()
-        status = self.proc.wait(timeout=GUARD)
-        self.out.wait_for(lambda ls: "<EOF>" in ls, "end of output")
-        return status
-
-    def kill(self) -> None:
-        reap(self.proc)
-
-
-WALL = 0x40000000
-
-
-def reap(proc: subprocess.Popen) -> None:
-    """Kill and reap *proc* (cleanup). When an engine failure left threads of it traced by
-    this process, their exits must be collected here (with __WALL) before the thread
-    group leader can be reaped: Popen.wait alone would block for ever."""
-    if proc.poll() is not None:
-        return
-    proc.kill()
-    deadline = time.monotonic() + GUARD
-    while proc.poll() is None and time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            for task in os.listdir(f"/proc/{proc.pid}/task"):
-                with contextlib.suppress(ChildProcessError, OSError):
-                    os.waitpid(int(task), WALL | os.WNOHANG)
-        time.sleep(0.01)                  # cleanup only: nothing is synchronised by it
-
-
-@contextlib.contextmanager
-def guard(seconds: float, pids: List[int]) -> Iterator[None]:
-    """Like test_core.watchdog (SIGKILL *pids* after *seconds*: a hang becomes a failure),
-    and then collect the exits of their non-leader threads: an engine blocked in
-    waitpid() on a thread group leader would otherwise wait for ever, as the leader of a
-    killed traced process is reported only after its other threads have been reaped."""
-    fired: List[bool] = []
-    done = threading.Event()
-
-    def fire() -> None:
-        if done.wait(seconds):
-            return
-        fired.append(True)
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        while not done.is_set():
-            for pid in pids:
-                with contextlib.suppress(OSError):
-                    for task in os.listdir(f"/proc/{pid}/task"):
-                        if int(task) != pid:
-                            with contextlib.suppress(ChildProcessError, OSError):
-                                os.waitpid(int(task), WALL | os.WNOHANG)
-            done.wait(0.05)
-
-    thread = threading.Thread(target=fire, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
-    assert not fired, f"watchdog: still running after {seconds} s, killed"
-
-
 def cli_popen(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "ptprobe", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=_env(), cwd=str(REPO))
-
-
-def proc_stat_state(pid: int) -> str:
-    """The state letter of /proc/PID/stat ("" once the process is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=repo_env(), cwd=str(REPO))
 
 
 # --------------------------------------------------------------------------- fork: a prefork server
@@ -345,7 +252,7 @@ def test_attach_64_threads_while_threads_are_created(mode):
         nop5, int3 = site_specs(path)
         records: Dict[str, List] = {"nop5": [], "int3": []}
         observer = RecordingObserver()
-        with guard(GUARD / 3, [target.pid]):
+        with watchdog(GUARD / 3, [target.pid]):
             session = ptprobe.attach(target.pid, observer=observer, **options(mode))
             try:
                 p5 = session.probe(nop5, recorder(records["nop5"]))
@@ -438,7 +345,7 @@ def test_dlopen_after_attach(mode):
         usdt_recs: List = []
         func_recs: List = []
         observer = RecordingObserver()
-        with guard(GUARD, [target.pid]):
+        with watchdog(GUARD, [target.pid]):
             with ptprobe.attach(target.pid, observer=observer, **options(mode)) as session:
                 pu = session.probe(f"usdt:{lib}:lifeplug:work",
                                    lambda hit: usdt_recs.append(tuple(hit.args)))
@@ -463,7 +370,7 @@ def test_dlopen_after_attach(mode):
         memory, original = code_in_memory(target.pid, lib, "plug_func")
         assert memory == original
         site = pu.sites[0].address
-        bias = _load_base(target.pid, lib)
+        bias = load_bias(target.pid, lib)
         assert read_mem(target.pid, site, 5) == file_bytes(lib, site - bias, 5) == NOP5
         # untraced: the semaphore is down, the guarded code is skipped
         target.send(b"c")
@@ -596,7 +503,7 @@ def test_handler_that_raises(mode):
 
     observer = RecordingObserver()
     pids: List[int] = []
-    with captured_stdout() as out, guard(GUARD, pids):
+    with captured_stdout() as out, watchdog(GUARD, pids):
         with ptprobe.run([path, str(n)], observer=observer, **options(mode)) as session:
             pids.append(session.main_pid)
             p5 = session.probe(nop5, raising("nop5"))
@@ -640,15 +547,6 @@ def test_cli_handler_error_one_line_naming_the_probe():
 
 
 # --------------------------------------------------------------------------- detaching from the command line
-
-@pytest.fixture
-def loop_target() -> Iterator[LoopTarget]:
-    target = LoopTarget(build("core_loop.c", "-O1"))
-    try:
-        yield target
-    finally:
-        target.close()
-
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGHUP", "duration"])
 def test_cli_attach_detaches_cleanly(loop_target, how):
@@ -710,7 +608,7 @@ def test_attach_while_the_main_thread_creates_threads():
     for cycle in range(20):
         target = Target([path])
         try:
-            with guard(GUARD, [target.pid]):
+            with watchdog(GUARD, [target.pid]):
                 with ptprobe.attach(target.pid) as session:
                     session.probe(f"uprobe:{path}:life_nop5")
                     session.wait(timeout=0.03)
@@ -739,7 +637,7 @@ def test_cli_run_signalled_while_the_program_sleeps(sig):
                                            "the program going to sleep") if x.startswith("sleeping ")]
         pid = int(line.split()[1])
         # the program in its sleep: state S (read from /proc, no timing guess)
-        while proc_stat_state(pid) not in ("S", ""):
+        while stat_state(pid, gone_ok=True) not in ("S", ""):
             pass
         cli.send_signal(sig)
         assert cli.wait(timeout=GUARD) == 0
@@ -760,7 +658,7 @@ def test_cli_sigint_while_four_threads_hammer(slots):
     hammer = Hammer(binary, 4, 5000)
     cli = None
     try:
-        site = _load_base(hammer.pid, binary) + symbol(binary, "regs_site")[0]
+        site = load_bias(hammer.pid, binary) + symbol(binary, "regs_site")[0]
         original = read_mem(hammer.pid, site, 6)
         assert original == NOP5 + b"\x9c"                 # the nop5, then pushfq
         cli = cli_popen("attach", str(hammer.pid), "--json", "--slots", slots, "-p", slot_spec, "-p", int3_spec)
@@ -801,13 +699,13 @@ def test_200_attach_detach_cycles(slots):
     specs = [f"uprobe:{binary}:regs_site", f"uprobe:{binary}:life_int3", f"usdt:{binary}:life:cycle"]
     target = Target([binary, "4"])
     try:
-        base = _load_base(target.pid, binary)
+        base = load_bias(target.pid, binary)
         semaphore = base + symbol(binary, "life_cycle_semaphore")[0]
         totals = [0, 0, 0]
         originals: Dict[int, bytes] = {}
         first_filters = None
         observer = RecordingObserver()
-        with guard(GUARD * 2 / 3, [target.pid]):
+        with watchdog(GUARD * 2 / 3, [target.pid]):
             for cycle in range(CYCLES):
                 session = ptprobe.attach(target.pid, slots=slots, observer=observer)
                 try:

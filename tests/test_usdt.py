@@ -16,22 +16,20 @@ import os
 import re
 import struct
 import subprocess
-import sys
 import threading
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
-from elftools.elf.elffile import ELFFile
 
 from conftest import build
-from test_core import RecordingObserver, captured_stdout, watchdog
+from helpers import (RecordingObserver, captured_stdout, load_bias, mechanisms, ptprobe_cli, read_mem, reaped_pid,
+                     recorder, run_traced, tracer_pid, untraced, watchdog)
 
 import ptprobe
 from ptprobe.elf import ElfFile
 
-REPO = Path(__file__).resolve().parent.parent
 SDT_H = [Path("/usr/include/sys/sdt.h"), Path("/usr/include/x86_64-linux-gnu/sys/sdt.h")]
 
 needs_sdt_h = pytest.mark.skipif(not any(p.exists() for p in SDT_H),
@@ -52,81 +50,28 @@ def f32(value: float) -> float:
     return struct.unpack("<f", struct.pack("<f", value))[0]
 
 
-def load_bias(pid: int, path: str) -> int:
-    """Load bias of *path* in process *pid*: its lowest mapping minus its lowest
-    PT_LOAD (page-aligned), from /proc/PID/maps and the file's program headers."""
-    real = os.path.realpath(path)
-    starts = []
-    with open(f"/proc/{pid}/maps") as fh:
-        for line in fh:
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].strip() == real:
-                starts.append(int(fields[0].split("-")[0], 16))
-    assert starts, f"{real} is not mapped in process {pid}"
-    with open(real, "rb") as fh:
-        vaddrs = [seg["p_vaddr"] for seg in ELFFile(fh).iter_segments() if seg["p_type"] == "PT_LOAD"]
-    return min(starts) - (min(vaddrs) & ~0xFFF)
-
-
-def read_mem(pid: int, address: int, size: int) -> bytes:
-    with open(f"/proc/{pid}/mem", "rb", buffering=0) as fh:
-        fh.seek(address)
-        return fh.read(size)
-
-
 def read_u16(pid: int, address: int) -> int:
     return int.from_bytes(read_mem(pid, address, 2), "little")
-
-
-def tracer_pid(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("TracerPid:"):
-                return int(line.split()[1])
-    raise AssertionError("no TracerPid line")
-
-
 
 
 Record = Tuple[int, List]           # (hit address, hit args)
 
 
-def recorder(into: List[Record]) -> Callable[[ptprobe.Hit], None]:
-    def handler(hit: ptprobe.Hit) -> None:
-        into.append((hit.address, list(hit.args)))
-    return handler
+def address_and_args(hit: ptprobe.Hit) -> Record:
+    """What recorder() keeps of a hit here."""
+    return hit.address, list(hit.args)
 
 
-def run_traced(argv: Sequence[str], specs: Sequence[str], **options):
-    """Run *argv* with one recording probe per spec.
+def run_recorded(argv: Sequence[str], specs: Sequence[str], **options):
+    """Run *argv* (helpers.run_traced) with one probe per spec, each recording its hits.
 
-    Returns (status, stdout, probes, records per probe, biases {path: bias} of argv[0])."""
-    observer = RecordingObserver()
+    Returns (status, stdout, probes, records per probe, load bias of argv[0])."""
     records: List[List[Record]] = [[] for _ in specs]
-    pids: List[int] = []
-    with captured_stdout() as out:
-        with watchdog(60, pids):
-            with ptprobe.run(list(argv), observer=observer, **options) as session:
-                pids.append(session.main_pid)
-                probes = [session.probe(spec, recorder(rec)) for spec, rec in zip(specs, records)]
-                bias = load_bias(session.main_pid, argv[0])
-                status = session.wait()
-    assert not observer.handler_errors, observer.handler_errors
-    return status, out.text, probes, records, bias
-
-
-def untraced(argv: Sequence[str]) -> str:
-    result = subprocess.run(list(argv), capture_output=True, text=True, timeout=60, check=True)
-    return result.stdout
-
-
-def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ptprobe", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=str(REPO))
-
-
-def mechanisms(probe: ptprobe.Probe) -> List[str]:
-    return [site.mechanism for site in probe.sites]
+    bias: List[int] = []
+    status, out, probes, _ = run_traced(
+        argv, [(spec, recorder(rec, address_and_args)) for spec, rec in zip(specs, records)],
+        on_armed=lambda session: bias.append(load_bias(session.main_pid, argv[0])), **options)
+    return status, out, probes, records, bias[0]
 
 
 def check_site_addresses(probe: ptprobe.Probe, path: str, bias: int, name: str) -> None:
@@ -175,9 +120,9 @@ def test_sdt_h_probes_int3_exact_hits_and_args(sdt_prog: str) -> None:
     assert [a.split("@")[0] for a in by_note["real"][0].args.split()] == ["8f", "4f"]
 
     specs = [f"usdt:{sdt_prog}:sdtprov:{name}" for name in by_note]
-    status, out, probes, records, bias = run_traced(argv, specs)
+    status, out, probes, records, bias = run_recorded(argv, specs)
     assert status == 0
-    assert out == untraced(argv)
+    assert out == untraced(argv, check=True).stdout
     expected = sdt_expected(n)
     for name, probe, rec in zip(by_note, probes, records):
         assert mechanisms(probe) == ["int3"], name
@@ -200,7 +145,7 @@ def test_sdt_h_probes_int3_exact_hits_and_args(sdt_prog: str) -> None:
 def test_wildcard_spec(sdt_prog: str, spec: str, names: set) -> None:
     """* and ? in provider and name: every matching probe's sites, hits summed."""
     n = 9
-    status, out, (probe,), (rec,), bias = run_traced([sdt_prog, str(n)], [f"usdt:{sdt_prog}:{spec}"])
+    status, out, (probe,), (rec,), bias = run_recorded([sdt_prog, str(n)], [f"usdt:{sdt_prog}:{spec}"])
     assert status == 0
     matching = [note for note in notes(sdt_prog) if note.name in names]
     assert sorted(s.address for s in probe.sites) == sorted(note.address + bias for note in matching)
@@ -252,10 +197,10 @@ def test_site_forms(form: str, mechanism: str, slots: str) -> None:
     assert site_bytes.hex() == FORM_BYTES[form]          # the header emitted the form under test
     n = 37
     argv = [prog, str(n)]
-    status, out, probes, records, bias = run_traced(
+    status, out, probes, records, bias = run_recorded(
         argv, [f"usdt:{prog}:ptnops:tick", f"usdt:{prog}:ptnops:end"], slots=slots)
     assert status == 0
-    assert out == untraced(argv)
+    assert out == untraced(argv, check=True).stdout
     for probe, name in zip(probes, ("tick", "end")):
         assert mechanisms(probe) == [mechanism], name
         check_site_addresses(probe, prog, bias, name)
@@ -308,9 +253,9 @@ def test_twelve_arguments_all_operand_forms(opt: str, nop5: bool) -> None:
 
     n = 7
     argv = [prog, str(n)]
-    status, out, (probe,), (rec,), bias = run_traced(argv, [f"usdt:{prog}:ptargs:twelve"])
+    status, out, (probe,), (rec,), bias = run_recorded(argv, [f"usdt:{prog}:ptargs:twelve"])
     assert status == 0
-    assert out == untraced(argv)
+    assert out == untraced(argv, check=True).stdout
     assert mechanisms(probe) == ["jmp" if nop5 else "int3"]
     check_site_addresses(probe, prog, bias, "twelve")
     assert probe.hits == n
@@ -330,9 +275,9 @@ def test_float_arguments() -> None:
     n = 6
     argv = [prog, str(n)]
     names = ("gpr", "xmm", "mem")
-    status, out, probes, records, bias = run_traced(argv, [f"usdt:{prog}:ptfloat:{k}" for k in names])
+    status, out, probes, records, bias = run_recorded(argv, [f"usdt:{prog}:ptfloat:{k}" for k in names])
     assert status == 0
-    assert out == untraced(argv)
+    assert out == untraced(argv, check=True).stdout
     assert mechanisms(probes[1]) == ["int3"]
     assert mechanisms(probes[0]) == mechanisms(probes[2]) == ["jmp"]
     for name, probe, rec in zip(names, probes, records):
@@ -352,9 +297,9 @@ def test_probe_inlined_at_three_sites() -> None:
     assert len({s.address for s in sites}) == 3
     n = 11
     argv = [prog, str(n)]
-    status, out, (probe,), (rec,), bias = run_traced(argv, [f"usdt:{prog}:ptinline:traced"])
+    status, out, (probe,), (rec,), bias = run_recorded(argv, [f"usdt:{prog}:ptinline:traced"])
     assert status == 0
-    assert out == untraced(argv)
+    assert out == untraced(argv, check=True).stdout
     check_site_addresses(probe, prog, bias, "traced")
     assert mechanisms(probe) == ["jmp"] * 3
     assert probe.hits == 6 * n
@@ -384,8 +329,8 @@ def test_probes_in_linked_library_by_name() -> None:
     work_rec: List[Record] = []
     with captured_stdout() as out:
         with ptprobe.run(argv, observer=observer) as session:
-            call = session.probe("usdt:libusdtsem.so:semlib:call", recorder(call_rec))
-            work = session.probe("usdt:libusdtsem:semlib:work", recorder(work_rec))
+            call = session.probe("usdt:libusdtsem.so:semlib:call", recorder(call_rec, address_and_args))
+            work = session.probe("usdt:libusdtsem:semlib:work", recorder(work_rec, address_and_args))
             bias = load_bias(session.main_pid, lib)
             (sem_note,) = notes(lib, "work")
             assert read_u16(session.main_pid, sem_note.semaphore + bias) == 1
@@ -400,7 +345,7 @@ def test_probes_in_linked_library_by_name() -> None:
     assert [a for _, a in work_rec] == [[i, i * 1000 + 7] for i in range(n)]
     # the library's semaphore was up from the start, the program's own never
     assert out.text == f"rounds {n} expensive 0 libexpensive {n}\n"
-    assert untraced(argv) == f"rounds {n} expensive 0 libexpensive 0\n"
+    assert untraced(argv, check=True).stdout == f"rounds {n} expensive 0 libexpensive 0\n"
 
 
 # ---------------------------------------------------------------------------- semaphores, attach
@@ -485,7 +430,7 @@ def test_semaphore_guarded_probe_fires_only_while_traced(loop_program: LoopProgr
     rec: List[Record] = []
     with watchdog(30, [pid]):
         with ptprobe.attach(pid, observer=observer) as session:
-            probe = session.probe(spec, recorder(rec))
+            probe = session.probe(spec, recorder(rec, address_and_args))
             assert read_u16(pid, semaphore) == 1
             while probe.hits < 5:
                 assert session.wait(timeout=0.3) is None, "the loop exited"
@@ -543,13 +488,13 @@ def check_records(records: List[dict], path: str, bias: int) -> None:
 
 def test_list_file_text_and_json() -> None:
     prog = build("usdt_inline.c", "-O2")
-    text = cli("list", prog)
+    text = ptprobe_cli("list", prog)
     assert text.returncode == 0, text.stderr
     assert "ptinline:traced" in text.stdout
     for note in notes(prog):
         assert f"{note.address:#x}" in text.stdout
     assert not re.search(r"\bthree\b", text.stdout)
-    result = cli("list", "--json", prog)
+    result = ptprobe_cli("list", "--json", prog)
     assert result.returncode == 0, result.stderr
     records = usdt_records(result.stdout)
     assert {r["path"] for r in records} == {prog}
@@ -557,7 +502,7 @@ def test_list_file_text_and_json() -> None:
     (record,) = records
     assert len(record["addresses"]) == 3
     # --symbols adds the functions
-    symbols = cli("list", "--symbols", prog)
+    symbols = ptprobe_cli("list", "--symbols", prog)
     assert symbols.returncode == 0, symbols.stderr
     assert "ptinline:traced" in symbols.stdout
     assert all(re.search(rf"\b{fn}\b", symbols.stdout) for fn in ("one", "two", "three", "main"))
@@ -566,10 +511,10 @@ def test_list_file_text_and_json() -> None:
 def test_list_file_with_semaphores() -> None:
     prog, lib = semlib_paths()
     for path, name in ((prog, "semloop:tick"), (lib, "semlib:work")):
-        text = cli("list", path)
+        text = ptprobe_cli("list", path)
         assert text.returncode == 0, text.stderr
         assert name in text.stdout
-        result = cli("list", path, "--json")
+        result = ptprobe_cli("list", path, "--json")
         assert result.returncode == 0, result.stderr
         records = usdt_records(result.stdout)
         check_records(records, path, 0)
@@ -579,10 +524,10 @@ def test_list_file_with_semaphores() -> None:
 def test_list_pid(loop_program: LoopProgram) -> None:
     prog, lib = semlib_paths()
     pid = loop_program.pid
-    text = cli("list", "--pid", str(pid))
+    text = ptprobe_cli("list", "--pid", str(pid))
     assert text.returncode == 0, text.stderr
     assert "semloop:tick" in text.stdout and "semlib:work" in text.stdout and "semlib:call" in text.stdout
-    result = cli("list", "--pid", str(pid), "--json")
+    result = ptprobe_cli("list", "--pid", str(pid), "--json")
     assert result.returncode == 0, result.stderr
     records = usdt_records(result.stdout)
     for path in (prog, lib):
@@ -593,11 +538,9 @@ def test_list_pid(loop_program: LoopProgram) -> None:
 
 
 def test_list_errors() -> None:
-    assert cli("list").returncode == 2
-    assert cli("list", "/nonexistent/file").returncode == 5
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    assert cli("list", "--pid", str(dead.pid)).returncode == 3
+    assert ptprobe_cli("list").returncode == 2
+    assert ptprobe_cli("list", "/nonexistent/file").returncode == 5
+    assert ptprobe_cli("list", "--pid", str(reaped_pid())).returncode == 3
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -606,7 +549,7 @@ def test_cli_string_argument_format() -> None:
     prog = build("usdt_strings.c", "-O2")
     (note,) = notes(prog, "greet")
     assert note.args.split()[0].startswith("8@")
-    result = cli("run", "-p", f"usdt:{prog}:ptstr:greet", "-f", "%s %d", "--", prog)
+    result = ptprobe_cli("run", "-p", f"usdt:{prog}:ptstr:greet", "-f", "%s %d", "--", prog)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.split("\n")
     assert lines.pop() == ""
@@ -619,10 +562,10 @@ def test_cli_string_argument_format() -> None:
 @needs_sdt_h
 def test_cli_json_hits(sdt_prog: str) -> None:
     n = 5
-    result = cli("run", "--json", "-p", f"usdt:{sdt_prog}:sdtprov:neg", "--", sdt_prog, str(n))
+    result = ptprobe_cli("run", "--json", "-p", f"usdt:{sdt_prog}:sdtprov:neg", "--", sdt_prog, str(n))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    program = untraced([sdt_prog, str(n)]).splitlines()
+    program = untraced([sdt_prog, str(n)], check=True).stdout.splitlines()
     hits = [json.loads(line) for line in lines if line not in program]
     assert [line for line in lines if line in program] == program
     assert [h["args"] for h in hits] == sdt_expected(n)["neg"]
