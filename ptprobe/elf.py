@@ -11,7 +11,8 @@ faster than a general ELF library on large tables such as libc's). Files are
 untrusted input: every offset and size is checked against the file's size
 before anything is read, and every parsing failure surfaces as
 :class:`~ptprobe.errors.ObjectFileError` (or :class:`~ptprobe.usdt.UsdtError`,
-also exit code 5, for a corrupted stapsdt note).
+also exit code 5, for a corrupted stapsdt note). Only regular files are opened,
+without blocking (a FIFO or a device is refused, not read).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import BinaryIO, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 from .errors import ObjectFileError, SymbolNotFoundError
 from .usdt import UsdtError, parse_note_descriptor
@@ -171,8 +172,11 @@ class ElfFile:
     build_id: Optional[str]
     segments: List[Segment]
 
-    def __init__(self, path: str) -> None:
-        self.path = os.fspath(path)
+    def __init__(self, path: Union[str, bytes, "os.PathLike[str]"]) -> None:
+        try:
+            self.path = os.fsdecode(path)
+        except TypeError:
+            raise ObjectFileError(f"{path!r}: not a file path", repr(path)) from None
         self._file: Optional[BinaryIO] = None
         self._size = 0
         self._symbols: Optional[List[_Entry]] = None
@@ -208,15 +212,23 @@ class ElfFile:
         reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "error")
         return self._error(f"{doing}: {reason}")
 
+    def _check_regular(self, mode: int) -> None:
+        if not stat.S_ISREG(mode):
+            raise self._error(f"is {_file_kind(mode)}, not an ELF file")
+
     def _open(self) -> BinaryIO:
+        # stat first: a FIFO or a device is refused without opening it (opening a
+        # FIFO for reading waits for a writer; opening a device can act on it)
+        if "\0" in self.path:
+            raise self._error("the path contains a NUL byte")
         try:
-            f = open(self.path, "rb")
+            self._check_regular(os.stat(self.path).st_mode)
+            f = open(self.path, "rb", opener=_open_nonblocking)
         except OSError as exc:
             raise self._os_error(exc, "cannot open") from None
         try:
             st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise self._error("not a regular file")
+            self._check_regular(st.st_mode)       # replaced between stat and open
             self._size = st.st_size
             ident = f.read(_ELF64_EHDR.size)
         except OSError as exc:
@@ -632,9 +644,23 @@ class ElfFile:
         return f"<ElfFile {self.path} {'ET_DYN' if self.is_pie else 'ET_EXEC'}>"
 
 
+def _open_nonblocking(path: str, flags: int) -> int:
+    """``open()``'s opener: never wait (a FIFO without a writer) nor take a terminal."""
+    return os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY)
+
+
 def _printable(name: str) -> str:
     """A section name for a message: as it is when printable, else escaped."""
     return name if name.isprintable() else ascii(name)
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
 
 
 def _one_line(exc: BaseException) -> str:

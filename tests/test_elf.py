@@ -11,6 +11,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Set, Tuple
@@ -247,6 +248,66 @@ def test_truncated_elf(tmp_path: Path, build: Dict[str, str]) -> None:
         list(elf.iter_symbols())
         list(elf.iter_usdt_notes())
     _one_line_error(ei, str(path))
+
+
+def _open_in_child(path: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """ElfFile(path) in a child python: a hang fails the test instead of blocking it."""
+    code = ("import sys\nfrom ptprobe.elf import ElfFile\nfrom ptprobe.errors import ObjectFileError\n"
+            "try:\n    ElfFile(sys.argv[1])\nexcept ObjectFileError as exc:\n"
+            "    print(exc)\n    sys.exit(5)\n")
+    try:
+        return subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"ElfFile({path!r}) still blocked after {timeout}s")
+
+
+def test_fifo_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "link").symlink_to(fifo)
+    for path in (str(fifo), str(tmp_path / "link")):
+        child = _open_in_child(path)
+        assert child.returncode == 5, child.stderr
+        assert child.stdout.strip() == f"{path}: is a FIFO, not an ELF file"
+    # what a user sees: `ptprobe list FIFO` used to wait forever for a writer
+    try:
+        cli = subprocess.run([sys.executable, "-m", "ptprobe", "list", str(fifo)], capture_output=True,
+                             text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("ptprobe list FIFO still blocked after 60s")
+    assert cli.returncode == 5 and "FIFO" in cli.stderr and cli.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("path,kind", [("/dev/null", "a character device"), ("/dev/zero", "a character device")])
+def test_device_refused(path: str, kind: str) -> None:
+    if not os.path.exists(path):
+        pytest.skip(f"no {path}")
+    with pytest.raises(ObjectFileError) as ei:
+        ElfFile(path)
+    assert f"is {kind}, not an ELF file" in _one_line_error(ei, path)
+
+
+def test_socket_refused(tmp_path: Path) -> None:
+    import socket
+    path = str(tmp_path / "sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(path)
+        with pytest.raises(ObjectFileError) as ei:
+            ElfFile(path)
+    assert "is a socket" in _one_line_error(ei, path)
+
+
+def test_path_forms(tmp_path: Path, build: Dict[str, str]) -> None:
+    with ElfFile(Path(build["pie"])) as elf:                      # os.PathLike
+        assert elf.path == build["pie"]
+    with ElfFile(os.fsencode(build["pie"])) as elf:               # bytes
+        assert elf.path == build["pie"]
+    with pytest.raises(ObjectFileError) as ei:
+        ElfFile(build["pie"] + "\0x")
+    assert "NUL" in str(ei.value) and "\n" not in str(ei.value)
+    with pytest.raises(ObjectFileError):
+        ElfFile(None)  # type: ignore[arg-type]
 
 
 # ELF64 header, program header and section header field offsets
