@@ -6,10 +6,13 @@ link-time address, and its USDT (``.note.stapsdt``) probes. Addresses are
 link-time virtual addresses throughout (for a PIE or a shared library, add the
 load bias to get run-time addresses).
 
-pyelftools parses the headers; the symbol tables and notes are decoded here
-with :mod:`struct` (much faster on large tables such as libc's). Every parsing
-failure surfaces as :class:`~ptprobe.errors.ObjectFileError` (or
-:class:`~ptprobe.usdt.UsdtError` for a corrupted stapsdt note).
+Headers, symbol tables and notes are decoded here with :mod:`struct` (much
+faster than a general ELF library on large tables such as libc's). Files are
+untrusted input: every offset and size is checked against the file's size
+before anything is read, and every parsing failure surfaces as
+:class:`~ptprobe.errors.ObjectFileError` (or :class:`~ptprobe.usdt.UsdtError`,
+also exit code 5, for a corrupted stapsdt note). Only regular files are opened,
+without blocking (a FIFO or a device is refused, not read).
 """
 
 from __future__ import annotations
@@ -20,10 +23,7 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO, Dict, Iterator, List, Optional, Tuple
-
-from elftools.common.exceptions import ELFError, ELFParseError, ELFRelocationError
-from elftools.elf.elffile import ELFFile
+from typing import BinaryIO, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 from .errors import ObjectFileError, SymbolNotFoundError
 from .usdt import UsdtError, parse_note_descriptor
@@ -59,9 +59,20 @@ _STB_WEAK = 2
 _NT_GNU_BUILD_ID = 3
 _NT_STAPSDT = 3
 
+_SHT_SYMTAB = 2
+_SHT_NOTE = 7
+_SHT_NOBITS = 8
+_SHT_DYNSYM = 11
+_SHT_GNU_VERSYM = 0x6FFFFFFF
+
+_PN_XNUM = 0xFFFF               # e_phnum: the count is in section 0's sh_info
+
+_ELF64_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+_ELF64_PHDR = struct.Struct("<IIQQQQQQ")
+_ELF64_SHDR = struct.Struct("<IIQQQQIIQQ")
 _ELF64_SYM = struct.Struct("<IBBHQQ")
-_PARSE_ERRORS = (ELFError, ELFParseError, ELFRelocationError, struct.error, ValueError, KeyError,
-                 IndexError, AttributeError, TypeError, UnicodeDecodeError, OverflowError)
+# a safety net for decoding mistakes of ours; sizes and offsets are checked first
+_PARSE_ERRORS = (struct.error, ValueError, IndexError, KeyError, UnicodeDecodeError, OverflowError)
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,19 @@ class UsdtNote:
     location: int
 
 
+class _Section(NamedTuple):
+    """A section header, with its name resolved."""
+
+    name: str
+    type: int
+    addr: int
+    offset: int
+    size: int
+    link: int
+    info: int
+    addralign: int
+
+
 @dataclass(frozen=True)
 class _Entry:
     """A symbol with the attributes used to rank duplicates."""
@@ -148,15 +172,21 @@ class ElfFile:
     build_id: Optional[str]
     segments: List[Segment]
 
-    def __init__(self, path: str) -> None:
-        self.path = os.fspath(path)
+    def __init__(self, path: Union[str, bytes, "os.PathLike[str]"]) -> None:
+        try:
+            self.path = os.fsdecode(path)
+        except TypeError:
+            raise ObjectFileError(f"{path!r}: not a file path", repr(path)) from None
         self._file: Optional[BinaryIO] = None
+        self._size = 0
         self._symbols: Optional[List[_Entry]] = None
         self._by_name: Optional[Dict[str, _Entry]] = None
         self._funcs: Optional[List[_Entry]] = None
         self._func_starts: List[int] = []
         self._max_func_size = 0
         self._notes: Optional[List[UsdtNote]] = None
+        self._sections: List[_Section] = []
+        self._note_segments: List[Tuple[int, int, int]] = []
         self._file = self._open()
         try:
             self._load_headers()
@@ -172,105 +202,166 @@ class ElfFile:
     def _error(self, what: str) -> ObjectFileError:
         return ObjectFileError(f"{self.path}: {what}", self.path)
 
+    def _os_error(self, exc: OSError, doing: str) -> ObjectFileError:
+        if isinstance(exc, FileNotFoundError):
+            return self._error("no such file")
+        if isinstance(exc, IsADirectoryError):
+            return self._error("is a directory, not an ELF file")
+        if isinstance(exc, PermissionError):
+            return self._error("permission denied")
+        reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "error")
+        return self._error(f"{doing}: {reason}")
+
+    def _check_regular(self, mode: int) -> None:
+        if not stat.S_ISREG(mode):
+            raise self._error(f"is {_file_kind(mode)}, not an ELF file")
+
     def _open(self) -> BinaryIO:
+        # stat first: a FIFO or a device is refused without opening it (opening a
+        # FIFO for reading waits for a writer; opening a device can act on it)
+        if "\0" in self.path:
+            raise self._error("the path contains a NUL byte")
         try:
-            f = open(self.path, "rb")
-        except FileNotFoundError:
-            raise self._error("no such file") from None
-        except IsADirectoryError:
-            raise self._error("is a directory, not an ELF file") from None
-        except PermissionError:
-            raise self._error("permission denied") from None
+            self._check_regular(os.stat(self.path).st_mode)
+            f = open(self.path, "rb", opener=_open_nonblocking)
         except OSError as exc:
-            reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "error")
-            raise self._error(f"cannot open: {reason}") from None
+            raise self._os_error(exc, "cannot open") from None
         try:
             st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise self._error("not a regular file")
-            ident = f.read(20)
+            self._check_regular(st.st_mode)       # replaced between stat and open
+            self._size = st.st_size
+            ident = f.read(_ELF64_EHDR.size)
         except OSError as exc:
             f.close()
-            raise self._error(f"cannot read: {exc.strerror or exc}") from None
+            raise self._os_error(exc, "cannot read") from None
         except ObjectFileError:
             f.close()
             raise
-        if len(ident) < 20 or ident[:4] != b"\x7fELF":
+        try:
+            self._check_ident(ident)
+        except ObjectFileError:
             f.close()
+            raise
+        return f
+
+    def _check_ident(self, ident: bytes) -> None:
+        if len(ident) < 20 or ident[:4] != b"\x7fELF":
             raise self._error("not an ELF file")
         if ident[4] != 2:
-            f.close()
             raise self._error("not a 64-bit ELF file (only x86-64 is supported)")
         if ident[5] != 1:
-            f.close()
             raise self._error("not a little-endian ELF file (only x86-64 is supported)")
         e_type, e_machine = struct.unpack_from("<HH", ident, 16)
         if e_machine != 62:
-            f.close()
             raise self._error(f"not an x86-64 ELF file (e_machine {e_machine})")
         if e_type not in (2, 3):
-            f.close()
             kind = {0: "ET_NONE", 1: "a relocatable object (ET_REL)", 4: "a core file (ET_CORE)"}
             raise self._error(f"not an executable or shared object: {kind.get(e_type, f'e_type {e_type}')}")
-        return f
+        if len(ident) < _ELF64_EHDR.size:
+            raise self._error(f"truncated ELF header ({len(ident)} of {_ELF64_EHDR.size} bytes)")
+
+    def _table(self, what: str, offset: int, count: int, entsize: int, expected: int) -> bytes:
+        """The bytes of a header table, every bound checked before reading."""
+        if count == 0:
+            return b""
+        if entsize != expected:
+            raise self._error(f"{what} entry size is {entsize}, expected {expected}")
+        if offset == 0 or offset > self._size or count > (self._size - offset) // entsize:
+            raise self._error(f"{what} ({count} entries at offset {offset:#x}) is past the end "
+                              f"of the file ({self._size} bytes)")
+        return self._read_file(offset, count * entsize, what)
 
     def _load_headers(self) -> None:
         assert self._file is not None
-        self._elf = ELFFile(self._file)
-        header = self._elf.header
-        self.is_pie = header["e_type"] == "ET_DYN"
-        self.entry = int(header["e_entry"])
+        ehdr = _ELF64_EHDR.unpack(self._read_file(0, _ELF64_EHDR.size, "ELF header"))
+        (_ident, e_type, _machine, _version, e_entry, e_phoff, e_shoff, _flags, _ehsize,
+         e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx) = ehdr
+        self.is_pie = e_type == 3
+        self.entry = e_entry
         self.interpreter = None
         self.segments = []
-        self._note_segments: List[Tuple[int, int, int]] = []
-        for ph in self._elf.iter_segments():
-            ptype = ph["p_type"]
-            if ptype == "PT_LOAD":
-                self.segments.append(Segment(int(ph["p_vaddr"]), int(ph["p_memsz"]), int(ph["p_offset"]),
-                                             int(ph["p_filesz"]), int(ph["p_flags"])))
-            elif ptype == "PT_INTERP":
-                raw = self._read_file(int(ph["p_offset"]), int(ph["p_filesz"]))
+
+        # section 0 holds the real counts when they do not fit in the header
+        # (extended numbering: e_shnum 0, e_phnum PN_XNUM, e_shstrndx SHN_XINDEX)
+        shnum = 0
+        if e_shoff != 0:
+            first = _ELF64_SHDR.unpack(self._table("section header table", e_shoff, 1, e_shentsize,
+                                                   _ELF64_SHDR.size))
+            shnum = e_shnum if e_shnum != 0 else first[5]
+            if e_phnum == _PN_XNUM:
+                e_phnum = first[7]
+            if e_shstrndx == _SHN_XINDEX:
+                e_shstrndx = first[6]
+        elif e_phnum == _PN_XNUM:
+            raise self._error("e_phnum is PN_XNUM but there is no section header table")
+
+        phdrs = self._table("program header table", e_phoff, e_phnum, e_phentsize, _ELF64_PHDR.size)
+        for p_type, p_flags, p_offset, p_vaddr, _paddr, p_filesz, p_memsz, p_align in \
+                _ELF64_PHDR.iter_unpack(phdrs):
+            if p_type == PT_LOAD:
+                self.segments.append(Segment(p_vaddr, p_memsz, p_offset, p_filesz, p_flags))
+            elif p_type == PT_INTERP and p_filesz:      # 0 in a separate debug file
+                if p_filesz > 4096:                     # the kernel's ELF loader refuses it too
+                    raise self._error(f"PT_INTERP of {p_filesz} bytes is too long for a path")
+                raw = self._read_file(p_offset, p_filesz, "PT_INTERP")
                 self.interpreter = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            elif ptype == "PT_NOTE":
-                self._note_segments.append((int(ph["p_offset"]), int(ph["p_filesz"]), int(ph["p_align"])))
+            elif p_type == PT_NOTE:
+                self._note_segments.append((p_offset, p_filesz, p_align))
         self.segments.sort(key=lambda s: s.vaddr)
-        # name -> (sh_type, sh_addr, sh_offset, sh_size, sh_link, sh_addralign, sh_entsize)
-        self._sections: List[Tuple[str, str, int, int, int, int, int, int]] = []
-        for sec in self._elf.iter_sections():
-            h = sec.header
-            self._sections.append((sec.name, h["sh_type"], int(h["sh_addr"]), int(h["sh_offset"]),
-                                   int(h["sh_size"]), int(h["sh_link"]), int(h["sh_addralign"]),
-                                   int(h["sh_entsize"])))
+
+        shdrs = self._table("section header table", e_shoff, shnum, e_shentsize, _ELF64_SHDR.size)
+        raw_sections = list(_ELF64_SHDR.iter_unpack(shdrs))
+        names = b""
+        if raw_sections and e_shstrndx != 0:
+            if e_shstrndx >= len(raw_sections):
+                raise self._error(f"section name table index {e_shstrndx} is out of range "
+                                  f"({len(raw_sections)} sections)")
+            names_header = raw_sections[e_shstrndx]
+            if names_header[1] != _SHT_NOBITS:
+                names = self._read_file(names_header[4], names_header[5], "section name table")
+        for (sh_name, sh_type, _flags, sh_addr, sh_offset, sh_size, sh_link, sh_info, sh_addralign,
+             _entsize) in raw_sections:
+            # a name offset outside the table gives an empty name, as for SHN_UNDEF
+            end = names.find(b"\0", sh_name) if sh_name < len(names) else -1
+            name = names[sh_name:end].decode("utf-8", "surrogateescape") if end >= 0 else ""
+            self._sections.append(_Section(name, sh_type, sh_addr, sh_offset, sh_size, sh_link, sh_info,
+                                           sh_addralign))
         self.build_id = self._find_build_id()
 
-    def _read_file(self, offset: int, size: int) -> bytes:
+    def _read_file(self, offset: int, size: int, what: str = "data") -> bytes:
+        """*size* bytes at file *offset*; *what* names them in the error when they are not all there."""
         if self._file is None:
             raise self._error("file is closed")
+        if offset < 0 or size < 0 or offset + size > self._size:
+            raise self._error(f"{what} ({size} bytes at offset {offset:#x}) is past the end of the file "
+                              f"({self._size} bytes)")
         try:
             self._file.seek(offset)
             data = self._file.read(size)
         except (OSError, ValueError, OverflowError) as exc:
-            raise self._error(f"cannot read {size} bytes at offset {offset:#x}: {_one_line(exc)}") from None
+            raise self._error(f"cannot read {what} ({size} bytes at offset {offset:#x}): "
+                              f"{_one_line(exc)}") from None
         if len(data) != size:
-            raise self._error(f"truncated: {size} bytes at offset {offset:#x} are past the end of the file")
+            raise self._error(f"{what}: read {len(data)} of {size} bytes at offset {offset:#x} "
+                              "(the file shrank while open)")
         return data
 
-    def _section(self, name: str) -> Optional[Tuple[str, str, int, int, int, int, int, int]]:
+    def _section(self, name: str) -> Optional[_Section]:
         for sec in self._sections:
-            if sec[0] == name:
+            if sec.name == name:
                 return sec
         return None
 
     def _section_data(self, index: int) -> bytes:
         sec = self._sections[index]
-        if sec[1] == "SHT_NOBITS":
+        if sec.type == _SHT_NOBITS:
             return b""
-        return self._read_file(sec[3], sec[4])
+        return self._read_file(sec.offset, sec.size, f"section {_printable(sec.name) or f'[{index}]'}")
 
     # -- notes -----------------------------------------------------------
 
-    def _iter_raw_notes(self, data: bytes, align: int) -> Iterator[Tuple[bytes, int, bytes]]:
-        """Yield (owner without NUL, type, descriptor) for each note in *data*."""
+    def _iter_raw_notes(self, data: bytes, align: int, where: str) -> Iterator[Tuple[bytes, int, bytes]]:
+        """Yield (owner without NUL, type, descriptor) for each note in *data*, from *where*."""
         align = 8 if align == 8 else 4
         pos = 0
         while pos + 12 <= len(data):
@@ -280,21 +371,22 @@ class ElfFile:
             desc_start = name_end + (-namesz % align)
             desc_end = desc_start + descsz
             if desc_end > len(data):
-                raise UsdtError(f"{self.path}: truncated ELF note")
+                raise UsdtError(f"{self.path}: {where}: a note runs past the end of its section")
             yield data[pos:name_end].rstrip(b"\0"), ntype, data[desc_start:desc_end]
             pos = desc_end + (-descsz % align)
 
     def _find_build_id(self) -> Optional[str]:
-        sources: List[Tuple[bytes, int]] = []
+        sources: List[Tuple[bytes, int, str]] = []
         for sec in self._sections:
-            if sec[1] == "SHT_NOTE" and sec[0] != ".note.stapsdt":
-                sources.append((self._read_file(sec[3], sec[4]), sec[6]))
+            if sec.type == _SHT_NOTE and sec.name != ".note.stapsdt":
+                where = f"note section {_printable(sec.name)}"
+                sources.append((self._read_file(sec.offset, sec.size, where), sec.addralign, where))
         if not sources:
             for offset, size, align in self._note_segments:
-                sources.append((self._read_file(offset, size), align))
-        for data, align in sources:
+                sources.append((self._read_file(offset, size, "PT_NOTE segment"), align, "PT_NOTE segment"))
+        for data, align, where in sources:
             try:
-                for owner, ntype, desc in self._iter_raw_notes(data, align):
+                for owner, ntype, desc in self._iter_raw_notes(data, align, where):
                     if owner == b"GNU" and ntype == _NT_GNU_BUILD_ID and desc:
                         return desc.hex()
             except UsdtError:
@@ -312,12 +404,13 @@ class ElfFile:
 
     def _parse_usdt_notes(self) -> List[UsdtNote]:
         base_sec = self._section(".stapsdt.base")
-        actual_base = base_sec[2] if base_sec is not None else None
+        actual_base = base_sec.addr if base_sec is not None else None
         notes: List[UsdtNote] = []
         for index, sec in enumerate(self._sections):
-            if sec[0] != ".note.stapsdt" or sec[1] != "SHT_NOTE":
+            if sec.name != ".note.stapsdt" or sec.type != _SHT_NOTE:
                 continue
-            for owner, ntype, desc in self._iter_raw_notes(self._section_data(index), sec[6]):
+            for owner, ntype, desc in self._iter_raw_notes(self._section_data(index), sec.addralign,
+                                                           "section .note.stapsdt"):
                 if owner != b"stapsdt" or ntype != _NT_STAPSDT:
                     continue
                 try:
@@ -357,11 +450,11 @@ class ElfFile:
     def _parse_symbols(self) -> List[_Entry]:
         entries: List[_Entry] = []
         seen: set = set()
-        for wanted in ("SHT_SYMTAB", "SHT_DYNSYM"):
+        for wanted in (_SHT_SYMTAB, _SHT_DYNSYM):
             for index, sec in enumerate(self._sections):
-                if sec[1] != wanted:
+                if sec.type != wanted:
                     continue
-                for entry in self._parse_symbol_table(index, dynamic=wanted == "SHT_DYNSYM"):
+                for entry in self._parse_symbol_table(index, dynamic=wanted == _SHT_DYNSYM):
                     s = entry.symbol
                     key = (s.name, s.address, s.kind, entry.default_version)
                     if key in seen:
@@ -372,15 +465,15 @@ class ElfFile:
 
     def _parse_symbol_table(self, index: int, dynamic: bool) -> Iterator[_Entry]:
         sec = self._sections[index]
-        link = sec[5]
+        link = sec.link
         if not 0 < link < len(self._sections):
-            raise self._error(f"symbol table {sec[0]} has no string table")
+            raise self._error(f"symbol table {_printable(sec.name) or f'[{index}]'} has no string table")
         data = self._section_data(index)
         strtab = self._section_data(link)
         versym: Optional[bytes] = None
         if dynamic:
             for vindex, vsec in enumerate(self._sections):
-                if vsec[1] == "SHT_GNU_versym" and vsec[5] == index:
+                if vsec.type == _SHT_GNU_VERSYM and vsec.link == index:
                     versym = self._section_data(vindex)
                     break
         count = len(data) // _ELF64_SYM.size
@@ -525,7 +618,8 @@ class ElfFile:
             file_end = seg.vaddr + seg.filesz
             if pos < file_end:
                 upto = min(chunk_end, file_end)
-                out += self._read_file(seg.offset + (pos - seg.vaddr), upto - pos)
+                out += self._read_file(seg.offset + (pos - seg.vaddr), upto - pos,
+                                       f"segment at {seg.vaddr:#x}")
                 pos = upto
             if pos < chunk_end:
                 out += bytes(chunk_end - pos)
@@ -548,6 +642,25 @@ class ElfFile:
 
     def __repr__(self) -> str:
         return f"<ElfFile {self.path} {'ET_DYN' if self.is_pie else 'ET_EXEC'}>"
+
+
+def _open_nonblocking(path: str, flags: int) -> int:
+    """``open()``'s opener: never wait (a FIFO without a writer) nor take a terminal."""
+    return os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY)
+
+
+def _printable(name: str) -> str:
+    """A section name for a message: as it is when printable, else escaped."""
+    return name if name.isprintable() else ascii(name)
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
 
 
 def _one_line(exc: BaseException) -> str:

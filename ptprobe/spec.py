@@ -3,7 +3,8 @@
 Forms::
 
     uprobe:PATH:SYMBOL            function entry
-    uprobe:PATH:SYMBOL+OFFSET     an instruction inside a function (decimal or 0x hex)
+    uprobe:PATH:SYMBOL+OFFSET     an instruction inside a function (decimal or 0x hex, below 2**64;
+                                  a decimal with a leading zero, octal-looking, is refused)
     uprobe:PATH:0xADDRESS         an instruction by its address in the file (link-time)
     usdt:PATH:PROVIDER:NAME       a USDT probe; PROVIDER and NAME may use * and ? wildcards
 
@@ -20,9 +21,12 @@ from typing import Optional
 
 from .errors import ProbeSpecError
 
-_SYMBOL = re.compile(r"^[A-Za-z_.$@][A-Za-z0-9_.$@:]*$")
-_NUMBER = re.compile(r"^(0[xX][0-9a-fA-F]+|[0-9]+)$")
-_USDT_PART = re.compile(r"^[A-Za-z0-9_.*?\-]+$")
+_SYMBOL = re.compile(r"[A-Za-z_.$@][A-Za-z0-9_.$@:]*", re.ASCII)
+_HEX = re.compile(r"0[xX]([0-9a-fA-F]+)", re.ASCII)
+_DECIMAL = re.compile(r"0|[1-9][0-9]*", re.ASCII)
+_USDT_PART = re.compile(r"[A-Za-z0-9_.*?\-]+", re.ASCII)
+_U64 = (1 << 64) - 1
+_MAX_SHOWN = 80     # characters of a spec quoted in a message
 
 
 @dataclass(frozen=True)
@@ -47,39 +51,81 @@ class ProbeSpec:
         return self.text
 
 
+def _show(text: str) -> str:
+    """*text* quoted for a one-line message, cut when it is long."""
+    if len(text) <= _MAX_SHOWN:
+        return repr(text)
+    return f"{text[:_MAX_SHOWN - 20]!r}...({len(text)} characters)"
+
+
+def _bad(spec: str, reason: str) -> ProbeSpecError:
+    return ProbeSpecError(f"bad probe spec {_show(spec)}: {reason}", spec)
+
+
 def _number(text: str, spec: str, what: str) -> int:
-    if not _NUMBER.match(text):
-        raise ProbeSpecError(f"bad probe spec {spec!r}: {what} {text!r} is not a number", spec)
-    return int(text, 0)
+    """A decimal or ``0x`` hex number below 2**64.
+
+    A decimal with a leading zero is refused: ``strtoul(..., 0)`` (and perf)
+    read ``010`` as octal 8, a person reads 10; neither guess is safe. Lengths
+    are checked before converting, so a huge number costs nothing and never
+    meets Python's int-string conversion limit.
+    """
+    hex_match = _HEX.fullmatch(text)
+    if hex_match is not None:
+        digits = hex_match.group(1).lstrip("0") or "0"
+        if len(digits) > 16:
+            raise _bad(spec, f"{what} {_show(text)} does not fit in 64 bits")
+        return int(digits, 16)
+    if _DECIMAL.fullmatch(text) is None:
+        if text[:1] == "0" and text[1:].isdigit() and text.isascii():
+            raise _bad(spec, f"{what} {_show(text)} has a leading zero (octal is not accepted): "
+                       "write it in decimal without the zero, or in hex with 0x")
+        raise _bad(spec, f"{what} {_show(text)} is not a number (decimal or 0x hex)")
+    if len(text) > 20 or int(text) > _U64:
+        raise _bad(spec, f"{what} {_show(text)} does not fit in 64 bits")
+    return int(text)
 
 
 def parse_spec(text: str) -> ProbeSpec:
-    """Parse one probe specification; raises :class:`ProbeSpecError`."""
+    """Parse one probe specification; raises :class:`ProbeSpecError` for anything else.
+
+    Anything that is not a ``str`` (``None``, ``bytes``) is refused too, as is a
+    NUL byte anywhere (no path, symbol or probe name can hold one).
+    """
+    if not isinstance(text, str):
+        shown = repr(text)
+        shown = shown if len(shown) <= _MAX_SHOWN else shown[:_MAX_SHOWN - 3] + "..."
+        raise ProbeSpecError(f"bad probe spec {shown}: not a string but {type(text).__name__}", shown)
     spec = text.strip()
     kind, sep, rest = spec.partition(":")
     if not sep:
-        raise ProbeSpecError(
-            f"bad probe spec {text!r}: expected uprobe:PATH:SYMBOL[+OFFSET], uprobe:PATH:0xADDRESS "
-            "or usdt:PATH:PROVIDER:NAME", text)
+        raise _bad(text, "expected uprobe:PATH:SYMBOL[+OFFSET], uprobe:PATH:0xADDRESS "
+                   "or usdt:PATH:PROVIDER:NAME")
     if kind in ("uprobe", "u", "p"):
         path, sep, target = rest.rpartition(":")
         if not sep or not path or not target:
-            raise ProbeSpecError(f"bad probe spec {text!r}: expected uprobe:PATH:SYMBOL[+OFFSET] "
-                                 "or uprobe:PATH:0xADDRESS", text)
-        if target.lower().startswith("0x"):
+            raise _bad(text, "expected uprobe:PATH:SYMBOL[+OFFSET] or uprobe:PATH:0xADDRESS")
+        _check_path(path, text)
+        if target[:2] in ("0x", "0X"):
             return ProbeSpec(spec, "uprobe", path, address=_number(target, text, "address"))
         symbol, plus, offset_text = target.partition("+")
-        if not _SYMBOL.match(symbol):
-            raise ProbeSpecError(f"bad probe spec {text!r}: {symbol!r} is not a symbol name", text)
+        if _SYMBOL.fullmatch(symbol) is None:
+            raise _bad(text, f"{_show(symbol)} is not a symbol name")
         offset = _number(offset_text, text, "offset") if plus else 0
         return ProbeSpec(spec, "uprobe", path, symbol=symbol, offset=offset)
     if kind == "usdt":
         parts = rest.rsplit(":", 2)
         if len(parts) != 3 or not all(parts):
-            raise ProbeSpecError(f"bad probe spec {text!r}: expected usdt:PATH:PROVIDER:NAME", text)
+            raise _bad(text, "expected usdt:PATH:PROVIDER:NAME")
         path, provider, name = parts
+        _check_path(path, text)
         for part in (provider, name):
-            if not _USDT_PART.match(part):
-                raise ProbeSpecError(f"bad probe spec {text!r}: {part!r} is not a USDT provider or name", text)
+            if _USDT_PART.fullmatch(part) is None:
+                raise _bad(text, f"{_show(part)} is not a USDT provider or name")
         return ProbeSpec(spec, "usdt", path, provider=provider, name=name)
-    raise ProbeSpecError(f"bad probe spec {text!r}: unknown probe type {kind!r} (use uprobe or usdt)", text)
+    raise _bad(text, f"unknown probe type {_show(kind)} (use uprobe or usdt)")
+
+
+def _check_path(path: str, spec: str) -> None:
+    if "\0" in path:
+        raise _bad(spec, f"the path {_show(path)} contains a NUL byte")

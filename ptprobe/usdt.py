@@ -16,12 +16,18 @@ Grammar of one argument (AT&T operand syntax, as gcc prints asm operands)::
     ARG   := ['-'] SIZE ['f'] '@' LOC           SIZE in 1 2 4 8; '-' signed; 'f' float (4 or 8)
     LOC   := '%' REG                            register (any width: rax eax ax al ah ... r15b, rip)
            | '%xmm' N                           N in 0..15
-           | '$' NUM | '$' SYM [('+'|'-') NUM]  immediate
+           | '$' DISP                           immediate (with a SYM: its run-time address)
            | [DISP] '(' [%BASE] [',' %INDEX [',' SCALE]] ')'
            | DISP                               absolute memory operand (no parentheses)
-    DISP  := NUM | SYM [('+'|'-') NUM]
-    NUM   := ['-'] (decimal | 0x hex | 0-prefixed octal)
+    DISP  := ['-'] TERM (('+'|'-') TERM)*      at most one SYM, never subtracted
+    TERM  := NUM | SYM
+    NUM   := decimal | 0x hex | 0-prefixed octal
     SCALE := 1 | 2 | 4 | 8
+
+A DISP is what gcc prints for an operand's constant part: ``-20``, ``counter``,
+``table+16``, ``table-8`` and, for a field of a global (gcc 12, PostgreSQL 15),
+``40+CheckpointStats``; its value is the run-time address of SYM (if any) plus
+the sum of the numbers.
 
 Malformed specs raise :class:`~ptprobe.errors.ProbeSpecError` (a ``ValueError``)
 with a one-line message; no other exception escapes :func:`parse_arg`.
@@ -167,7 +173,8 @@ class UsdtArg:
 
 _HEAD_RE = re.compile(r"(-?)([0-9]+)([fF]?)@(.*)\Z", re.ASCII | re.DOTALL)
 _NUM_RE = re.compile(r"-?(?:0[xX][0-9a-fA-F]+|[0-9]+)\Z", re.ASCII)
-_SYM_RE = re.compile(r"([A-Za-z_.][A-Za-z0-9_.$]*)(?:([+-])(.+))?\Z", re.ASCII | re.DOTALL)
+_SYM_RE = re.compile(r"[A-Za-z_.][A-Za-z0-9_.$]*\Z", re.ASCII)
+_TERMS_RE = re.compile(r"([+-])")
 _MEM_RE = re.compile(r"([^()]*)\(([^()]*)\)\Z", re.DOTALL)
 _MAX_NUM_CHARS = 40
 
@@ -196,23 +203,36 @@ def _number(text: str, token: str) -> int:
 
 
 def _sym_or_number(text: str, token: str) -> Tuple[Optional[str], int]:
-    """Parse a displacement ``NUM`` or ``SYM``, ``SYM+NUM``, ``SYM-NUM``."""
+    """Parse a displacement: NUM, SYM, SYM+NUM, SYM-NUM, NUM+SYM, -NUM+SYM, ... (see DISP).
+
+    Returns the symbol (or None) and the sum of the numbers.
+    """
     if token == "":
         return None, 0
-    if token[0] in "-0123456789":
-        return None, _number(text, token)
-    m = _SYM_RE.match(token)
-    if not m:
-        raise _fail(text, f"{token!r} is neither a number nor symbol[+-offset]")
-    sym, sign, off = m.group(1), m.group(2), m.group(3)
+    parts = _TERMS_RE.split(token)      # [term, sign, term, sign, term ...]
+    signs = ["+"] + parts[1::2]
+    terms = parts[0::2]
+    if terms[0] == "" and len(terms) > 1 and signs[1] == "-":
+        terms, signs = terms[1:], ["-"] + signs[2:]      # a leading minus: "-8+sym"
+    symbol: Optional[str] = None
     value = 0
-    if sign:
-        if off.startswith("-"):
-            raise _fail(text, f"bad offset in {token!r}")
-        value = _number(text, off)
-        if sign == "-":
-            value = -value
-    return sym, value
+    for sign, term in zip(signs, terms):
+        if term == "":
+            raise _fail(text, f"bad displacement {token!r}: a sign without a term")
+        if term[0] in "0123456789":
+            number = _number(text, term)
+            value += -number if sign == "-" else number
+        elif _SYM_RE.match(term):
+            if symbol is not None:
+                raise _fail(text, f"bad displacement {token!r}: more than one symbol")
+            if sign == "-":
+                raise _fail(text, f"bad displacement {token!r}: a symbol cannot be subtracted")
+            symbol = term
+        else:
+            raise _fail(text, f"{term!r} in {token!r} is neither a number nor a symbol")
+    if not -(1 << 63) <= value <= _U64:
+        raise _fail(text, f"displacement {token!r} does not fit in 64 bits")
+    return symbol, value
 
 
 def _register(text: str, token: str, *, what: str) -> str:
@@ -259,6 +279,9 @@ def parse_arg(text: str) -> UsdtArg:
     common = dict(text=text, size=size, signed=signed, is_float=is_float)
 
     if loc.startswith("%"):
+        if ":" in loc:
+            raise _fail(text, "segment-prefixed operands (%fs:, %gs:, thread-local variables) "
+                        "are not supported")
         name = loc[1:].lower()
         if _XMM_RE.match(name):
             return UsdtArg(kind="reg", reg=name, **common)  # type: ignore[arg-type]
@@ -391,9 +414,10 @@ def evaluate(arg: UsdtArg, get_reg: Callable[[str], int], read_memory: Callable[
       is disp (+ run-time address of sym) + base + index*scale, modulo 2**64
       (32-bit address registers give 32-bit values); sign- or zero-extended, or
       read as float/double with ``f``.
-    * ``sym+off(%rip)``: SIZE bytes at the run-time address of sym plus off (the
-      operand gcc prints for a global); ``disp(%rip)`` without a symbol: SIZE
-      bytes at ``rip + disp``.
+    * ``sym+off(%rip)``, ``off+sym(%rip)``, ``sym-off(%rip)``: SIZE bytes at the
+      run-time address of sym plus off (the operand gcc prints for a global or
+      a field of one); ``disp(%rip)`` without a symbol: SIZE bytes at
+      ``rip + disp``.
 
     Returns an ``int`` (or a ``float`` for ``f`` specs).
     """

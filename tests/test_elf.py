@@ -11,6 +11,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Set, Tuple
@@ -247,6 +248,213 @@ def test_truncated_elf(tmp_path: Path, build: Dict[str, str]) -> None:
         list(elf.iter_symbols())
         list(elf.iter_usdt_notes())
     _one_line_error(ei, str(path))
+
+
+def _open_in_child(path: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """ElfFile(path) in a child python: a hang fails the test instead of blocking it."""
+    code = ("import sys\nfrom ptprobe.elf import ElfFile\nfrom ptprobe.errors import ObjectFileError\n"
+            "try:\n    ElfFile(sys.argv[1])\nexcept ObjectFileError as exc:\n"
+            "    print(exc)\n    sys.exit(5)\n")
+    try:
+        return subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"ElfFile({path!r}) still blocked after {timeout}s")
+
+
+def test_fifo_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "link").symlink_to(fifo)
+    for path in (str(fifo), str(tmp_path / "link")):
+        child = _open_in_child(path)
+        assert child.returncode == 5, child.stderr
+        assert child.stdout.strip() == f"{path}: is a FIFO, not an ELF file"
+    # what a user sees: `ptprobe list FIFO` used to wait forever for a writer
+    try:
+        cli = subprocess.run([sys.executable, "-m", "ptprobe", "list", str(fifo)], capture_output=True,
+                             text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("ptprobe list FIFO still blocked after 60s")
+    assert cli.returncode == 5 and "FIFO" in cli.stderr and cli.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("path,kind", [("/dev/null", "a character device"), ("/dev/zero", "a character device")])
+def test_device_refused(path: str, kind: str) -> None:
+    if not os.path.exists(path):
+        pytest.skip(f"no {path}")
+    with pytest.raises(ObjectFileError) as ei:
+        ElfFile(path)
+    assert f"is {kind}, not an ELF file" in _one_line_error(ei, path)
+
+
+def test_socket_refused(tmp_path: Path) -> None:
+    import socket
+    path = str(tmp_path / "sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(path)
+        with pytest.raises(ObjectFileError) as ei:
+            ElfFile(path)
+    assert "is a socket" in _one_line_error(ei, path)
+
+
+def test_path_forms(tmp_path: Path, build: Dict[str, str]) -> None:
+    with ElfFile(Path(build["pie"])) as elf:                      # os.PathLike
+        assert elf.path == build["pie"]
+    with ElfFile(os.fsencode(build["pie"])) as elf:               # bytes
+        assert elf.path == build["pie"]
+    with pytest.raises(ObjectFileError) as ei:
+        ElfFile(build["pie"] + "\0x")
+    assert "NUL" in str(ei.value) and "\n" not in str(ei.value)
+    with pytest.raises(ObjectFileError):
+        ElfFile(None)  # type: ignore[arg-type]
+
+
+# ELF64 header, program header and section header field offsets
+_E_PHOFF, _E_SHOFF, _E_PHENTSIZE, _E_PHNUM, _E_SHENTSIZE, _E_SHNUM, _E_SHSTRNDX = 32, 40, 54, 56, 58, 60, 62
+_P_OFFSET, _P_FILESZ = 8, 32
+_SH_LINK, _SH_OFFSET, _SH_SIZE = 40, 24, 32
+
+
+def _headers(data: bytes) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int, str]]]:
+    """([(offset of a program header, p_type)], [(offset of a section header, sh_type, name)])."""
+    phoff, shoff = struct.unpack_from("<QQ", data, _E_PHOFF)
+    phnum, _, shnum, shstrndx = struct.unpack_from("<HHHH", data, _E_PHNUM)
+    phdrs = [(phoff + 56 * i, struct.unpack_from("<I", data, phoff + 56 * i)[0]) for i in range(phnum)]
+    str_off = struct.unpack_from("<Q", data, shoff + 64 * shstrndx + _SH_OFFSET)[0]
+    shdrs = []
+    for i in range(shnum):
+        at = shoff + 64 * i
+        name_off, sh_type = struct.unpack_from("<II", data, at)
+        name = data[str_off + name_off:data.index(b"\0", str_off + name_off)].decode()
+        shdrs.append((at, sh_type, name))
+    return phdrs, shdrs
+
+
+def _section_header(data: bytes, name: str) -> int:
+    return next(at for at, _t, n in _headers(data)[1] if n == name)
+
+
+def _program_header(data: bytes, p_type: int) -> int:
+    return next(at for at, t in _headers(data)[0] if t == p_type)
+
+
+def _damaged(build: Dict[str, str], which: str, *patches: Tuple[str, int, int, int]) -> bytes:
+    """The file *which* with (where, offset, width, value) patches; where is "ehdr", "interp" (the
+    PT_INTERP header) or a section name."""
+    data = bytearray(Path(build[which]).read_bytes())
+    for where, offset, width, value in patches:
+        if where == "ehdr":
+            base = 0
+        elif where == "interp":
+            base = _program_header(bytes(data), 3)
+        else:
+            base = _section_header(bytes(data), where)
+        data[base + offset:base + offset + width] = value.to_bytes(width, "little")
+    return bytes(data)
+
+
+_HUGE = [(1 << 64) - 1, 1 << 63, (1 << 63) - 1, 1 << 40, 0xFFFFFFFF]
+
+
+@pytest.mark.parametrize("where,offset,width,values", [
+    ("ehdr", _E_PHOFF, 8, _HUGE),                 # was OSError(EINVAL) from seek
+    ("ehdr", _E_SHOFF, 8, _HUGE),
+    ("ehdr", _E_PHNUM, 2, [0xFFFE, 0x8000]),      # table past the end of the file
+    ("ehdr", _E_SHNUM, 2, [0xFFFE, 0x8000]),
+    ("ehdr", _E_PHENTSIZE, 2, [0, 1, 55, 57, 0xFFFF]),
+    ("ehdr", _E_SHENTSIZE, 2, [0, 1, 63, 65, 0xFFFF]),
+    ("ehdr", _E_SHSTRNDX, 2, [0xFFFE, 0xFF00]),
+    ("interp", _P_FILESZ, 8, _HUGE),              # was MemoryError from read(p_filesz)
+    ("interp", _P_OFFSET, 8, _HUGE),
+    (".shstrtab", _SH_SIZE, 8, _HUGE),            # was MemoryError
+    (".shstrtab", _SH_OFFSET, 8, _HUGE),
+    (".note.gnu.build-id", _SH_SIZE, 8, _HUGE),
+    (".note.gnu.build-id", _SH_OFFSET, 8, _HUGE),
+])
+def test_huge_header_fields(tmp_path: Path, build: Dict[str, str], where: str, offset: int, width: int,
+                            values: List[int]) -> None:
+    for value in values:
+        path = tmp_path / f"damaged-{value:x}"
+        path.write_bytes(_damaged(build, "pie", (where, offset, width, value)))
+        with pytest.raises(ObjectFileError) as ei:
+            ElfFile(str(path))
+        _one_line_error(ei, str(path))
+
+
+@pytest.mark.parametrize("section,offset", [(".dynsym", _SH_SIZE), (".dynsym", _SH_OFFSET),
+                                            (".dynstr", _SH_SIZE), (".dynstr", _SH_OFFSET),
+                                            (".symtab", _SH_SIZE), (".strtab", _SH_OFFSET),
+                                            (".gnu.version", _SH_SIZE), (".dynsym", _SH_LINK)])
+def test_huge_symbol_table_fields(tmp_path: Path, build: Dict[str, str], section: str, offset: int) -> None:
+    width = 4 if offset == _SH_LINK else 8
+    for value in (_HUGE if width == 8 else [0xFFFFFFFF, 0x10000]):
+        path = tmp_path / f"damaged-{value:x}"
+        path.write_bytes(_damaged(build, "pie", (section, offset, width, value)))
+        with ElfFile(str(path)) as elf:                  # the headers are fine
+            with pytest.raises(ObjectFileError) as ei:
+                list(elf.iter_symbols())
+            _one_line_error(ei, str(path))
+            with pytest.raises(ObjectFileError):     # and again: nothing half-cached
+                elf.find_symbol("main")
+
+
+def test_huge_segment_fields_fail_on_read(tmp_path: Path, build: Dict[str, str]) -> None:
+    data = bytearray(Path(build["pie"]).read_bytes())
+    with ElfFile(build["pie"]) as elf:
+        main = elf.get_symbol("main")
+        seg = next(s for s in elf.segments if s.vaddr <= main.address < s.vaddr + s.filesz)
+    index = next(i for i, (at, t) in enumerate(_headers(bytes(data))[0])
+                 if t == 1 and struct.unpack_from("<Q", data, at + 16)[0] == seg.vaddr)
+    at = _headers(bytes(data))[0][index][0]
+    struct.pack_into("<Q", data, at + _P_OFFSET, (1 << 64) - 0x1000)
+    path = tmp_path / "damaged"
+    path.write_bytes(bytes(data))
+    with ElfFile(str(path)) as elf:        # a PT_LOAD past the end opens (debug files have them) ...
+        with pytest.raises(ObjectFileError) as ei:
+            elf.read(main.address, 16)  # ... and cannot be read
+    assert "past the end of the file" in _one_line_error(ei, str(path))
+
+
+def test_separate_debug_file(tmp_path: Path, build: Dict[str, str]) -> None:
+    """objcopy --only-keep-debug: PT_INTERP of 0 bytes, PT_LOADs with no file bytes, NOBITS code."""
+    debug = str(tmp_path / "target.debug")
+    _run("objcopy", "--only-keep-debug", build["pie"], debug)
+    with ElfFile(build["pie"]) as elf, ElfFile(debug) as dbg:
+        assert dbg.interpreter is None and dbg.build_id == elf.build_id
+        assert dbg.get_symbol("compute") == elf.get_symbol("compute")
+        assert list(dbg.iter_symbols()) == list(elf.iter_symbols())
+
+
+def test_extended_section_numbering(tmp_path: Path, build: Dict[str, str]) -> None:
+    """e_shnum 0 and e_shstrndx SHN_XINDEX: the counts are in section 0 (gABI)."""
+    data = bytearray(Path(build["pie"]).read_bytes())
+    shoff = struct.unpack_from("<Q", data, _E_SHOFF)[0]
+    shnum, shstrndx = struct.unpack_from("<HH", data, _E_SHNUM)
+    struct.pack_into("<HH", data, _E_SHNUM, 0, 0xFFFF)
+    struct.pack_into("<Q", data, shoff + _SH_SIZE, shnum)
+    struct.pack_into("<I", data, shoff + _SH_LINK, shstrndx)
+    path = tmp_path / "xnum"
+    path.write_bytes(bytes(data))
+    with ElfFile(build["pie"]) as plain, ElfFile(str(path)) as extended:
+        assert list(extended.iter_symbols()) == list(plain.iter_symbols())
+        assert extended.build_id == plain.build_id and extended.segments == plain.segments
+    struct.pack_into("<Q", data, shoff + _SH_SIZE, (1 << 64) - 1)      # a count past the end
+    path.write_bytes(bytes(data))
+    with pytest.raises(ObjectFileError) as ei:
+        ElfFile(str(path))
+    assert "section header table" in _one_line_error(ei, str(path))
+
+
+def test_bad_section_name_offset(tmp_path: Path, build: Dict[str, str]) -> None:
+    """A name offset outside .shstrtab gives an empty name, not an error."""
+    data = bytearray(Path(build["forms"]).read_bytes())
+    struct.pack_into("<I", data, _section_header(bytes(data), ".note.stapsdt"), 0xFFFFFFF0)
+    path = tmp_path / "noname"
+    path.write_bytes(bytes(data))
+    with ElfFile(str(path)) as elf:
+        assert list(elf.iter_usdt_notes()) == []
+        assert elf.find_symbol("main") is not None
 
 
 def test_close_and_context_manager(build: Dict[str, str]) -> None:

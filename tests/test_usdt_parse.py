@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
-from typing import Dict, List, Optional
+import time
+from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ptprobe.errors import FaultError, ProbeSpecError, SymbolNotFoundError
+from ptprobe.elf import ElfFile
+from ptprobe.errors import FaultError, ProbeSpecError, PtprobeError, SymbolNotFoundError
 from ptprobe.usdt import (UsdtArg, UsdtError, evaluate, get_register_info, parse_arg, parse_args,
                           parse_note_descriptor)
 
@@ -142,6 +146,31 @@ GRAMMAR = [
     ("4@_ZN3foo3barE.lto_priv.0(%rip)", A("4@_ZN3foo3barE.lto_priv.0(%rip)", 4, False, False, "rip",
                                           base="rip", symbol="_ZN3foo3barE.lto_priv.0")),
     ("-8f@8(%rsp)", A("-8f@8(%rsp)", 8, True, True, "mem", disp=8, base="rsp")),
+    # every displacement form gcc prints: SYM, SYM+NUM, SYM-NUM, NUM+SYM (gcc 12), -NUM+SYM, NUM
+    ("-4@40+CheckpointStats(%rip)", A("-4@40+CheckpointStats(%rip)", 4, True, False, "rip", base="rip",
+                                      disp=40, symbol="CheckpointStats")),
+    ("-2@4+t1(%rip)", A("-2@4+t1(%rip)", 2, True, False, "rip", base="rip", disp=4, symbol="t1")),
+    ("8@0x10+table(%rip)", A("8@0x10+table(%rip)", 8, False, False, "rip", base="rip", disp=16,
+                             symbol="table")),
+    ("8@-8+table(%rip)", A("8@-8+table(%rip)", 8, False, False, "rip", base="rip", disp=-8,
+                           symbol="table")),
+    ("8@-0x8+table(%rip)", A("8@-0x8+table(%rip)", 8, False, False, "rip", base="rip", disp=-8,
+                             symbol="table")),
+    ("8@table+8+8(%rip)", A("8@table+8+8(%rip)", 8, False, False, "rip", base="rip", disp=16,
+                            symbol="table")),
+    ("8@8+table-4(%rip)", A("8@8+table-4(%rip)", 8, False, False, "rip", base="rip", disp=4,
+                            symbol="table")),
+    ("8@-20(%rip)", A("8@-20(%rip)", 8, False, False, "rip", base="rip", disp=-20)),
+    ("8@8+8(%rip)", A("8@8+8(%rip)", 8, False, False, "rip", base="rip", disp=16)),
+    ("8@(%rip)", A("8@(%rip)", 8, False, False, "rip", base="rip")),
+    ("4@8+arr(,%rax,4)", A("4@8+arr(,%rax,4)", 4, False, False, "mem", disp=8, index="rax", scale=4,
+                           symbol="arr")),
+    ("4@-4+arr(%rbx)", A("4@-4+arr(%rbx)", 4, False, False, "mem", disp=-4, base="rbx", symbol="arr")),
+    ("8@16+counter", A("8@16+counter", 8, False, False, "mem", disp=16, symbol="counter")),
+    ("8@counter-16", A("8@counter-16", 8, False, False, "mem", disp=-16, symbol="counter")),
+    ("8@$16+buf", A("8@$16+buf", 8, False, False, "imm", imm=16, symbol="buf")),
+    ("8@$buf-1", A("8@$buf-1", 8, False, False, "imm", imm=-1, symbol="buf")),
+    ("8@$-1+buf", A("8@$-1+buf", 8, False, False, "imm", imm=-1, symbol="buf")),
 ]
 
 
@@ -185,6 +214,14 @@ BAD = [
     "4@sym+-4(%rip)", "4@$" + "9" * 30, "4@$" + "1" * 5000, "8@$-18446744073709551615",
     "4@%eax %ebx", "4@ %eax", "4 @%eax", "x@%eax", "4x@%eax", "4@(rax)", "4@-4(rbp)",
     "4@\u0663(%rax)", "\u0664@%eax", "4@%e\u0430x", "4@$\u0661", "4@sym\n(%rip)",
+    # displacements: a symbol subtracted or twice, signs without terms, a sum past 64 bits
+    "4@8-sym(%rip)", "4@-sym(%rip)", "4@a+b(%rip)", "4@8+a+b(%rip)", "4@+8+sym(%rip)", "4@8++sym(%rip)",
+    "4@8+sym+(%rip)", "4@sym-(%rip)", "4@-(%rip)", "4@--8(%rip)", "4@8+-sym(%rip)", "4@$-sym",
+    "4@$8-sym", "4@8+1sym(%rip)", "4@8+sym@PLT(%rip)", "4@8+(%rip)", "4@+(%rip)",
+    "8@$18446744073709551615+1", "8@-9223372036854775808-1(%rip)",
+    "8@" + "1+" * 3000 + "(%rip)",
+    # thread-local variables (gcc: %fs:var@tpoff) would need the TLS layout: refused
+    "-4@%fs:tls_counter@tpoff", "8@%fs:40", "8@%gs:0x28",
 ]
 
 
@@ -389,6 +426,49 @@ def test_eval_rip_relative(m: Machine) -> None:
     assert "rip" not in m.calls
 
 
+def test_eval_rip_relative_number_first(m: Machine) -> None:
+    """gcc 12 prints a field of a global as NUM+SYM: the address is SYM's plus NUM."""
+    stats = 0x555555560000
+    syms = {"CheckpointStats": stats, "t1": 0x555555570000, "table": 0x555555558000}
+    m.poke(stats + 40, struct.pack("<i", -123))
+    m.poke(stats + 44, struct.pack("<i", 456))
+    assert m.eval("-4@40+CheckpointStats(%rip)", syms) == -123
+    assert m.eval("-4@44+CheckpointStats(%rip)", syms) == 456
+    assert m.eval("-4@CheckpointStats+44(%rip)", syms) == 456
+    assert m.eval("-4@48+CheckpointStats-4(%rip)", syms) == 456
+    m.poke(0x555555570000 + 4, struct.pack("<h", -2))
+    assert m.eval("-2@4+t1(%rip)", syms) == -2
+    assert m.eval("2@4+t1(%rip)", syms) == 0xFFFE
+    m.poke(0x555555558000 - 8, struct.pack("<Q", 77))
+    assert m.eval("8@-8+table(%rip)", syms) == 77
+    assert m.eval("8@table-8(%rip)", syms) == 77
+    # plain NUM(%rip), no symbol: relative to the rip given
+    m.poke(0x400000 + 16, b"\x2a")
+    assert m.eval("1@8+8(%rip)", rip=0x400000) == 42
+    # the same forms outside %rip
+    m.poke(0x555555558000 + 24, struct.pack("<I", 5))
+    assert m.eval("4@24+table", syms) == 5
+    assert m.eval("4@8+table(%rcx)", syms) == 5                    # rcx = 0x10
+    assert m.eval("8@$16+table", syms) == 0x555555558010
+    assert m.eval("8@$-1+table", syms) == 0x555555557FFF
+
+
+@pytest.mark.parametrize("flags,first", [(("-fPIE", "-pie"), "-4@40+CheckpointStats(%rip)"),
+                                         (("-fno-pie", "-no-pie"), "-4@CheckpointStats+40(%rip)")])
+def test_eval_gcc_field_operands_from_file(cbuild: Callable[..., str], flags: Tuple[str, str],
+                                           first: str) -> None:
+    """gcc's own NUM+SYM / SYM+NUM operands, evaluated against the data in the file."""
+    path = cbuild("parse_fields.c", "-O2", *flags)
+    with ElfFile(path) as elf:
+        (note,) = [n for n in elf.iter_usdt_notes() if n.name == "checkpoint_done"]
+        assert note.args.split()[0] == first                     # the form this gcc prints
+        args = parse_args(note.args)
+        assert {a.kind for a in args} == {"rip"}
+        values = [evaluate(a, lambda r: 0, elf.read, resolve_symbol=lambda s: elf.get_symbol(s).address)
+                  for a in args]
+    assert values == [-123, -2, 456, 1, -9, 13]
+
+
 def test_eval_floats(m: Machine) -> None:
     assert m.eval("8f@%xmm0") == 3.25
     assert m.eval("4f@%xmm1") == -0.5
@@ -426,3 +506,81 @@ def test_eval_calls_only_64bit_names(m: Machine) -> None:
         except FaultError:
             pass
     assert set(m.calls) <= set(m.regs) and {"rax", "r9", "rsp", "rbp", "rbx", "r10"} <= set(m.calls)
+
+
+# ---------------------------------------------------------------------------
+# every stapsdt note of the machine
+
+_USR_ROOTS = ("/usr/lib", "/usr/bin", "/usr/sbin", "/usr/libexec")
+_WALK_SECONDS = 15.0
+
+
+def _mapped_libc() -> Optional[str]:
+    """The libc this process runs on (Debian's has stapsdt notes), so it is read even if the walk stops early."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                path = fields[5].strip() if len(fields) == 6 else ""
+                if os.path.basename(path).startswith("libc.so"):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def _x86_64_objects(deadline: float) -> Iterator[str]:
+    """Executables and shared objects for x86-64 under /usr, each file once, until *deadline*."""
+    seen: Set[Tuple[int, int]] = set()
+    first = [p for p in (_mapped_libc(),) if p]
+    walked = (os.path.join(d, f) for root in _USR_ROOTS for d, _dirs, files in os.walk(root) for f in files)
+    for path in (*first, *walked):
+        if time.monotonic() > deadline:
+            return
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_size < 64 or (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            with open(path, "rb") as f:
+                ident = f.read(20)
+        except OSError:
+            continue
+        # ELF, 64-bit, little-endian, ET_EXEC or ET_DYN, EM_X86_64: what ElfFile reads
+        if ident[:6] == b"\x7fELF\x02\x01" and ident[16] in (2, 3) and ident[17] == 0 and ident[18:20] == b">\0":
+            yield path
+
+
+def test_every_stapsdt_note_under_usr_parses() -> None:
+    start = time.monotonic()
+    objects = with_notes = notes = 0
+    unreadable: List[str] = []
+    failures: List[str] = []
+    for path in _x86_64_objects(start + _WALK_SECONDS):
+        objects += 1
+        try:
+            with ElfFile(path) as elf:
+                found = list(elf.iter_usdt_notes())
+        except PtprobeError as exc:          # a packaged object ElfFile cannot read is a bug too
+            unreadable.append(str(exc))
+            continue
+        with_notes += bool(found)
+        for note in found:
+            notes += 1
+            try:
+                args = parse_args(note.args)
+            except ProbeSpecError as exc:
+                failures.append(f"{path}: {note.provider}:{note.name}: {exc}")
+                continue
+            assert [a.text for a in args] == note.args.split()
+    elapsed = time.monotonic() - start
+    print(f"{objects} x86-64 objects under /usr in {elapsed:.1f}s: {with_notes} with stapsdt notes, "
+          f"{notes} notes")
+    assert not unreadable, f"{len(unreadable)} objects unreadable, e.g. {unreadable[:5]}"
+    assert not failures, f"{len(failures)} of {notes} notes do not parse:\n" + "\n".join(failures[:20])
+    if with_notes == 0:
+        pytest.skip(f"none of the {objects} x86-64 objects read under /usr has stapsdt notes")
+    assert notes > 0
