@@ -47,13 +47,13 @@ import io
 import os
 import struct
 import weakref
+import zlib
 from dataclasses import dataclass
-from typing import (Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union)
+from typing import BinaryIO, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from elftools.common.exceptions import DWARFError, ELFError
 from elftools.dwarf.callframe import CIE, FDE, CallFrameInfo, CallFrameInstruction
 from elftools.dwarf.structs import DWARFStructs
-from elftools.elf.elffile import ELFFile
 
 try:  # pragma: no cover - depends on the installed Python
     from typing import Protocol
@@ -466,12 +466,11 @@ _Row = Tuple[int, int, Optional[bytes], Tuple[Tuple[int, int, object], ...]]
 class _FdeRows:
     """The decoded table of one FDE, as compact rows sorted by pc."""
 
-    __slots__ = ("starts", "rows", "end", "signal")
+    __slots__ = ("starts", "rows", "signal")
 
-    def __init__(self, starts: List[int], rows: List[_Row], end: int, signal: bool) -> None:
+    def __init__(self, starts: List[int], rows: List[_Row], signal: bool) -> None:
         self.starts = starts
         self.rows = rows
-        self.end = end
         self.signal = signal            # the CIE's augmentation has 'S': a signal frame
 
     def row_at(self, pc: int) -> _Row:
@@ -648,7 +647,8 @@ class _CfiSection:
     def lookup(self, pc: int) -> Optional[_FdeRows]:
         """The rows of the FDE covering link-time *pc*, or None."""
         i = bisect.bisect_right(self._starts, pc) - 1
-        while i >= 0 and self._starts[i] <= pc:
+        tries = 3
+        while i >= 0:
             if pc < self._ends[i]:
                 offset = self._offsets[i]
                 rows = self._rows.get(offset, _MISSING)
@@ -656,9 +656,10 @@ class _CfiSection:
                     rows = self._decode(offset)
                     self._rows[offset] = rows  # type: ignore[assignment]
                 return rows  # type: ignore[return-value]
-            # FDEs rarely overlap; look at a few earlier starts before giving up
-            if self._starts[i] + 0x10000 < pc:
+            # FDEs do not overlap in sane files; look at a few earlier starts anyway
+            if tries == 0:
                 break
+            tries -= 1
             i -= 1
         return None
 
@@ -709,7 +710,6 @@ class _CfiSection:
             table = fde.get_decoded().table
             augmentation = fde.cie.header.get("augmentation") or b""
             start = int(fde["initial_location"])
-            end = start + int(fde["address_range"])
         except _PYELFTOOLS_ERRORS:
             return None
         starts: List[int] = []
@@ -726,7 +726,7 @@ class _CfiSection:
             rows.append(row)
         if not rows:
             return None
-        return _FdeRows(starts, rows, end, b"S" in bytes(augmentation))
+        return _FdeRows(starts, rows, b"S" in bytes(augmentation))
 
 
 def _compile_row(line: Mapping[object, object]) -> Optional[_Row]:
@@ -770,33 +770,88 @@ class _ObjectData:
         self.debug_checked = False
 
 
+_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+_PHDR = struct.Struct("<IIQQQQQQ")
+_SHDR = struct.Struct("<IIQQQQIIQQ")
+_SHT_NOBITS = 8
+_SHF_COMPRESSED = 0x800
+_ELFCOMPRESS_ZLIB = 1
+_PT_LOAD = 1
+
+
 def _load_sections(path: str, names: Sequence[str],
                    segments: Optional[List[Tuple[int, int, int, int, int]]]) -> List[_CfiSection]:
-    """The CFI sections *names* of the file at *path*; none if the file's
-    PT_LOAD headers differ from *segments* (the file changed since it was opened)."""
+    """The CFI sections *names* (those present) of the ELF file at *path*; none if
+    its PT_LOAD headers differ from *segments* (the file at that path is not the
+    one the ElfFile read), or if the file cannot be read.
+
+    The headers are read with :mod:`struct`: pyelftools builds an object per
+    section header, 0.1 s for libc's, for the two sections needed here.
+    """
     try:
         with open(path, "rb") as fh:
-            elf = ELFFile(fh)
-            if segments is not None:
-                loads = sorted((int(s["p_vaddr"]), int(s["p_memsz"]), int(s["p_offset"]),
-                                int(s["p_filesz"]), int(s["p_flags"]))
-                               for s in elf.iter_segments() if s["p_type"] == "PT_LOAD")
-                if loads != segments:
-                    return []
-            found: List[_CfiSection] = []
-            for name in names:
-                section = elf.get_section_by_name(name)
-                if section is None or section["sh_type"] == "SHT_NOBITS":
-                    continue
-                data = section.data()
-                cfi = _CfiSection(name, data, int(section["sh_addr"]), eh=name == ".eh_frame")
-                if len(cfi):
-                    found.append(cfi)
-            return found
-    except OSError:
+            return _read_sections(fh, names, segments)
+    except (OSError, ValueError, struct.error, zlib.error, _CfiError):
         return []
-    except _PYELFTOOLS_ERRORS:
+
+
+def _read_at(fh: BinaryIO, offset: int, size: int) -> bytes:
+    fh.seek(offset)
+    data = fh.read(size)
+    if len(data) != size:
+        raise _CfiError(f"truncated at offset {offset:#x}", getattr(fh, "name", ""))
+    return data
+
+
+def _read_sections(fh: BinaryIO, names: Sequence[str],
+                   segments: Optional[List[Tuple[int, int, int, int, int]]]) -> List[_CfiSection]:
+    (ident, _type, machine, _version, _entry, phoff, shoff, _flags, _ehsize, phentsize, phnum,
+     shentsize, shnum, shstrndx) = _EHDR.unpack(_read_at(fh, 0, _EHDR.size))
+    if ident[:4] != b"\x7fELF" or ident[4] != 2 or ident[5] != 1 or machine != 62:
         return []
+    if segments is not None:
+        loads = []
+        if phentsize >= _PHDR.size:
+            for i in range(phnum):
+                (ptype, pflags, poffset, pvaddr, _paddr, pfilesz, pmemsz,
+                 _align) = _PHDR.unpack(_read_at(fh, phoff + i * phentsize, _PHDR.size))
+                if ptype == _PT_LOAD:
+                    loads.append((pvaddr, pmemsz, poffset, pfilesz, pflags))
+        if sorted(loads) != segments:
+            return []
+    if shoff == 0 or shentsize < _SHDR.size:
+        return []
+    table = _read_at(fh, shoff, _SHDR.size)
+    if shnum == 0:                              # more than 0xff00 sections: count in section 0
+        shnum = _SHDR.unpack(table)[5]
+    if shstrndx == 0xFFFF:
+        shstrndx = _SHDR.unpack(table)[6]
+    if shentsize == _SHDR.size:
+        table = _read_at(fh, shoff, shnum * shentsize)
+        headers = list(_SHDR.iter_unpack(table))
+    else:
+        headers = [_SHDR.unpack(_read_at(fh, shoff + i * shentsize, _SHDR.size)) for i in range(shnum)]
+    if not 0 < shstrndx < len(headers):
+        return []
+    strtab_header = headers[shstrndx]
+    strtab = _read_at(fh, strtab_header[4], strtab_header[5])
+    found: List[_CfiSection] = []
+    for name in names:
+        wanted = name.encode()
+        for sh_name, sh_type, sh_flags, sh_addr, sh_offset, sh_size, *_rest in headers:
+            if sh_type == _SHT_NOBITS or strtab[sh_name:sh_name + len(wanted) + 1] != wanted + b"\0":
+                continue
+            data = _read_at(fh, sh_offset, sh_size)
+            if sh_flags & _SHF_COMPRESSED:
+                ch_type, _reserved, ch_size = struct.unpack_from("<IIQ", data)
+                if ch_type != _ELFCOMPRESS_ZLIB:
+                    break                       # zstd and others: not read here
+                data = zlib.decompress(data[24:])[:ch_size]
+            cfi = _CfiSection(name, data, sh_addr, eh=name == ".eh_frame")
+            if len(cfi):
+                found.append(cfi)
+            break
+    return found
 
 
 # --- the unwinder --------------------------------------------------------------------
@@ -853,11 +908,16 @@ class Unwinder:
             assert pc is not None
             obj = find_object(pc)
             lookup = pc - 1 if after_call else pc
-            rows = self._fde_rows(obj, lookup - obj.bias) if obj is not None else None
-            # a signal trampoline's "return address" is its first instruction (the
-            # kernel put it there; no call precedes it): name the pc itself
-            frame = self._frame(pc, pc if rows is not None and rows.signal else lookup,
-                                obj, state[_RSP], how)
+            if obj is None:
+                rows = None
+                frame = Frame(pc, None, None, None, None, state[_RSP], how)
+            else:
+                data = self._data(obj.elf)
+                rows = self._fde_rows(obj, data, lookup - obj.bias)
+                # a signal trampoline's "return address" is its first instruction (the
+                # kernel put it there; no call precedes it): name the pc itself
+                frame = self._frame(pc, pc if rows is not None and rows.signal else lookup,
+                                    obj, data, state[_RSP], how)
             frames.append(frame)
             if frame.symbol == "_start":
                 frames.reason = END
@@ -903,8 +963,7 @@ class Unwinder:
                 return new, "entry", True
         return _frame_pointer_step(state, reader, find_object), "fp", True
 
-    def _fde_rows(self, obj: MappedObject, link_pc: int) -> Optional[_FdeRows]:
-        data = self._data(obj.elf)
+    def _fde_rows(self, obj: MappedObject, data: _ObjectData, link_pc: int) -> Optional[_FdeRows]:
         if data.cfi is None:
             segments = sorted((s.vaddr, s.memsz, s.offset, s.filesz, s.flags) for s in obj.elf.segments)
             data.cfi = _load_sections(obj.elf.path, (".eh_frame", ".debug_frame"), segments)
@@ -953,34 +1012,33 @@ class Unwinder:
             return debug
         return None
 
-    def _symbol(self, obj: MappedObject, link_lookup: int) -> Optional[Tuple[str, int]]:
-        data = self._data(obj.elf)
+    def _symbol(self, obj: MappedObject, data: _ObjectData, link_lookup: int) -> Optional[Tuple[str, int]]:
         found = data.symbols.get(link_lookup, _MISSING)
         if found is not _MISSING:
             return found  # type: ignore[return-value]
-        result: Optional[Tuple[str, int]] = None
-        for elf in (obj.elf, self._debug_file(obj.elf, data)):
-            if elf is None:
-                continue
-            try:
-                symbol = elf.symbol_at(link_lookup)
-            except ObjectFileError:
-                symbol = None
-            if symbol is not None:
-                result = (symbol.name, symbol.address)
-                break
+        result = _symbol_in(obj.elf, link_lookup)
+        if result is None:
+            debug = self._debug_file(obj.elf, data)
+            if debug is not None:
+                result = _symbol_in(debug, link_lookup)
         data.symbols[link_lookup] = result
         return result
 
-    def _frame(self, pc: int, lookup: int, obj: Optional[MappedObject], sp: Optional[int],
-               how: str) -> Frame:
-        if obj is None:
-            return Frame(pc, None, None, None, None, sp, how)
+    def _frame(self, pc: int, lookup: int, obj: MappedObject, data: _ObjectData,
+               sp: Optional[int], how: str) -> Frame:
         link = pc - obj.bias
-        found = self._symbol(obj, lookup - obj.bias)
+        found = self._symbol(obj, data, lookup - obj.bias)
         if found is None:
             return Frame(pc, None, None, obj.path, link, sp, how)
         return Frame(pc, found[0], link - found[1], obj.path, link, sp, how)
+
+
+def _symbol_in(elf: ElfFile, link_address: int) -> Optional[Tuple[str, int]]:
+    try:
+        symbol = elf.symbol_at(link_address)
+    except ObjectFileError:
+        return None
+    return None if symbol is None else (symbol.name, symbol.address)
 
 
 # --- register state --------------------------------------------------------------------

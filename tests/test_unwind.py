@@ -5,8 +5,9 @@ The targets (tests/c/unwind_target.c, unwind_lib.c) are built with gcc at test
 time in several shapes: CFI only (-O2 -fomit-frame-pointer), frame pointers
 (-O0), no unwind tables at all (-O0, the frame-pointer fallback), .debug_frame
 only, through a shared library, through libc's qsort, through a signal handler,
-and a 50-deep recursion. A target either stops itself (kill(getpid(), SIGSTOP))
-or waits on stdin for the test to place a breakpoint (function entry, PLT stub).
+in a second thread, and a 50-deep recursion. A target either stops itself (a
+SIGSTOP to its own thread) or waits on stdin for the test to place a breakpoint
+(function entry, PLT stub).
 
 gdb sees the state first when the target stopped itself (gdb attaches to a
 stopped process and leaves it stopped), last when the test stopped it at a
@@ -53,25 +54,26 @@ CHAIN = ["stop_here", "chain5", "chain4", "chain3", "chain2", "chain1", "main"]
 # ---------------------------------------------------------------------------- targets
 
 def _o2() -> str:
-    return build("unwind_target.c", "-O2", "-fomit-frame-pointer")
+    return build("unwind_target.c", "-O2", "-fomit-frame-pointer", "-pthread")
 
 
 def _o0() -> str:
-    return build("unwind_target.c", "-O0")
+    return build("unwind_target.c", "-O0", "-pthread")
 
 
 def _no_cfi() -> str:
     return build("unwind_target.c", "-O0", "-g0", "-fno-asynchronous-unwind-tables",
-                 "-fno-unwind-tables")
+                 "-fno-unwind-tables", "-pthread")
 
 
 def _debug_frame_only() -> str:
-    return build("unwind_target.c", "-O2", "-fomit-frame-pointer", "-fno-asynchronous-unwind-tables")
+    return build("unwind_target.c", "-O2", "-fomit-frame-pointer", "-fno-asynchronous-unwind-tables",
+                 "-pthread")
 
 
 def _with_lib() -> Sequence[str]:
     lib = build("unwind_lib.c", "-O2", "-fomit-frame-pointer", shared=True)
-    exe = build("unwind_target.c", "-O2", "-fomit-frame-pointer", "-DWITH_LIB", lib,
+    exe = build("unwind_target.c", "-O2", "-fomit-frame-pointer", "-pthread", "-DWITH_LIB", lib,
                 f"-Wl,-rpath,{os.path.dirname(lib)}", "-Wl,-z,lazy", output="unwind_target_lib")
     return exe, lib
 
@@ -92,6 +94,9 @@ class GdbFrame:
 # for tail calls from DWARF call sites (gdb.TAILCALL_FRAME) from physical frames: only
 # the physical ones have a place on the stack, and only those are compared.
 _GDB_SCRIPT = """
+for thread in gdb.selected_inferior().threads():
+    if thread.ptid[1] == TID:
+        thread.switch()
 f = gdb.newest_frame()
 while f is not None:
     f.select()
@@ -104,14 +109,15 @@ _FRAME = re.compile(r"^FRAME\|([01])\|(0x[0-9a-f]+)\|(.*?)\|\$\d+ = \(.*?\) 0x[0
                     r"(?: <(.+?)(?:\+(\d+))?>)?\s*$")
 
 
-def gdb_backtrace(pid: int) -> Optional[List[GdbFrame]]:
-    """gdb's physical frames of stopped *pid*'s main thread, innermost first (gdb stops
-    at main), or None when there is no gdb or it cannot attach."""
+def gdb_backtrace(pid: int, tid: Optional[int] = None) -> Optional[List[GdbFrame]]:
+    """gdb's physical frames of thread *tid* (default: the main thread) of stopped
+    *pid*, innermost first (gdb stops at main), or None when there is no gdb or it
+    cannot attach."""
     if GDB is None:
         warnings.warn("gdb is not installed: comparison with gdb skipped")
         return None
     cmd = [GDB, "-nx", "-batch", "-p", str(pid), "-ex", "set debuginfod enabled off",
-           "-ex", f"python exec({_GDB_SCRIPT!r})"]
+           "-ex", f"python exec({_GDB_SCRIPT.replace('TID', str(tid or pid))!r})"]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                              stdin=subprocess.DEVNULL).stdout
@@ -141,14 +147,15 @@ def _describe(stack: Sequence[Frame], gdb: Sequence[GdbFrame]) -> str:
 
 
 def compare_with_gdb(stack: Sequence[Frame], gdb: Optional[Sequence[GdbFrame]],
-                     own_objects: Sequence[str]) -> None:
-    """Frame by frame up to main (where gdb stops): the same pc, and the same
-    function (for frames of *own_objects* the same name; elsewhere the same
-    function start, since gdb and ptprobe may pick different aliases)."""
+                     own_objects: Sequence[str], last: str = "main") -> None:
+    """Frame by frame up to gdb's last frame (main, where gdb stops, or *last*):
+    the same pc, and the same function (for frames of *own_objects* the same name;
+    elsewhere the same function start, since gdb and ptprobe may pick different
+    aliases)."""
     if gdb is None:
         return
     what = _describe(stack, gdb)
-    assert gdb[-1].function == "main", what
+    assert gdb[-1].function == last, what
     assert len(stack) >= len(gdb), what
     own = {os.path.realpath(p) for p in own_objects}
     for ours, theirs in zip(stack, gdb):
@@ -223,19 +230,30 @@ def _objects(pid: int) -> Process:
 
 
 @contextlib.contextmanager
-def self_stopped(argv: Sequence[str]) -> Iterator[Stopped]:
-    """Run *argv* until it stops itself; gdb sees it, then ptrace holds it."""
+def self_stopped(argv: Sequence[str], other_thread: bool = False) -> Iterator[Stopped]:
+    """Run *argv* until it stops itself; gdb sees it, then ptrace holds it (its main
+    thread, or with *other_thread* its one other thread)."""
     proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL)
     process: Optional[Process] = None
+    tid = proc.pid
     try:
         with watchdog(proc.pid):
             wait_for_state(proc.pid, "T")
-            gdb = gdb_backtrace(proc.pid)
-            _seize_stopped(proc.pid)
+            if other_thread:
+                (tid,) = [t for t in map(int, os.listdir(f"/proc/{proc.pid}/task")) if t != proc.pid]
+                wait_for_state(tid, "T")
+            gdb = gdb_backtrace(proc.pid, tid)
+            _seize_stopped(tid)
             process = _objects(proc.pid)
-            yield Stopped(proc.pid, process, linux.get_regs(proc.pid), gdb)
+            yield Stopped(tid, process, linux.get_regs(tid), gdb)
     finally:
         proc.kill()
+        if tid != proc.pid:
+            # a traced thread that is not the leader is reaped by its tracer (us)
+            # before the leader's exit can be
+            with contextlib.suppress(ChildProcessError):
+                while not os.WIFSIGNALED(status := linux.wait_tid(tid)) and not os.WIFEXITED(status):
+                    pass
         proc.wait(timeout=TIMEOUT)
         if process is not None:
             process.close()
@@ -356,10 +374,11 @@ def assert_outermost(stack: Stack) -> None:
     assert stack[-1].symbol == "_start", stack
 
 
-def assert_stopped_in_kill(stack: Stack) -> None:
+def assert_stopped_in_syscall(stack: Stack) -> None:
+    """The first frame is libc's syscall(), which stop_here calls."""
     first = stack[0]
     assert first.how == "regs"
-    assert first.symbol is not None and "kill" in first.symbol, stack
+    assert first.symbol == "syscall", stack
     assert first.object is not None and "libc" in os.path.basename(first.object)
 
 
@@ -392,7 +411,7 @@ def test_chain_with_cfi_only() -> None:
     exe = _o2()
     with self_stopped([exe, "chain"]) as t:
         stack = t.unwind()
-    assert_stopped_in_kill(stack)
+    assert_stopped_in_syscall(stack)
     assert up_to_main(stack)[1:] == CHAIN
     assert all(f.how == "cfi" for f in stack[1:]), stack
     assert_outermost(stack)
@@ -458,6 +477,19 @@ def test_through_libc_qsort() -> None:
     assert all(f.object is not None and "libc" in os.path.basename(f.object) for f in inside), stack
     assert_outermost(stack)
     compare_with_gdb(stack, t.gdb, [exe])
+
+
+def test_second_thread() -> None:
+    """A thread's stack ends in libc's clone, whose CFI marks the return address undefined."""
+    exe = _o2()
+    with self_stopped([exe, "thread"], other_thread=True) as t:
+        stack = t.unwind()
+    assert_stopped_in_syscall(stack)
+    symbols = names(stack)
+    assert symbols[1:8] == CHAIN[:-1] + ["thread_main"]
+    assert stack.reason == END and "main" not in symbols, stack
+    assert all(f.object is not None and "libc" in os.path.basename(f.object) for f in stack[8:]), stack
+    compare_with_gdb(stack, t.gdb, [exe], last=stack[-1].symbol or "")
 
 
 def test_through_a_signal_handler() -> None:

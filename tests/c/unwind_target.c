@@ -1,6 +1,7 @@
 /* Stack shapes for tests/test_unwind.py: each mode builds a call chain and stops
- * the process at its deepest point with kill(getpid(), SIGSTOP), so that the
- * stopped state can be unwound and compared with gdb's backtrace.
+ * the process at its deepest point (stop_here: SIGSTOP to the calling thread, sent
+ * through libc's syscall()), so that the stopped state can be unwound and compared
+ * with gdb's backtrace.
  *
  *   chain          main -> chain1 -> ... -> chain5 -> stop_here
  *   recurse N      main -> recurse (N times) -> stop_here
@@ -8,6 +9,7 @@
  *   lib            main -> outer_exe -> lib_enter (.so) -> lib_middle (.so)
  *                  -> exe_callback -> stop_here            (built with -DWITH_LIB)
  *   signal         main -> spin_until_signal, interrupted by SIGALRM (10 ms timer) -> on_signal -> stop_here
+ *   thread         a second thread: thread_main -> chain1 -> ... -> chain5 -> stop_here
  *   entry          main -> chain1 -> ... -> chain5 -> entry_target (no self-stop: the
  *                  test places a breakpoint at entry_target)
  *
@@ -18,9 +20,11 @@
  * Every function is noinline and does a volatile store after its call, so that no
  * call is a tail call and each function keeps its own frame.
  */
+#include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <sys/time.h>
 #include <unistd.h>
 
@@ -28,8 +32,10 @@
 
 volatile int sink;
 
+/* SIGSTOP to the calling thread itself (a process-directed kill() may be taken by
+ * another thread, and this one would run on until the group stop reaches it). */
 NOINLINE void stop_here(void) {
-    kill(getpid(), SIGSTOP);
+    syscall(SYS_tgkill, getpid(), (pid_t)syscall(SYS_gettid), SIGSTOP);
     sink++;
 }
 
@@ -101,6 +107,12 @@ NOINLINE void spin_until_signal(void) {
         sink++;
 }
 
+NOINLINE void *thread_main(void *arg) {
+    chain1(1);
+    sink++;
+    return arg;
+}
+
 int main(int argc, char **argv) {
     const char *mode = argc > 1 ? argv[1] : "chain";
     if (getenv("UNWIND_WAIT")) {
@@ -131,6 +143,11 @@ int main(int argc, char **argv) {
         signal(SIGALRM, on_signal);
         setitimer(ITIMER_REAL, &soon, NULL);
         spin_until_signal();
+    } else if (strcmp(mode, "thread") == 0) {
+        pthread_t thread;
+        if (pthread_create(&thread, NULL, thread_main, NULL) != 0)
+            return 2;
+        pthread_join(thread, NULL);
     } else if (strcmp(mode, "entry") == 0) {
         use_entry_target = 1;
         chain1(1);
