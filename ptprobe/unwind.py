@@ -49,16 +49,12 @@ import struct
 import weakref
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (BinaryIO, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Set,
+                    Tuple, Union)
 
 from elftools.common.exceptions import DWARFError, ELFError
 from elftools.dwarf.callframe import CIE, FDE, CallFrameInfo, CallFrameInstruction
 from elftools.dwarf.structs import DWARFStructs
-
-try:  # pragma: no cover - depends on the installed Python
-    from typing import Protocol
-except ImportError:  # pragma: no cover - Python < 3.8 is not supported anyway
-    Protocol = object  # type: ignore[assignment,misc]
 
 from .elf import ElfFile
 from .errors import FaultError, ObjectFileError, PtprobeError
@@ -126,15 +122,15 @@ class _CfiError(ObjectFileError):
     """A CFI section or entry that cannot be read (caught inside this module)."""
 
 
-class _Stop(Exception):
-    """Ends an unwind with a reason (internal)."""
+class _Stop(PtprobeError):
+    """Ends an unwind with a reason (internal: never leaves this module)."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
 
 
-class _Unusable(Exception):
+class _Unusable(PtprobeError):
     """The CFI of a frame cannot be evaluated here (internal): try frame pointers."""
 
 
@@ -198,15 +194,25 @@ class Stack(List[Frame]):
 class MappedObject(Protocol):
     """An ELF object mapped in the process: what ``ptprobe.process.LoadedObject`` has.
 
-    ``bias`` is added to a link-time address to get the run-time one; ``start``
-    and ``end`` bound its mappings.
+    ``elf`` is the object's :class:`~ptprobe.elf.ElfFile` (the unwinder's caches
+    are keyed by it), ``bias`` is added to a link-time address to get the
+    run-time one, ``start`` and ``end`` bound its mappings.
     """
 
-    path: str
-    elf: ElfFile
-    bias: int
-    start: int
-    end: int
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def elf(self) -> ElfFile: ...
+
+    @property
+    def bias(self) -> int: ...
+
+    @property
+    def start(self) -> int: ...
+
+    @property
+    def end(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -458,9 +464,11 @@ _BINARY: Dict[int, Callable[[int, int], int]] = {
 
 # --- CFI sections: the index and the FDE rows ----------------------------------------
 
-#: one row of an FDE's table: (cfa register, cfa offset, cfa expression or None,
-#: ((register, rule kind, argument), ...)); the register is -1 for an expression
-_Row = Tuple[int, int, Optional[bytes], Tuple[Tuple[int, int, object], ...]]
+#: a register rule: (register, kind, number (offset or register), expression or None)
+_Rule = Tuple[int, int, int, Optional[bytes]]
+#: one row of an FDE's table: (cfa register, cfa offset, cfa expression or None, rules);
+#: the register is -1 for an expression
+_Row = Tuple[int, int, Optional[bytes], Tuple[_Rule, ...]]
 
 
 class _FdeRows:
@@ -476,9 +484,6 @@ class _FdeRows:
     def row_at(self, pc: int) -> _Row:
         i = bisect.bisect_right(self.starts, pc) - 1
         return self.rows[max(i, 0)]
-
-
-_MISSING = object()
 
 
 def _read_encoded(data: bytes, pos: int, encoding: int, section_address: int,
@@ -598,17 +603,18 @@ def _index_entries(data: bytes, address: int, eh: bool) -> List[Tuple[int, int, 
                 is_cie = cie_id == (1 << (8 * id_size)) - 1
                 cie_offset = cie_id
             if not is_cie and 0 <= cie_offset < size:
-                encoding = encodings.get(cie_offset, _MISSING)
-                if encoding is _MISSING:
+                if cie_offset in encodings:
+                    encoding = encodings[cie_offset]
+                else:
                     try:
                         encoding = _cie_fde_encoding(data, cie_offset, eh)
                     except (IndexError, ValueError, struct.error, _CfiError):
                         encoding = None
-                    encodings[cie_offset] = encoding  # type: ignore[assignment]
+                    encodings[cie_offset] = encoding
                 if encoding is not None and encoding != 0xFF:
                     try:
-                        pc, field = _read_encoded(data, id_pos + id_size, encoding, address)  # type: ignore[arg-type]
-                        span, _ = _read_encoded(data, field, encoding, address, apply=False)  # type: ignore[arg-type]
+                        pc, field = _read_encoded(data, id_pos + id_size, encoding, address)
+                        span, _ = _read_encoded(data, field, encoding, address, apply=False)
                     except (IndexError, struct.error, _CfiError):
                         pc = None
                         span = 0
@@ -639,7 +645,7 @@ class _CfiSection:
         self._cfi: Optional[CallFrameInfo] = None
         self._all: Optional[Dict[int, FDE]] = None
         self._rows: Dict[int, Optional[_FdeRows]] = {}
-        self._fixed: set = set()
+        self._fixed: Set[int] = set()
 
     def __len__(self) -> int:
         return len(self._starts)
@@ -651,11 +657,11 @@ class _CfiSection:
         while i >= 0:
             if pc < self._ends[i]:
                 offset = self._offsets[i]
-                rows = self._rows.get(offset, _MISSING)
-                if rows is _MISSING:
-                    rows = self._decode(offset)
-                    self._rows[offset] = rows  # type: ignore[assignment]
-                return rows  # type: ignore[return-value]
+                if offset in self._rows:
+                    return self._rows[offset]
+                rows = self._decode(offset)
+                self._rows[offset] = rows
+                return rows
             # FDEs do not overlap in sane files; look at a few earlier starts anyway
             if tries == 0:
                 break
@@ -733,25 +739,26 @@ def _compile_row(line: Mapping[object, object]) -> Optional[_Row]:
     cfa = line.get("cfa")
     expr = getattr(cfa, "expr", None)
     if expr is not None:
-        cfa_reg, cfa_offset, cfa_expr = -1, 0, bytes(expr)  # type: ignore[call-overload]
+        cfa_reg, cfa_offset, cfa_expr = -1, 0, bytes(expr)
     else:
         reg = getattr(cfa, "reg", None)
         if reg is None:
             return None
         cfa_reg, cfa_offset, cfa_expr = int(reg), int(getattr(cfa, "offset", 0) or 0), None
-    rules: List[Tuple[int, int, object]] = []
+    rules: List[_Rule] = []
     for key, rule in line.items():
         if not isinstance(key, int) or key >= _NREGS:
             continue
         kind = _RULE_KINDS.get(getattr(rule, "type", ""))
         arg = getattr(rule, "arg", None)
-        if kind is None:
-            kind, arg = _UNDEFINED, None            # architectural: nothing known
+        if kind is None:                            # architectural: nothing known
+            rules.append((key, _UNDEFINED, 0, None))
         elif kind in (_EXPRESSION, _VAL_EXPRESSION):
-            arg = bytes(arg)  # type: ignore[call-overload]
+            rules.append((key, kind, 0, bytes(arg or b"")))
         elif kind in (_OFFSET, _VAL_OFFSET, _REGISTER):
-            arg = int(arg)  # type: ignore[call-overload]
-        rules.append((key, kind, arg))
+            rules.append((key, kind, int(arg or 0), None))
+        else:
+            rules.append((key, kind, 0, None))
     return cfa_reg, cfa_offset, cfa_expr, tuple(rules)
 
 
@@ -899,7 +906,7 @@ class Unwinder:
         frames = Stack()
         how = "regs"
         after_call = False              # the pc is a return address: look up pc - 1
-        seen: set = set()
+        seen: Set[Tuple[Optional[int], Optional[int]]] = set()
         while True:
             if len(frames) >= max_frames:
                 frames.reason = MAX_FRAMES
@@ -934,8 +941,9 @@ class Unwinder:
             if not new_pc:
                 frames.reason = END
                 break
-            if translate_return is not None and how != "signal" and state[_RSP] is not None:
-                state[_RIP] = translate_return(new_pc, state[_RSP]) & _M64
+            new_sp = state[_RSP]
+            if translate_return is not None and how != "signal" and new_sp is not None:
+                state[_RIP] = translate_return(new_pc, new_sp) & _M64
             key = (state[_RIP], state[_RSP])
             if key in seen:
                 frames.reason = NOT_MONOTONIC
@@ -958,9 +966,9 @@ class Unwinder:
             else:
                 return new, "signal" if rows.signal else "cfi", not rows.signal
         if frame.how == "regs" and frame.symbol is not None and frame.offset in (0, 4):
-            new = _entry_step(frame, state, reader, find_object)
-            if new is not None:
-                return new, "entry", True
+            entered = _entry_step(frame, state, reader, find_object)
+            if entered is not None:
+                return entered, "entry", True
         return _frame_pointer_step(state, reader, find_object), "fp", True
 
     def _fde_rows(self, obj: MappedObject, data: _ObjectData, link_pc: int) -> Optional[_FdeRows]:
@@ -1013,9 +1021,8 @@ class Unwinder:
         return None
 
     def _symbol(self, obj: MappedObject, data: _ObjectData, link_lookup: int) -> Optional[Tuple[str, int]]:
-        found = data.symbols.get(link_lookup, _MISSING)
-        if found is not _MISSING:
-            return found  # type: ignore[return-value]
+        if link_lookup in data.symbols:
+            return data.symbols[link_lookup]
         result = _symbol_in(obj.elf, link_lookup)
         if result is None:
             debug = self._debug_file(obj.elf, data)
@@ -1048,7 +1055,7 @@ def _initial_registers(regs: Registers) -> List[Optional[int]]:
     for number, name in enumerate(_DWARF_NAMES):
         value: object
         try:
-            value = regs[name]  # type: ignore[index]
+            value = regs[name]
         except (KeyError, TypeError, IndexError):
             value = getattr(regs, name, None)
         if isinstance(value, int):
@@ -1074,27 +1081,28 @@ def _apply_row(row: _Row, state: List[Optional[int]], reader: _StackReader,
         new[number] = state[number]
     new[_RSP] = cfa
     has_return = False
-    for number, kind, arg in rules:
+    for number, kind, arg, expr in rules:
         if kind == _OFFSET:
-            new[number] = reader.u64((cfa + arg) & _M64)  # type: ignore[operator]
+            new[number] = reader.u64((cfa + arg) & _M64)
         elif kind == _SAME:
             new[number] = state[number]
         elif kind == _UNDEFINED:
             new[number] = None
         elif kind == _VAL_OFFSET:
-            new[number] = (cfa + arg) & _M64  # type: ignore[operator]
+            new[number] = (cfa + arg) & _M64
         elif kind == _REGISTER:
-            new[number] = state[arg] if 0 <= arg < _NREGS else None  # type: ignore[operator]
+            new[number] = state[arg] if 0 <= arg < _NREGS else None
         elif kind == _EXPRESSION:
-            new[number] = reader.u64(_evaluate(arg, state, reader, cfa))  # type: ignore[arg-type]
+            new[number] = reader.u64(_evaluate(expr or b"", state, reader, cfa))
         else:
-            new[number] = _evaluate(arg, state, reader, cfa)  # type: ignore[arg-type]
+            new[number] = _evaluate(expr or b"", state, reader, cfa)
         if number == _RIP:
             has_return = True
     if not has_return or new[_RIP] is None:
         raise _Stop(END)                    # DW_CFA_undefined rip: the outermost frame
     old_sp = state[_RSP]
-    if not signal and old_sp is not None and new[_RSP] is not None and new[_RSP] <= old_sp:
+    new_sp = new[_RSP]
+    if not signal and old_sp is not None and new_sp is not None and new_sp <= old_sp:
         raise _Stop(NOT_MONOTONIC)
     return new
 

@@ -37,6 +37,7 @@ from elftools.elf.elffile import ELFFile
 from conftest import build
 
 from ptprobe import linux
+from ptprobe import unwind as unwind_module
 from ptprobe.elf import ElfFile
 from ptprobe.errors import FaultError
 from ptprobe.process import Process
@@ -653,6 +654,122 @@ def test_hijacked_return_address_is_translated() -> None:
     assert broken[2].address == fake and broken[2].object is None
     assert list(fixed) == list(good)
     assert (fake, chain5.sp) in calls
+
+
+# ---------------------------------------------------------------------------- CFI decoding
+
+def _readelf(args: Sequence[str]) -> str:
+    # (its status is 1 for warnings about other parts of some files: not checked)
+    return subprocess.run(["readelf", *args], capture_output=True, text=True, timeout=120).stdout
+
+
+def _readelf_tables(path: str) -> Dict[tuple, list]:
+    """binutils' interpretation of every FDE (``readelf -wF``):
+    {(section, FDE start): [(pc, CFA text, {column: rule text})]}."""
+    tables: Dict[tuple, list] = {}
+    section = ""
+    rows: Optional[list] = None
+    columns: List[str] = []
+    for line in _readelf(["-wF", path]).splitlines():
+        m = re.match(r"Contents of the (\S+) section", line)
+        if m:
+            section = m.group(1)
+            continue
+        m = re.match(r"^[0-9a-f]+ [0-9a-f]+ [0-9a-f]+ FDE cie=[0-9a-f]+ pc=([0-9a-f]+)\.\.", line)
+        if m:
+            rows = tables.setdefault((section, int(m.group(1), 16)), [])
+            columns = []
+            continue
+        if re.match(r"^[0-9a-f]+ [0-9a-f]+ [0-9a-f]+ CIE", line):
+            rows = None
+            continue
+        parts = line.split()
+        if not parts:
+            rows = None                 # an FDE's table ends at a blank line
+            continue
+        if rows is None:
+            continue
+        if parts[0] == "LOC":
+            columns = parts[2:]
+        elif columns and len(parts) == len(columns) + 2:
+            rows.append((int(parts[0], 16), parts[1], dict(zip(columns, parts[2:]))))
+    return tables
+
+
+def _unusual_fdes(path: str) -> set:
+    """(section, start) of the FDEs whose instructions are rare ones (``readelf -wf``)."""
+    unusual = set()
+    section = ""
+    current: Optional[tuple] = None
+    rare = ("GNU_args_size", "expression", "_sf", "DW_CFA_register", "val_", "undefined",
+            "same_value")
+    for line in _readelf(["-wf", path]).splitlines():
+        m = re.match(r"Contents of the (\S+) section", line)
+        if m:
+            section = m.group(1)
+            continue
+        m = re.match(r"^[0-9a-f]+ [0-9a-f]+ [0-9a-f]+ FDE cie=[0-9a-f]+ pc=([0-9a-f]+)\.\.", line)
+        if m:
+            current = (section, int(m.group(1), 16))
+        elif current is not None and any(word in line for word in rare):
+            unusual.add(current)
+    return unusual
+
+
+def _rule_text(kind: int, arg: object) -> str:
+    """A compiled register rule as readelf -wF prints it."""
+    if kind == unwind_module._OFFSET:
+        return f"c{arg:+d}"
+    if kind == unwind_module._VAL_OFFSET:
+        return f"v{arg:+d}"
+    if kind == unwind_module._REGISTER:
+        return unwind_module._DWARF_NAMES[arg]  # type: ignore[index]
+    return {unwind_module._UNDEFINED: "u", unwind_module._SAME: "s",
+            unwind_module._EXPRESSION: "exp", unwind_module._VAL_EXPRESSION: "vexp"}[kind]
+
+
+def _cfi_files() -> List[str]:
+    files = ["/lib64/ld-linux-x86-64.so.2", "/lib/x86_64-linux-gnu/libc.so.6",
+             "/usr/lib/x86_64-linux-gnu/libstdc++.so.6"]
+    return [f for f in files if os.path.exists(f)]
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="readelf is not installed")
+@pytest.mark.parametrize("which", ["system", "targets"])
+def test_cfi_rows_match_readelf(which: str) -> None:
+    """Every row of the decoded CFI (pyelftools' table, with this module's fixes for
+    DW_CFA_GNU_args_size and def_cfa_sf, compiled into rows) says what binutils says:
+    the CFA rule and each register's rule, at each row's pc. System libraries: every
+    FDE with a rare instruction and every 8th of the others; test targets: all."""
+    if which == "system":
+        files = _cfi_files()
+    else:
+        files = [_o2(), _o0(), _debug_frame_only(), *_with_lib()]
+    names = {name: number for number, name in enumerate(unwind_module._DWARF_NAMES)}
+    names["ra"] = 16
+    checked = 0
+    for path in files:
+        tables = _readelf_tables(path)
+        unusual = _unusual_fdes(path) if which == "system" else set(tables)
+        sections = {s.name: s for s in unwind_module._load_sections(path, (".eh_frame", ".debug_frame"),
+                                                                     None)}
+        for index, (key, rows) in enumerate(sorted(tables.items())):
+            if key not in unusual and index % 8:
+                continue
+            for pc, cfa, columns in rows:
+                fde = sections[key[0]].lookup(pc)
+                assert fde is not None, (path, key, hex(pc))
+                cfa_reg, cfa_offset, cfa_expr, rules = fde.row_at(pc)
+                ours_cfa = "exp" if cfa_expr is not None else \
+                    f"{unwind_module._DWARF_NAMES[cfa_reg]}{cfa_offset:+d}"
+                ours = {("ra" if reg == 16 else unwind_module._DWARF_NAMES[reg]): _rule_text(kind, arg)
+                        for reg, kind, arg in rules}
+                theirs = {column: rule for column, rule in columns.items() if column in names}
+                ours = {column: rule for column, rule in ours.items() if rule != "u"}
+                theirs = {column: rule for column, rule in theirs.items() if rule != "u"}
+                assert (ours_cfa, ours) == (cfa, theirs), (path, key, hex(pc))
+                checked += 1
+    assert checked > 0
 
 
 # ---------------------------------------------------------------------------- interface
