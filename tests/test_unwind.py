@@ -716,14 +716,14 @@ def _unusual_fdes(path: str) -> set:
     return unusual
 
 
-def _rule_text(kind: int, arg: object) -> str:
+def _rule_text(kind: int, arg: int) -> str:
     """A compiled register rule as readelf -wF prints it."""
     if kind == unwind_module._OFFSET:
         return f"c{arg:+d}"
     if kind == unwind_module._VAL_OFFSET:
         return f"v{arg:+d}"
     if kind == unwind_module._REGISTER:
-        return unwind_module._DWARF_NAMES[arg]  # type: ignore[index]
+        return unwind_module._DWARF_NAMES[arg]
     return {unwind_module._UNDEFINED: "u", unwind_module._SAME: "s",
             unwind_module._EXPRESSION: "exp", unwind_module._VAL_EXPRESSION: "vexp"}[kind]
 
@@ -763,7 +763,7 @@ def test_cfi_rows_match_readelf(which: str) -> None:
                 ours_cfa = "exp" if cfa_expr is not None else \
                     f"{unwind_module._DWARF_NAMES[cfa_reg]}{cfa_offset:+d}"
                 ours = {("ra" if reg == 16 else unwind_module._DWARF_NAMES[reg]): _rule_text(kind, arg)
-                        for reg, kind, arg in rules}
+                        for reg, kind, arg, _expr in rules}
                 theirs = {column: rule for column, rule in columns.items() if column in names}
                 ours = {column: rule for column, rule in ours.items() if rule != "u"}
                 theirs = {column: rule for column, rule in theirs.items() if rule != "u"}
