@@ -570,61 +570,99 @@ def _cie_fde_encoding(data: bytes, offset: int, eh: bool) -> Optional[int]:
     return 0x00
 
 
-def _index_entries(data: bytes, address: int, eh: bool) -> List[Tuple[int, int, int]]:
-    """(start, end, offset) of every FDE of a ``.eh_frame`` (*eh*) or ``.debug_frame``
-    section, sorted: the headers only (length, CIE pointer, pc range)."""
-    entries: List[Tuple[int, int, int]] = []
-    encodings: Dict[int, Optional[int]] = {}
-    size = len(data)
-    pos = 0
+class _Entries:
+    """Reads the headers of the entries of one CFI section (their CIEs' pointer
+    encodings cached)."""
+
+    def __init__(self, data: bytes, address: int, eh: bool) -> None:
+        self.data = data
+        self.address = address
+        self.eh = eh
+        self._encodings: Dict[int, Optional[int]] = {}
+
+    def header(self, offset: int) -> Tuple[Optional[Tuple[int, int]], int]:
+        """((start, end) of the FDE at *offset*, or None for a CIE or an FDE that
+        cannot be read; the offset of the next entry, or -1 at the end)."""
+        data = self.data
+        size = len(data)
+        if offset + 4 > size:
+            return None, -1
+        (length,) = _U32.unpack_from(data, offset)
+        pos = offset + 4
+        if length == 0:                 # .eh_frame's terminator (padding in .debug_frame)
+            return None, -1 if self.eh else pos
+        id_size = 4
+        if length == 0xFFFFFFFF:
+            (length,) = _U64.unpack_from(data, pos)
+            pos += 8
+            id_size = 8
+        end = pos + length
+        if length < id_size or end > size:
+            return None, -1             # truncated
+        cie_id = int.from_bytes(data[pos:pos + id_size], "little")
+        if self.eh:
+            is_cie = cie_id == 0
+            cie_offset = pos - cie_id
+        else:
+            is_cie = cie_id == (1 << (8 * id_size)) - 1
+            cie_offset = cie_id
+        if is_cie or not 0 <= cie_offset < size:
+            return None, end
+        if cie_offset in self._encodings:
+            encoding = self._encodings[cie_offset]
+        else:
+            try:
+                encoding = _cie_fde_encoding(data, cie_offset, self.eh)
+            except (IndexError, ValueError, struct.error, _CfiError):
+                encoding = None
+            self._encodings[cie_offset] = encoding
+        if encoding is None or encoding == 0xFF:
+            return None, end
+        try:
+            pc, field = _read_encoded(data, pos + id_size, encoding, self.address)
+            span, _ = _read_encoded(data, field, encoding, self.address, apply=False)
+        except (IndexError, struct.error, _CfiError):
+            return None, end
+        if pc is None or not span:
+            return None, end
+        return (pc, (pc + span) & _M64), end
+
+    def scan(self) -> List[Tuple[int, int, int]]:
+        """(start, end, offset) of every FDE, sorted by start."""
+        entries: List[Tuple[int, int, int]] = []
+        offset = 0
+        try:
+            while offset >= 0:
+                found, following = self.header(offset)
+                if found is not None:
+                    entries.append((found[0], found[1], offset))
+                offset = following
+        except (IndexError, struct.error):
+            pass
+        entries.sort()
+        return entries
+
+
+def _search_table(hdr: bytes, hdr_address: int, eh_address: int, eh_size: int
+                  ) -> Optional[Tuple[List[int], List[int]]]:
+    """(starts, .eh_frame offsets) from the binary search table of ``.eh_frame_hdr``
+    (LSB 5.0 "Exception Frames"), or None when it is absent or of a form not read
+    here; only the usual table encoding (DW_EH_PE_datarel|sdata4) is."""
+    if len(hdr) < 12 or hdr[0] != 1 or hdr[3] != 0x3B:
+        return None
     try:
-        while pos + 4 <= size:
-            start = pos
-            (length,) = _U32.unpack_from(data, pos)
-            pos += 4
-            if length == 0:
-                if eh:
-                    break               # the terminator
-                continue
-            id_size = 4
-            if length == 0xFFFFFFFF:
-                (length,) = _U64.unpack_from(data, pos)
-                pos += 8
-                id_size = 8
-            id_pos = pos
-            end = id_pos + length
-            if length < id_size or end > size:
-                break                   # truncated: keep what was indexed
-            cie_id = int.from_bytes(data[id_pos:id_pos + id_size], "little")
-            if eh:
-                is_cie = cie_id == 0
-                cie_offset = id_pos - cie_id
-            else:
-                is_cie = cie_id == (1 << (8 * id_size)) - 1
-                cie_offset = cie_id
-            if not is_cie and 0 <= cie_offset < size:
-                if cie_offset in encodings:
-                    encoding = encodings[cie_offset]
-                else:
-                    try:
-                        encoding = _cie_fde_encoding(data, cie_offset, eh)
-                    except (IndexError, ValueError, struct.error, _CfiError):
-                        encoding = None
-                    encodings[cie_offset] = encoding
-                if encoding is not None and encoding != 0xFF:
-                    try:
-                        pc, field = _read_encoded(data, id_pos + id_size, encoding, address)
-                        span, _ = _read_encoded(data, field, encoding, address, apply=False)
-                    except (IndexError, struct.error, _CfiError):
-                        pc = None
-                        span = 0
-                    if pc is not None and span:
-                        entries.append((pc, (pc + span) & _M64, start))
-            pos = end
-    except (IndexError, struct.error):
-        pass
-    entries.sort()
-    return entries
+        eh_frame, pos = _read_encoded(hdr, 4, hdr[1], hdr_address)
+        count, pos = _read_encoded(hdr, pos, hdr[2], hdr_address)
+    except (IndexError, struct.error, _CfiError):
+        return None
+    if eh_frame != eh_address or count is None or pos + 8 * count > len(hdr):
+        return None
+    pairs = struct.unpack_from(f"<{2 * count}i", hdr, pos)
+    starts = [(hdr_address + value) & _M64 for value in pairs[0::2]]
+    offsets = [hdr_address + value - eh_address for value in pairs[1::2]]
+    if any(not 0 <= offset < eh_size for offset in offsets) or starts != sorted(starts):
+        return None
+    return starts, offsets
 
 
 _STRUCTS = DWARFStructs(little_endian=True, dwarf_format=32, address_size=8)
@@ -633,15 +671,24 @@ _STRUCTS = DWARFStructs(little_endian=True, dwarf_format=32, address_size=8)
 class _CfiSection:
     """One ``.eh_frame`` or ``.debug_frame``: its FDE index, and FDEs decoded on first use."""
 
-    def __init__(self, name: str, data: bytes, address: int, eh: bool) -> None:
+    def __init__(self, name: str, data: bytes, address: int, eh: bool,
+                 hdr: Optional[Tuple[bytes, int]] = None) -> None:
         self.name = name
         self._data = data
         self._address = address
         self._eh = eh
-        entries = _index_entries(data, address, eh)
-        self._starts = [e[0] for e in entries]
-        self._ends = [e[1] for e in entries]
-        self._offsets = [e[2] for e in entries]
+        self._entries = _Entries(data, address, eh)
+        table = _search_table(hdr[0], hdr[1], address, len(data)) if hdr is not None else None
+        if table is not None:
+            # .eh_frame_hdr sorts the FDE starts already: each FDE's end is read
+            # from its header when a lookup first lands on it
+            self._starts, self._offsets = table
+            self._ends: List[Optional[int]] = [None] * len(self._starts)
+        else:
+            entries = self._entries.scan()
+            self._starts = [e[0] for e in entries]
+            self._ends = [e[1] for e in entries]
+            self._offsets = [e[2] for e in entries]
         self._cfi: Optional[CallFrameInfo] = None
         self._all: Optional[Dict[int, FDE]] = None
         self._rows: Dict[int, Optional[_FdeRows]] = {}
@@ -650,12 +697,23 @@ class _CfiSection:
     def __len__(self) -> int:
         return len(self._starts)
 
+    def _end(self, i: int) -> int:
+        end = self._ends[i]
+        if end is None:
+            try:
+                found, _ = self._entries.header(self._offsets[i])
+            except (IndexError, struct.error):
+                found = None
+            end = found[1] if found is not None and found[0] == self._starts[i] else 0
+            self._ends[i] = end
+        return end
+
     def lookup(self, pc: int) -> Optional[_FdeRows]:
         """The rows of the FDE covering link-time *pc*, or None."""
         i = bisect.bisect_right(self._starts, pc) - 1
         tries = 3
         while i >= 0:
-            if pc < self._ends[i]:
+            if pc < self._end(i):
                 offset = self._offsets[i]
                 if offset in self._rows:
                     return self._rows[offset]
@@ -764,12 +822,18 @@ def _compile_row(line: Mapping[object, object]) -> Optional[_Row]:
 
 # --- per object file -----------------------------------------------------------------
 
+#: what the unwinder knows of a pc of an object: (CFI row or None, signal frame,
+#: symbol name or None, symbol start)
+_Place = Tuple[Optional[_Row], bool, Optional[str], int]
+
+
 class _ObjectData:
     """What the unwinder has learnt of one object file."""
 
-    __slots__ = ("cfi", "debug_cfi", "symbols", "debug", "debug_checked")
+    __slots__ = ("cfi", "debug_cfi", "symbols", "places", "debug", "debug_checked")
 
     def __init__(self) -> None:
+        self.places: Dict[int, _Place] = {}        # key: 2 * link-time pc + after a call
         self.cfi: Optional[List[_CfiSection]] = None
         self.debug_cfi: Optional[List[_CfiSection]] = None
         self.symbols: Dict[int, Optional[Tuple[str, int]]] = {}
@@ -842,22 +906,29 @@ def _read_sections(fh: BinaryIO, names: Sequence[str],
         return []
     strtab_header = headers[shstrndx]
     strtab = _read_at(fh, strtab_header[4], strtab_header[5])
-    found: List[_CfiSection] = []
-    for name in names:
-        wanted = name.encode()
+    def section(name: str) -> Optional[Tuple[bytes, int]]:
+        wanted = name.encode() + b"\0"
         for sh_name, sh_type, sh_flags, sh_addr, sh_offset, sh_size, *_rest in headers:
-            if sh_type == _SHT_NOBITS or strtab[sh_name:sh_name + len(wanted) + 1] != wanted + b"\0":
+            if sh_type == _SHT_NOBITS or strtab[sh_name:sh_name + len(wanted)] != wanted:
                 continue
             data = _read_at(fh, sh_offset, sh_size)
             if sh_flags & _SHF_COMPRESSED:
                 ch_type, _reserved, ch_size = struct.unpack_from("<IIQ", data)
                 if ch_type != _ELFCOMPRESS_ZLIB:
-                    break                       # zstd and others: not read here
+                    return None                 # zstd and others: not read here
                 data = zlib.decompress(data[24:])[:ch_size]
-            cfi = _CfiSection(name, data, sh_addr, eh=name == ".eh_frame")
-            if len(cfi):
-                found.append(cfi)
-            break
+            return data, sh_addr
+        return None
+
+    found: List[_CfiSection] = []
+    for name in names:
+        content = section(name)
+        if content is None:
+            continue
+        hdr = section(".eh_frame_hdr") if name == ".eh_frame" else None
+        cfi = _CfiSection(name, content[0], content[1], eh=name == ".eh_frame", hdr=hdr)
+        if len(cfi):
+            found.append(cfi)
     return found
 
 
@@ -907,6 +978,7 @@ class Unwinder:
         how = "regs"
         after_call = False              # the pc is a return address: look up pc - 1
         seen: Set[Tuple[Optional[int], Optional[int]]] = set()
+        objects: Dict[int, _ObjectData] = {}    # this unwind's view of self._objects
         while True:
             if len(frames) >= max_frames:
                 frames.reason = MAX_FRAMES
@@ -914,23 +986,28 @@ class Unwinder:
             pc = state[_RIP]
             assert pc is not None
             obj = find_object(pc)
-            lookup = pc - 1 if after_call else pc
+            row: Optional[_Row] = None
+            signal = False
             if obj is None:
-                rows = None
                 frame = Frame(pc, None, None, None, None, state[_RSP], how)
             else:
-                data = self._data(obj.elf)
-                rows = self._fde_rows(obj, data, lookup - obj.bias)
-                # a signal trampoline's "return address" is its first instruction (the
-                # kernel put it there; no call precedes it): name the pc itself
-                frame = self._frame(pc, pc if rows is not None and rows.signal else lookup,
-                                    obj, data, state[_RSP], how)
+                data = objects.get(id(obj.elf))
+                if data is None:
+                    data = objects[id(obj.elf)] = self._data(obj.elf)
+                link = pc - obj.bias
+                key = 2 * link + after_call
+                place = data.places.get(key)
+                if place is None:
+                    place = data.places[key] = self._place(obj, data, link, after_call)
+                row, signal, symbol, symbol_start = place
+                frame = Frame(pc, symbol, None if symbol is None else link - symbol_start, obj.path,
+                              link, state[_RSP], how)
             frames.append(frame)
             if frame.symbol == "_start":
                 frames.reason = END
                 break
             try:
-                state, how, after_call = self._step(state, lookup, rows, frame, reader, find_object)
+                state, how, after_call = self._step(state, row, signal, frame, reader, find_object)
             except _Stop as stop:
                 frames.reason = stop.reason
                 break
@@ -944,27 +1021,39 @@ class Unwinder:
             new_sp = state[_RSP]
             if translate_return is not None and how != "signal" and new_sp is not None:
                 state[_RIP] = translate_return(new_pc, new_sp) & _M64
-            key = (state[_RIP], state[_RSP])
-            if key in seen:
+            seen_key = (state[_RIP], state[_RSP])
+            if seen_key in seen:
                 frames.reason = NOT_MONOTONIC
                 break
-            seen.add(key)
+            seen.add(seen_key)
         return frames
+
+    def _place(self, obj: MappedObject, data: _ObjectData, link: int, after_call: bool) -> _Place:
+        """What is known of link-time pc *link* of *obj*: the CFI row that unwinds
+        from it, whether that is a signal frame's, and the symbol that names it."""
+        lookup = link - 1 if after_call else link
+        rows = self._fde_rows(obj, data, lookup)
+        # a signal trampoline's "return address" is its first instruction (the kernel
+        # put it there; no call precedes it): name the pc itself, not pc - 1
+        signal = rows is not None and rows.signal
+        found = self._symbol(obj, data, link if signal else lookup)
+        row = rows.row_at(lookup) if rows is not None else None
+        if found is None:
+            return row, signal, None, 0
+        return row, signal, found[0], found[1]
 
     # -- one step -------------------------------------------------------------------
 
-    def _step(self, state: List[Optional[int]], lookup: int, rows: Optional[_FdeRows],
-              frame: Frame, reader: _StackReader,
-              find_object: FindObject) -> Tuple[List[Optional[int]], str, bool]:
+    def _step(self, state: List[Optional[int]], row: Optional[_Row], signal: bool, frame: Frame,
+              reader: _StackReader, find_object: FindObject) -> Tuple[List[Optional[int]], str, bool]:
         """The caller's registers, how they were found, and whether its pc is a return address."""
-        if rows is not None and frame.link_address is not None:
-            link_lookup = frame.link_address - (frame.address - lookup)
+        if row is not None:
             try:
-                new = _apply_row(rows.row_at(link_lookup), state, reader, rows.signal)
+                new = _apply_row(row, state, reader, signal)
             except _Unusable:
                 pass                    # fall back to the frame pointer
             else:
-                return new, "signal" if rows.signal else "cfi", not rows.signal
+                return new, "signal" if signal else "cfi", not signal
         if frame.how == "regs" and frame.symbol is not None and frame.offset in (0, 4):
             entered = _entry_step(frame, state, reader, find_object)
             if entered is not None:
@@ -1030,14 +1119,6 @@ class Unwinder:
                 result = _symbol_in(debug, link_lookup)
         data.symbols[link_lookup] = result
         return result
-
-    def _frame(self, pc: int, lookup: int, obj: MappedObject, data: _ObjectData,
-               sp: Optional[int], how: str) -> Frame:
-        link = pc - obj.bias
-        found = self._symbol(obj, data, lookup - obj.bias)
-        if found is None:
-            return Frame(pc, None, None, obj.path, link, sp, how)
-        return Frame(pc, found[0], link - found[1], obj.path, link, sp, how)
 
 
 def _symbol_in(elf: ElfFile, link_address: int) -> Optional[Tuple[str, int]]:

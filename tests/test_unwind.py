@@ -740,7 +740,8 @@ def test_cfi_rows_match_readelf(which: str) -> None:
     """Every row of the decoded CFI (pyelftools' table, with this module's fixes for
     DW_CFA_GNU_args_size and def_cfa_sf, compiled into rows) says what binutils says:
     the CFA rule and each register's rule, at each row's pc. System libraries: every
-    FDE with a rare instruction and every 8th of the others; test targets: all."""
+    FDE with a rare instruction and every 8th of the others; test targets: all.
+    (This test reads the module's internals: the rows are not public.)"""
     if which == "system":
         files = _cfi_files()
     else:
@@ -753,6 +754,11 @@ def test_cfi_rows_match_readelf(which: str) -> None:
         unusual = _unusual_fdes(path) if which == "system" else set(tables)
         sections = {s.name: s for s in unwind_module._load_sections(path, (".eh_frame", ".debug_frame"),
                                                                      None)}
+        if ".eh_frame" in sections:
+            # the index read from .eh_frame_hdr is the one a scan of .eh_frame builds
+            eh = sections[".eh_frame"]
+            scanned = eh._entries.scan()
+            assert [e[0] for e in scanned] == eh._starts and [e[2] for e in scanned] == eh._offsets
         for index, (key, rows) in enumerate(sorted(tables.items())):
             if key not in unusual and index % 8:
                 continue
