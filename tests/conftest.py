@@ -32,17 +32,28 @@ def build(source: str, *flags: str, output: str | None = None, shared: bool = Fa
         digest.update(src.read_bytes())
     for header in sorted(C_DIR.glob("*.h")):
         digest.update(header.read_bytes())
-    digest.update(repr((flags, shared)).encode())
+    digest.update(repr((flags, shared, "compiled apart from -pg")).encode())
     name = output or (Path(source).stem + ("-lib.so" if shared else ""))
     out_dir = _CACHE / digest.hexdigest()[:16]
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / name
     if not out.exists():
-        cmd = ["gcc", "-g", "-I", str(C_DIR)]
-        if shared:
-            cmd += ["-shared", "-fPIC"]
-        cmd += [str(s) for s in sources] + list(flags) + ["-o", str(out) + ".tmp"]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        base = ["gcc", "-g", "-I", str(C_DIR)] + (["-shared", "-fPIC"] if shared else [])
+        inputs = [str(s) for s in sources]
+        link_flags = list(flags)
+        if "-pg" in flags:
+            # -pg only to compile (a 5-byte NOP at each entry with -mnop-mcount): linked
+            # with it, the program would write gmon.out into the current directory
+            link_flags = [f for f in flags if f != "-pg"]
+            objects = []
+            for src in sources:
+                obj = out_dir / (src.stem + ".o")
+                subprocess.run(base + ["-c", str(src)] + list(flags) + ["-o", str(obj)],
+                               check=True, capture_output=True, text=True)
+                objects.append(str(obj))
+            inputs = objects
+        subprocess.run(base + inputs + link_flags + ["-o", str(out) + ".tmp"],
+                       check=True, capture_output=True, text=True)
         os.replace(str(out) + ".tmp", out)
     return str(out)
 
@@ -109,19 +120,3 @@ def loop_target(loop_binary) -> Iterator[Target]:
         yield target
     finally:
         target.kill()
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """pytest-timeout (``timeout`` in setup.cfg) by its default method, SIGALRM, cannot
-    bound these tests: Session.wait(timeout=...) takes SIGALRM and the real-time timer
-    for itself, and the plugin's timer is gone after the first such wait. Unless a
-    method was chosen (--timeout-method, timeout_method in the ini file), use "thread":
-    a test still running at the deadline ends the run, with the stacks of all threads.
-    (The watchdogs in the tests fail the test itself, well before that.)"""
-    if not config.pluginmanager.hasplugin("timeout"):
-        return
-    if config.getoption("timeout_method") or config.getini("timeout_method"):
-        return
-    for item in items:
-        if item.get_closest_marker("timeout") is None:
-            item.add_marker(pytest.mark.timeout(method="thread"))

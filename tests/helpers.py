@@ -374,9 +374,26 @@ def unprivileged(loop_binary: str) -> Tuple[str, dict, Target]:
 
 # ---------------------------------------------------------------------------- ptprobe from Python
 
+def our_tracees() -> List[int]:
+    """Every process with a thread this test process traces (children that a
+    traced program forked included)."""
+    me = str(os.getpid())
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{name}/task"):
+                with open(f"/proc/{name}/task/{tid}/status") as fh:
+                    if any(line.split()[1:] == [me] for line in fh if line.startswith("TracerPid:")):
+                        found.append(int(name))
+                        break
+    return found
+
+
 @contextlib.contextmanager
 def watchdog(seconds: float, pids: List[int]) -> Iterator[None]:
-    """SIGKILL every pid in *pids* if the block takes longer than *seconds*, so a hang
+    """SIGKILL every pid in *pids*, and every process this one traces, if the block takes longer than *seconds*, so a hang
     in the engine ends the test (as a failure) instead of the run. *pids* is read when
     it fires (it may be filled in later). After killing, it collects the exits of their
     non-leader threads until the block ends: an engine blocked in waitpid() on a
@@ -389,11 +406,12 @@ def watchdog(seconds: float, pids: List[int]) -> Iterator[None]:
         if done.wait(seconds):
             return
         fired.append(True)
-        for pid in pids:
+        victims = list(pids) + our_tracees()
+        for pid in victims:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         while not done.is_set():
-            for pid in pids:
+            for pid in victims:
                 with contextlib.suppress(OSError):
                     for task in os.listdir(f"/proc/{pid}/task"):
                         if int(task) != pid:

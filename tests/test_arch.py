@@ -14,7 +14,7 @@ SITE = 0x401000
 XOL = 0x500000  # a nearby out-of-line page
 FAR = 0x7F00_0000_0000  # out of rel32 reach of SITE
 
-# Bytes from DESIGN.md section 2.
+# Bytes from docs/design.md, "Slots and pages".
 SEED_HEX = "48 8d 64 24 80 51 41 53 50 b8 57 7e f0 3f 0f 05"
 TAIL_HEX = "58 41 5b 59 48 8d a4 24 80 00 00 00"
 

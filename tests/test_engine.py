@@ -16,58 +16,16 @@ import select
 import signal
 import threading
 import time
-from typing import Iterator, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import pytest
 
 from conftest import build
+from helpers import GUARD, watchdog
 
 import ptprobe
 from ptprobe import arch
 from ptprobe.elf import ElfFile
-
-GUARD = 60.0
-
-
-@contextlib.contextmanager
-def watchdog(seconds: float, pids: List[int]) -> Iterator[List[bool]]:
-    """Kill *pids* (filled in later by the caller) if the body takes longer than
-    *seconds*; yields a one-element list that is True if it fired."""
-    fired = [False]
-    done = threading.Event()
-
-    def guard() -> None:
-        if not done.wait(seconds):
-            fired[0] = True
-            for pid in list(pids) + _our_tracees():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-
-    t = threading.Thread(target=guard, daemon=True)
-    t.start()
-    try:
-        yield fired
-    finally:
-        done.set()
-        t.join()
-    assert not fired[0], f"hung: killed after {seconds} s"
-
-
-def _our_tracees() -> List[int]:
-    """Every process with a thread this test process traces."""
-    me = str(os.getpid())
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            for tid in os.listdir(f"/proc/{name}/task"):
-                with open(f"/proc/{name}/task/{tid}/status") as fh:
-                    if any(line.split()[1:] == [me] for line in fh if line.startswith("TracerPid:")):
-                        found.append(int(name))
-                        break
-    return found
-
 
 class Reader:
     """Lines from a pipe's read end, each within a time bound."""

@@ -1,4 +1,4 @@
-"""The jmp fast path (DESIGN.md sections 1-4 and 6), end to end on real C targets.
+"""The jmp fast path (docs/design.md: "Probe sites" to "Lifetime"), end to end on real C targets.
 
 Every target lives in tests/c/fast_*.c (plus fastlib_sites.c); the register checks are
 done by the targets themselves (fast_regcheck.c) and reported by their exit status, so

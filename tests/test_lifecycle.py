@@ -1,4 +1,4 @@
-"""Process lifetime under tracing (DESIGN.md sections 5 and 6), end to end.
+"""Process lifetime under tracing (docs/design.md: "Working inside the tracee", "Lifetime"), end to end.
 
 fork (prefork servers, with and without following), children that share the
 parent's memory (system(), posix_spawn(), vfork()), threads that come and go while

@@ -28,7 +28,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import capstone
 import pytest
@@ -40,7 +40,8 @@ from ptprobe import linux
 from ptprobe import unwind as unwind_module
 from ptprobe.elf import ElfFile
 from ptprobe.errors import FaultError
-from ptprobe.process import Process
+from ptprobe.objects import LoadedObject, scan_objects
+from ptprobe import procfs
 from ptprobe.unwind import (END, FAULT, MAX_FRAMES, NO_UNWIND_INFO, Frame, ObjectInfo, Stack,
                             UnwindError, Unwinder, object_finder)
 
@@ -227,10 +228,20 @@ def _seize_stopped(pid: int) -> None:
     assert os.WIFSTOPPED(status), f"process {pid} did not stop: status {status:#x}"
 
 
+class Process:
+    """What the unwinder needs of a stopped process: its memory and mapped objects."""
+
+    def __init__(self, pid: int) -> None:
+        self.mem = linux.Memory(pid)
+        self.objects: Dict[Tuple[int, int], LoadedObject] = scan_objects(procfs.read_maps(pid))
+        self.object_at = object_finder(self.objects.values())
+
+    def close(self) -> None:
+        self.mem.close()
+
+
 def _objects(pid: int) -> Process:
-    process = Process(pid)
-    process.refresh_objects()
-    return process
+    return Process(pid)
 
 
 @contextlib.contextmanager
