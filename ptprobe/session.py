@@ -292,11 +292,15 @@ class Session:
             except PtprobeError:
                 pass
             if self.main_pid and self.returncode is None:
-                try:
-                    os.kill(self.main_pid, signal.SIGKILL)
-                    os.waitpid(self.main_pid, 0)
-                except (ProcessLookupError, ChildProcessError):
-                    pass
+                _kill_and_reap(self.main_pid)
+
+
+def _kill_and_reap(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
 
 
 def run(argv: Sequence[str], *, env: Optional[Dict[str, str]] = None, **options) -> Session:
@@ -314,11 +318,7 @@ def run(argv: Sequence[str], *, env: Optional[Dict[str, str]] = None, **options)
         session._start(list(argv), env)
     except BaseException:
         if session.main_pid and session.returncode is None:
-            try:
-                os.kill(session.main_pid, signal.SIGKILL)
-                os.waitpid(session.main_pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
+            _kill_and_reap(session.main_pid)
         raise
     return session
 
