@@ -10,7 +10,7 @@
 from .errors import (FaultError, HandlerError, InstructionBoundaryError, NoSuchProcessError,
                      ObjectFileError, ProbeSpecError, ProgramStartError, PtprobeError,
                      SitePatchedError, SymbolNotFoundError, TracePermissionError, TracerError)
-from .hit import Hit, Regs
+from .hit import Hit, Record, Regs
 from .patching import Site
 from .probes import Probe
 from .session import Observer, Session, attach, run
@@ -19,7 +19,7 @@ from .spec import ProbeSpec, parse_spec
 __version__ = "0.1.0"
 
 __all__ = [
-    "run", "attach", "Session", "Probe", "Site", "Hit", "Regs", "Observer", "ProbeSpec", "parse_spec",
+    "run", "attach", "Session", "Probe", "Site", "Hit", "Record", "Regs", "Observer", "ProbeSpec", "parse_spec",
     "PtprobeError", "ProbeSpecError", "NoSuchProcessError", "TracePermissionError", "ObjectFileError",
     "SymbolNotFoundError", "InstructionBoundaryError", "SitePatchedError", "ProgramStartError",
     "FaultError", "TracerError", "HandlerError", "__version__",

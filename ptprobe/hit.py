@@ -232,3 +232,37 @@ class Args(Sequence):
 
     def __repr__(self) -> str:
         return repr(list(self))
+
+
+class Record:
+    """One hit of a recording probe, written inside the program with no stop and
+    read by ptprobe afterwards: read-only, valid after the handler returns.
+
+    ``probe``, ``pid``, ``tid`` (0 if the thread could not be told), ``time_ns``
+    (CLOCK_MONOTONIC), ``address`` (the probe address), ``name`` (as
+    :attr:`Hit.name`) and ``args`` (a tuple: for uprobes the six integer argument
+    registers, for USDT probes the values of the probe's argument specs).
+    """
+
+    __slots__ = ("probe", "site", "pid", "tid", "time_ns", "args")
+
+    def __init__(self, probe: ArgumentSource, site: "Site", pid: int, tid: int, time_ns: int,
+                 args: tuple) -> None:
+        self.probe = probe
+        self.site = site
+        self.pid = pid
+        self.tid = tid
+        self.time_ns = time_ns
+        self.args = args
+
+    @property
+    def address(self) -> int:
+        return self.site.address
+
+    @property
+    def name(self) -> str:
+        return self.site.label
+
+    def __repr__(self) -> str:
+        return (f"<Record {self.probe.name} pid={self.pid} tid={self.tid} t={self.time_ns} "
+                f"args={list(self.args)}>")

@@ -432,3 +432,87 @@ class RDebug(ctypes.Structure):
 
 RT_CONSISTENT = 0
 R_STATE_OFFSET = RDebug.r_state.offset
+
+
+# --- sharing memory with a tracee, waking up on child events, the TSC ---------------------
+SYS_pidfd_getfd = 438
+MFD_ALLOW_SEALING = 2
+SFD_NONBLOCK = 0o4000
+SFD_CLOEXEC = 0o2000000
+
+
+def take_fd(pid: int, fd: int) -> int:
+    """A duplicate, in this process, of descriptor *fd* of process *pid*
+    (``pidfd_getfd``; the caller must be allowed to ptrace *pid*)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError) as exc:
+        raise TracerError(f"pidfd_open({pid}) failed: {getattr(exc, 'strerror', exc)}") from None
+    try:
+        res = _syscall(SYS_pidfd_getfd, pidfd, fd, 0)
+        if res < 0:
+            err = ctypes.get_errno()
+            raise _translate(OSError(err, os.strerror(err)), pid, "pidfd_getfd")
+        return int(res)
+    finally:
+        os.close(pidfd)
+
+
+class _SigSet(ctypes.Structure):
+    _fields_ = [("val", ctypes.c_uint64 * 16)]
+
+
+def child_signal_fd() -> int:
+    """A non-blocking signalfd that becomes readable when SIGCHLD arrives, with
+    SIGCHLD blocked in the calling thread (a ptrace stop of a tracee sends its
+    tracer a SIGCHLD): :func:`select.poll` on it waits for the next event with a
+    timeout. Undo with :func:`close_child_signal_fd`."""
+    import signal
+    mask = _SigSet()
+    mask.val[0] = 1 << (signal.SIGCHLD - 1)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])
+    fd = _libc.signalfd(-1, ctypes.byref(mask), SFD_NONBLOCK | SFD_CLOEXEC)
+    if fd < 0:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        err = ctypes.get_errno()
+        raise TracerError(f"signalfd failed: {os.strerror(err)}")
+    _blocked_before[fd] = signal.SIGCHLD in old
+    return int(fd)
+
+
+_blocked_before: "dict[int, bool]" = {}
+
+
+def drain_signal_fd(fd: int) -> None:
+    """Read every pending signal of a signalfd (they only say: look now)."""
+    try:
+        while os.read(fd, 128 * 16):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def close_child_signal_fd(fd: int) -> None:
+    import signal
+    os.close(fd)
+    if not _blocked_before.pop(fd, True):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD])
+
+
+_rdtsc_func = None
+
+
+def rdtsc() -> int:
+    """The CPU's time-stamp counter, as the ``rdtsc`` of a recording stub reads it
+    (a four-instruction function mapped executable in this process on first use)."""
+    global _rdtsc_func
+    if _rdtsc_func is None:
+        import mmap
+        code = bytes.fromhex("0f31" "48c1e220" "4809d0" "c3")     # rdtsc; shl rdx, 32; or rax, rdx; ret
+        page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        page.write(code)
+        address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+        if _libc.mprotect(ctypes.c_void_p(address), mmap.PAGESIZE, PROT_READ | PROT_EXEC) != 0:
+            raise TracerError("cannot make the rdtsc function executable")
+        _rdtsc_func = (ctypes.CFUNCTYPE(ctypes.c_uint64)(address), page)
+    return int(_rdtsc_func[0]())

@@ -20,7 +20,7 @@ import struct
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tuple
 
-from . import arch, linux, procfs
+from . import arch, codegen, linux, procfs
 from .arch import PAGE_SIZE
 from .errors import FaultError, SitePatchedError, TracerError
 from .objects import LoadedObject
@@ -42,9 +42,15 @@ _SLOTS_AT = 8192
 _SLOTS_MAX = (RECORD_SIZE - 8192) // _ENTRY.size
 FLAG_FILTER = 1
 FLAG_FILTER_FAILED = 2
-_KINDS = {"seed": 1, "return": 2, "xol": 3}
+_KINDS = {"seed": 1, "return": 2, "xol": 3, "count": 4, "stub": 5}
 _KIND_NAMES = {v: k for k, v in _KINDS.items()}
-_STRIDE = {"seed": arch.SEED_SLOT_SIZE, "return": arch.RETURN_SLOT_SIZE, "xol": arch.XOL_ENTRY_SIZE}
+_STRIDE = {"seed": arch.SEED_SLOT_SIZE, "return": arch.RETURN_SLOT_SIZE, "xol": arch.XOL_ENTRY_SIZE,
+           "count": codegen.COUNT_SLOT_SIZE, "stub": 64}
+#: pages whose slots stop the thread (a stop in them is a hit); the others hold
+#: out-of-line copies (xol), counting slots (count) or recording stubs (stub)
+STOP_KINDS = ("seed", "return")
+#: pages filled from the start, not cut into equal slots
+_BUMP_KINDS = ("xol", "stub")
 _MMAP_MIN = 0x10000
 _REACH = 0x7FFF0000
 
@@ -116,6 +122,14 @@ class Site:
     chained: list = field(default_factory=list)   # sites inside this site's patch (hit after it)
     covered_by: Optional["Site"] = None           # the site whose patch covers this one
     counting_only: bool = False                   # no handler on it: the hit is only counted
+    # what a hit does (jmp sites): "stop" (the slot stops the thread), "count" (a
+    # counting slot, no stop) or "record" (a recording stub, no stop); and where
+    # the jmp goes now (the slot, the counting slot or the stub)
+    action: str = "stop"
+    target: Optional[int] = None
+    counter: Optional[int] = None                 # its counter in the data pages (count, record)
+    stub: Optional[int] = None                    # its recording stub (this session's)
+    stub_stop: Optional[int] = None               # rip after the stub's syscall (ring full)
 
     @property
     def pid(self) -> int:
@@ -152,8 +166,10 @@ class Patcher:
         self.int3_sites: Dict[int, Site] = {}     # int3 address + 1 -> site (hot lookup)
         self.retired: Dict[int, Site] = {}        # int3 address + 1 -> disarmed site (late traps)
         self.pages: Dict[int, Page] = {}
-        self.slot_owner: Dict[int, int] = {}      # resume address -> slot address
-        self.slot_sites: Dict[int, Site] = {}     # slot address -> site
+        self.slot_owner: Dict[Tuple[str, int], int] = {}   # (page kind, resume address) -> slot address
+        self.slot_sites: Dict[int, Site] = {}     # slot address + 16 -> site (the stop's rip)
+        self.stub_sites: Dict[int, Site] = {}     # rip after a stub's syscall -> site
+        self.retired_stubs: Dict[int, Site] = {}  # the same, of disarmed sites (late stops)
         self.xol_owner: Dict[int, int] = {}       # instruction address -> its out-of-line copy
         self.record: Optional[int] = None
         self._record_flags = 0
@@ -198,9 +214,11 @@ class Patcher:
                             self.space.syscall_gadget = slot
                         else:
                             self.xol_owner[resume] = slot
+                    elif page.kind == "stub":
+                        page.used = PAGE_SIZE        # an earlier session's stubs: never reused
                     else:
                         page.owners[(slot - page.address) // page.stride] = resume
-                        self.slot_owner[resume] = slot
+                        self.slot_owner[(page.kind, resume)] = slot
                 return
 
     def _write_header(self) -> None:
@@ -330,13 +348,15 @@ class Patcher:
 
 
     # --- slots -------------------------------------------------------------------
-    def _get_slot(self, site_jmp: int, resume: int, obj: Optional[LoadedObject]) -> Optional[int]:
-        kind = self.slot_kind
-        slot = self.slot_owner.get(resume)
+    def _get_slot(self, site_jmp: int, resume: int, obj: Optional[LoadedObject],
+                  kind: Optional[str] = None) -> Optional[int]:
+        """The slot of *kind* (default: the session's stop slots) that belongs to
+        the site resuming at *resume*, taken now if it has none."""
+        kind = kind or self.slot_kind
+        slot = self.slot_owner.get((kind, resume))
         if slot is not None:
-            page = self.pages.get(slot & ~0xFFF)
-            if page is not None and page.kind == kind:
-                return slot
+            return slot
+        if kind in STOP_KINDS and any((other, resume) in self.slot_owner for other in STOP_KINDS):
             return None      # owned by a slot of the other kind: keep that slot's site on int3
         reach = [site_jmp, site_jmp + 5, resume]
         for page in self.pages.values():
@@ -353,16 +373,50 @@ class Patcher:
         slot = page.address + index * page.stride
         if page.kind == "return":
             self.space.mem.write(slot, arch.return_slot_code(slot, resume))
-        self.slot_owner[resume] = slot
+        self.slot_owner[(page.kind, resume)] = slot
         self._remember_slot(slot, resume)
         return slot
 
-    def lookup_slot(self, rip: int) -> Optional[Site]:
-        """The site whose slot made the syscall that stopped at *rip* (hot path)."""
-        return self.slot_sites.get(rip)
+    # --- actions inside the program (counting slots, recording stubs) -------------------
+    def count_slot(self, site: Site) -> Optional[int]:
+        """The counting slot of jmp *site* (its own for the life of the process), or
+        None when no page within reach can have one. Its code is written by
+        :meth:`write_count_slot`."""
+        return self._get_slot(site.patch_at, site.resume, site.obj, kind="count")
 
-    def slot_stop_address(self, slot: int) -> int:
-        return slot + arch.SEED_SLOT_SIZE
+    def stub_room(self, site: Site, size: int) -> Optional[int]:
+        """Room for a recording stub of *size* bytes for *site* (this session's),
+        within reach of it; None if there is none."""
+        size = (size + 63) & ~63
+        reach = [site.patch_at, site.patch_at + 5, site.resume]
+        page = next((p for p in self.pages.values() if p.kind == "stub" and p.used + size <= PAGE_SIZE
+                     and arch.page_in_reach(p.address, reach)), None)
+        if page is None:
+            page = self._new_page("stub", site.obj, reach)
+            if page is None:
+                return None
+        at = page.address + page.used
+        page.used += size
+        self._remember_slot(at, site.resume)
+        return at
+
+    def set_stub(self, site: Site, at: int, code: bytes, stop_offset: Optional[int]) -> None:
+        """Write *site*'s recording stub *code* at *at* (from :meth:`stub_room`)."""
+        self.space.mem.write(at, code)
+        if site.stub_stop is not None:
+            self.stub_sites.pop(site.stub_stop, None)
+        site.stub = at
+        site.stub_stop = None if stop_offset is None else at + stop_offset
+        if site.stub_stop is not None:
+            self.stub_sites[site.stub_stop] = site
+
+    def aim(self, site: Site, target: int) -> None:
+        """Make jmp *site* go to *target* (its slot, counting slot or stub): one
+        write of the 5 bytes when armed. Every thread must be stopped."""
+        site.target = target
+        site.patched = arch.jmp_rel32(site.patch_at, target)
+        if site.armed:
+            self.space.mem.write(site.patch_at, site.patched)
 
     def _get_xol(self, insn: arch.Instruction, obj: Optional[LoadedObject]) -> Optional[int]:
         """The address of an out-of-line copy of *insn*; None when it cannot run out of line."""
@@ -479,27 +533,23 @@ class Patcher:
             original = file_code[:1]
             resume = address + insn.size
         current = space.mem.read(patch_at, len(original))
-        reused_slot: Optional[int] = None
+        ours = False
         if current != original:
-            reused_slot = self._recognise_jmp(patch_at, current, resume)
-            if reused_slot is None:
+            ours = self._recognise_jmp(patch_at, current, resume)
+            if not ours:
                 raise SitePatchedError(
                     f"the code at {address:#x} in process {space.pid} differs from the file "
                     f"({current.hex()} instead of {original.hex()}): already patched by someone else", address)
-        if jmp is not None and self.use_seccomp:
-            slot = reused_slot
-            if slot is None and self._ensure_filter():
-                slot = self._get_slot(patch_at, resume, obj)
-            elif slot is not None and not self._ensure_filter():
-                slot = None
+        if jmp is not None and self.use_seccomp and self._ensure_filter():
+            slot = self._get_slot(patch_at, resume, obj)
             if slot is not None:
                 site = Site(address, space, obj, "jmp", patch_at, original, arch.jmp_rel32(patch_at, slot),
-                            resume, insn=insn, slot=slot, slot_kind=self.pages[slot & ~0xFFF].kind)
-                site.armed = reused_slot is not None
+                            resume, insn=insn, slot=slot, slot_kind=self.pages[slot & ~0xFFF].kind, target=slot)
+                site.armed = ours       # an earlier ptprobe's jmp is there: aim() retargets it
                 self.sites[address] = site
                 self.slot_sites[slot + arch.SEED_SLOT_SIZE] = site
                 return site
-        if reused_slot is not None:
+        if ours:
             # an earlier ptprobe's jmp, now to be served by int3: repair it first
             space.mem.write(patch_at, original)
         # int3 goes on the first byte of the site (the 90 of a combo), so that
@@ -511,7 +561,7 @@ class Patcher:
                 pass
             elif space.filter_state != "installed":
                 site.fallback_reason = "no seccomp filter"
-            elif resume in self.slot_owner:
+            elif any((kind, resume) in self.slot_owner for kind in STOP_KINDS):
                 site.fallback_reason = "its slot, from an earlier attach, is of the other kind"
             else:
                 site.fallback_reason = "no free slot within reach"
@@ -522,16 +572,18 @@ class Patcher:
         self.sites[address] = site
         return site
 
-    def _recognise_jmp(self, patch_at: int, current: bytes, resume: int) -> Optional[int]:
+    def _recognise_jmp(self, patch_at: int, current: bytes, resume: int) -> bool:
+        """Is *current* a jmp an earlier ptprobe left at *patch_at*: into a slot
+        of this site's, or into a recording stub?"""
         if len(current) != 5 or current[0] != 0xE9:
-            return None
+            return False
         target = (patch_at + 5 + int.from_bytes(current[1:], "little", signed=True)) & ((1 << 64) - 1)
         page = self.pages.get(target & ~0xFFF)
         if page is None or page.kind == "xol":
-            return None
-        if self.slot_owner.get(resume) != target:
-            return None
-        return target
+            return False
+        if page.kind == "stub":
+            return True
+        return self.slot_owner.get((page.kind, resume)) == target
 
     def write(self, sites: Iterable[Site]) -> None:
         """Write the patches of *sites* (one write per site)."""
@@ -563,6 +615,9 @@ class Patcher:
             self.retired[site.address + 1] = site
         elif site.slot is not None:
             self.slot_sites.pop(site.slot + arch.SEED_SLOT_SIZE, None)
+        if site.stub_stop is not None:
+            # a thread stopped at the stub's syscall after this must still be recognised
+            self.retired_stubs[site.stub_stop] = site
 
     def disarm_all(self) -> List[Site]:
         """Disarm every site; return those whose bytes could not be written back."""
@@ -588,7 +643,7 @@ class Patcher:
         seed slots is also where the next slot starts: *after_syscall* tells.
         """
         page = self.pages.get((rip - 1) & ~0xFFF if after_syscall else rip & ~0xFFF)
-        if page is None or page.kind == "xol":
+        if page is None or page.kind not in STOP_KINDS:
             return None
         if after_syscall:
             offset = arch.SEED_SLOT_SIZE
@@ -626,5 +681,7 @@ class Patcher:
         new.int3_sites = {a + 1: s for a, s in new.sites.items() if s.mechanism == "int3" and s.armed}
         new.slot_sites = {s.slot + arch.SEED_SLOT_SIZE: s for s in new.sites.values()
                           if s.slot is not None and s.armed and s.covered_by is None}
+        new.stub_sites = {s.stub_stop: s for s in new.sites.values() if s.stub_stop is not None and s.armed}
+        new.retired_stubs = dict(self.retired_stubs)
         new.retired = dict(self.retired)
         return new

@@ -37,19 +37,42 @@ ARG_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 class Probe:
     """A probe armed at one or more sites; returned by :meth:`ptprobe.Session.probe`."""
 
-    def __init__(self, spec: ProbeSpec, handler: Optional[Handler], internal: bool = False) -> None:
+    def __init__(self, spec: ProbeSpec, handler: Optional[Callable[..., None]], internal: bool = False,
+                 mode: str = "stop") -> None:
+        if mode not in ("stop", "record"):
+            raise ValueError("mode must be 'stop' or 'record'")
         self.spec = spec
         self.name = spec.text
         self._handler = handler
         self.internal = internal
-        self.hits = 0
+        #: "stop": the handler gets a Hit while the thread is stopped; "record": the
+        #: program records the hit itself and the handler gets a Record afterwards
+        self.mode = mode
+        #: False when a hit needs what a record cannot hold (the stub path is off)
+        self.recordable = True
+        self.stop_hits = 0           # hits counted by ptprobe at a stop
         self.errors = 0
+        #: hits counted inside the program, by site (set by the session)
+        self.in_program: Callable[[Site], int] = lambda site: 0
+        self._baseline: Dict[int, int] = {}         # id(site) -> its in-program count when joined
         self.sites: List[Site] = []
         #: (device, inode) of the file a spec with a path names; None for object names
         self.identity: Optional[Tuple[int, int]] = None
         self.usdt_args: Dict[int, List[usdt.UsdtArg]] = {}     # site address -> parsed USDT args
         self.semaphores: Dict[int, int] = {}                   # site address -> run-time semaphore
         self.on_change: Callable[[Site], None] = lambda site: None
+
+    @property
+    def hits(self) -> int:
+        """Every hit of the probe: counted at stops, and inside the program (summed
+        over its sites in every process)."""
+        inside = self.in_program
+        baseline = self._baseline
+        return self.stop_hits + sum(inside(site) - baseline.get(id(site), 0) for site in self.sites)
+
+    def joined(self, site: Site) -> None:
+        """The probe is on *site* from now on: its earlier in-program hits are not ours."""
+        self._baseline[id(site)] = self.in_program(site)
 
     @property
     def handler(self) -> Optional[Handler]:
@@ -177,10 +200,11 @@ class Probes:
     mapped later."""
 
     def __init__(self, loop: EventLoop, *, notice: Callable[[str], None],
-                 site_changed: Callable[[Site], None]) -> None:
+                 site_changed: Callable[[Site], None], in_program: Callable[[Site], int]) -> None:
         self.loop = loop
         self.notice = notice
         self.site_changed = site_changed
+        self.in_program = in_program
         self.probes: List[Probe] = []
         self.loader = Probe(parse_spec("uprobe:ld.so:_dl_debug_state"), self._on_loader, internal=True)
         self.loader.on_change = site_changed
@@ -188,12 +212,14 @@ class Probes:
         self.startup_pid = 0
         self.startup_reached = False
 
-    def add(self, spec: Union[str, ProbeSpec], handler: Optional[Handler]) -> Probe:
+    def add(self, spec: Union[str, ProbeSpec], handler: Optional[Callable[..., None]],
+            mode: str = "stop") -> Probe:
         """A new probe for *spec*, checked against its file when the spec names
         one (not armed yet)."""
         parsed = parse_spec(spec) if isinstance(spec, str) else spec
-        probe = Probe(parsed, handler)
+        probe = Probe(parsed, handler, mode=mode)
         probe.on_change = self.site_changed
+        probe.in_program = self.in_program
         if parsed.is_path:
             elf = open_elf(parsed.path)
             try:
@@ -242,13 +268,6 @@ class Probes:
         space.armed.add((id(probe), obj.identity))
         for site, note in zip(sites, notes):
             site.internal = site.internal or probe.internal
-            if probe not in site.probes:
-                site.probes.append(probe)
-                self.site_changed(site)
-            if site not in probe.sites:
-                probe.sites.append(site)
-                if site.fallback_reason and not probe.internal:
-                    self.notice(f"{probe.name}: site {site.address:#x} uses int3 ({site.fallback_reason})")
             if not site.label:
                 site.label = _label(obj, obj.link_time(site.address), note)
             if note is not None:
@@ -257,6 +276,14 @@ class Probes:
                     sem = obj.runtime(note.semaphore) if obj.elf.is_pie else note.semaphore
                     probe.semaphores[site.address] = sem
                     adjust_semaphore(space, sem, +1)
+            if probe not in site.probes:
+                site.probes.append(probe)
+                probe.joined(site)
+                self.site_changed(site)
+            if site not in probe.sites:
+                probe.sites.append(site)
+                if site.fallback_reason and not probe.internal:
+                    self.notice(f"{probe.name}: site {site.address:#x} uses int3 ({site.fallback_reason})")
 
     def arm_everywhere(self, probe: Probe, processes: List[Process]) -> bool:
         """Arm a new *probe* in every process (the world is stopped); errors raise."""

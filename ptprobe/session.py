@@ -23,14 +23,17 @@ import logging
 import os
 import signal
 import threading
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from . import linux
 from .engine.hits import Hits
 from .engine.lifecycle import Lifecycle
 from .engine.loop import EventLoop
 from .errors import PtprobeError, TracerError
-from .hit import Hit
+from .datapages import DEFAULT_RING
+from .engine.records import Actions
+from .hit import Hit, Record
+from .patching import Site
 from .placement import Placement
 from .probes import Handler, Probe, Probes
 from .spec import ProbeSpec
@@ -57,7 +60,8 @@ class Session:
     def __init__(self, *, mode: str, slots: str = "return", seccomp: bool = True,
                  allow_no_new_privs: Optional[bool] = None, max_trampoline_pages: int = 64,
                  follow: bool = True, observer: Optional[Observer] = None,
-                 colocate: Union[bool, str] = True) -> None:
+                 colocate: Union[bool, str] = True, ring_size: int = DEFAULT_RING,
+                 drop: bool = False, in_program: bool = True) -> None:
         if slots not in ("return", "seed"):
             raise ValueError("slots must be 'return' or 'seed'")
         self.mode = mode
@@ -71,19 +75,51 @@ class Session:
         self._owner = threading.get_ident()
         patcher_options = dict(slots=slots, seccomp=seccomp, allow_no_new_privs=self.allow_no_new_privs,
                                max_pages=max_trampoline_pages, notice=self.observer.notice)
+        self.in_program = in_program
         self.loop = EventLoop()
         self.hits = Hits(self.loop, slot_kind=slots, on_handler_error=self._handler_error)
-        self._probes = Probes(self.loop, notice=self.observer.notice, site_changed=self.hits.site_changed)
+        self.actions = Actions(ring_size=ring_size, lossless=not drop, notice=self.observer.notice,
+                               on_handler_error=self._handler_error)
+        self.hits.drain = self.actions.drain
+        self.hits.ring_full = self.actions.ring_full
+        self.loop.first_stop = self._first_stop
+        self._probes = Probes(self.loop, notice=self.observer.notice, site_changed=self._site_changed,
+                              in_program=self.actions.count)
         self.lifecycle = Lifecycle(self.loop, mode=mode, follow=follow, placement=self.placement,
                                    notice=self.observer.notice,
                                    new_space=lambda proc: AddressSpace(proc, patcher_options,
                                                                        self.loop.wait_thread))
         self.lifecycle.on_fork = self._probes.adopt_fork
-        self.lifecycle.on_exec = self._probes.after_exec
+        self.lifecycle.on_exec = self._after_exec
         self.lifecycle.on_release = self._probes.release
 
-    def _handler_error(self, probe: object, hit: Hit, error: BaseException) -> None:
+    def _handler_error(self, probe: object, hit: object, error: BaseException) -> None:
         self.observer.handler_error(probe, hit, error)  # type: ignore[arg-type]
+
+    def _site_changed(self, site: Site) -> None:
+        """A site's probes or handlers changed: the hot path, and what a hit does."""
+        self.hits.site_changed(site)
+        if not self.in_program or site.mechanism != "jmp":
+            return
+        if site.armed and self.loop.holding == 0:
+            with self.loop.world_stopped():
+                self.actions.update(site)
+        else:
+            self.actions.update(site)
+        if self.actions.recording:
+            self.loop.idle = self.actions.drain
+
+    def _after_exec(self, process: Process, former: AddressSpace) -> None:
+        if former.owner is process:
+            self.actions.forget(former)
+        self._probes.after_exec(process, former)
+
+    def _first_stop(self, thread: Thread) -> None:
+        proc = thread.process
+        if proc.forked_from is not None:
+            parent, proc.forked_from = proc.forked_from, None
+            self.actions.fork(parent, proc)
+        self.actions.thread_seen(thread)
 
     # --- state ---------------------------------------------------------------------
     @property
@@ -144,7 +180,9 @@ class Session:
     def probe(self, spec: Union[str, ProbeSpec], handler: Optional[Handler] = None) -> Probe:
         """Arm a probe in every traced process; *handler(hit)* runs on each hit."""
         self._check_thread()
-        probe = self._probes.add(spec, handler)
+        return self._arm(self._probes.add(spec, handler))
+
+    def _arm(self, probe: Probe) -> Probe:
         if not self.loop.processes:
             raise TracerError("the session has ended: nothing to probe")
         stopped = self.loop.world_stopped() if self.loop.holding == 0 else contextlib.nullcontext()
@@ -154,6 +192,17 @@ class Session:
             self.observer.notice(f"{probe.name}: {probe.spec.path} is not loaded yet; "
                                  "the probe is armed when it is")
         return probe
+
+    def record(self, spec: Union[str, ProbeSpec], handler: Optional[Callable[[Record], None]] = None) -> Probe:
+        """Arm a recording probe: the program records each hit itself (time,
+        thread, arguments) with no stop, and *handler(record)* runs afterwards,
+        from :meth:`wait`, with a read-only :class:`Record`, in the order the
+        hits happened per thread. Sites that cannot record in the program (int3
+        sites) stop, and their records are made at the stop, in the same order.
+        A handler cannot change the program; use :meth:`probe` for that."""
+        self._check_thread()
+        probe = self._probes.add(spec, handler, mode="record")
+        return self._arm(probe)
 
     # --- waiting -------------------------------------------------------------------------------
     def wait(self, timeout: Optional[float] = None) -> Optional[int]:
@@ -186,6 +235,7 @@ class Session:
                     self.loop.run(until=lambda: self.returncode is not None)
                 finally:
                     self.placement.release()
+                    self.actions.drain()
         finally:
             if timeout is not None:
                 signal.setitimer(signal.ITIMER_REAL, 0, 0)
@@ -213,6 +263,8 @@ class Session:
             try:
                 self.loop.stop_all()
                 self.hits.drain_traps()
+                self.actions.drain()
+                self.actions.freeze(list(self.loop.threads.values()))
             except PtprobeError as exc:
                 problems.append(f"cannot stop every thread: {exc}")
             for proc in list(self.loop.processes.values()):
@@ -234,6 +286,8 @@ class Session:
             self.loop.threads.clear()
             self.lifecycle.attached = False
             self.loop.holding = 0
+            self.loop.idle = None
+            self.loop.close()
             self.placement.release()
         for text in problems + left:
             self.observer.notice(text)

@@ -37,7 +37,7 @@ class Thread:
     """One traced thread and what the tracer knows of its current stop."""
 
     __slots__ = ("tid", "process", "stopped", "pending_signal", "group_stop", "interrupted",
-                 "stepping", "deferred_signals", "exited", "in_hit")
+                 "stepping", "deferred_signals", "exited", "in_hit", "fresh")
 
     def __init__(self, tid: int, process: "Process") -> None:
         self.tid = tid
@@ -50,6 +50,7 @@ class Thread:
         self.deferred_signals: List[int] = []
         self.exited = False
         self.in_hit: Optional[object] = None   # the site whose hit is being handled
+        self.fresh = True             # its first stop has not been handled yet
 
     def resume(self) -> None:
         """Resume from the current stop, delivering the pending signal."""
@@ -86,6 +87,8 @@ class Process:
         self.exit_status: Optional[int] = None
         self.release_on_stop = False         # detach at the next stop (--no-follow)
         self.exec_seen = False               # an exec event has been seen
+        #: a fork's child not stopped yet since: the space it was copied from
+        self.forked_from: Optional[AddressSpace] = None
         # the space it runs in: set by whoever creates the process, right after
         # (a new AddressSpace, a fork's copy, or, for a vfork child, the parent's)
         self.space: AddressSpace

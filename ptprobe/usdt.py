@@ -355,6 +355,12 @@ def _extend(value: int, bits: int, signed: bool) -> int:
     return value
 
 
+def value_from_bytes(arg: UsdtArg, data: bytes) -> Union[int, float]:
+    """The value of a memory operand *arg* from the bytes it names (at least SIZE):
+    sign- or zero-extended, or a float/double with ``f``."""
+    return _from_bytes(arg, data)
+
+
 def _from_bytes(arg: UsdtArg, data: bytes) -> Union[int, float]:
     if arg.is_float:
         return struct.unpack("<f" if arg.size == 4 else "<d", data[:arg.size])[0]

@@ -225,7 +225,7 @@ def test_ctrl_c_in_wait_never_loses_a_stop(handler):
             os.kill(me, signal.SIGINT)
 
     with watchdog(GUARD, pids):
-        session = ptprobe.run([prog, str(n)])
+        session = ptprobe.run([prog, str(n)], in_program=False)      # every hit a stop
         pids.append(session.main_pid)
         probe = session.probe(f"uprobe:{prog}:work", (lambda hit: None) if handler else None)
         sender = threading.Thread(target=pester, daemon=True)

@@ -276,7 +276,7 @@ def test_seed_detach_inside_slot():
         site_address = _runtime(hammer.pid, binary, "regs_site")
         slots_seen = set()
         for n, offset in enumerate(SEED_OFFSETS, start=1):
-            session = ptprobe.attach(hammer.pid, slots="seed")
+            session = ptprobe.attach(hammer.pid, slots="seed", in_program=False)   # the seed slot itself
             try:
                 probe = session.probe(spec)
                 site = probe.sites[0]

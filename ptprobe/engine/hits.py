@@ -16,17 +16,18 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 from typing import Callable, Dict, Optional, Tuple
 
 from .. import arch, linux, procfs
 from ..errors import FaultError, NoSuchProcessError, PtprobeError
-from ..hit import Hit, Regs
+from ..hit import Hit, Record, Regs
 from ..patching import Patcher, Site
 from ..tracee import Thread
 from .events import SLOT_STOP, TRAP_STOP, SlotStop, Trap
 from .loop import EventLoop
 
-ErrorReport = Callable[[object, Hit, BaseException], None]
+ErrorReport = Callable[[object, object, BaseException], None]
 _EPROTO = (-errno.EPROTO) & linux.U64
 
 
@@ -63,6 +64,10 @@ class Hits:
         self.loop = loop
         self.slot_kind = slot_kind
         self.on_handler_error = on_handler_error
+        #: hooks to the in-program actions: deliver the records written so far; a
+        #: stub found the ring full (True: try again, False: drop)
+        self.drain: Callable[[], int] = lambda: 0
+        self.ring_full: Callable[[Thread], bool] = lambda thread: False
         loop.subscribe(SlotStop, self._on_slot_stop)
         loop.subscribe(Trap, self._on_trap)
 
@@ -111,7 +116,7 @@ class Hits:
         except (NoSuchProcessError, FaultError):
             return False            # killed meanwhile: the general path sees its end
         for probe in site.probes:
-            probe.hits += 1
+            probe.stop_hits += 1
         try:
             linux.cont(tid)
         except NoSuchProcessError:
@@ -131,17 +136,26 @@ class Hits:
                 regs.move_to(site.address)
 
     def _call_probes(self, site: Site, regs: Regs, thread: Thread) -> None:
+        drained = False
         for probe in site.probes:
-            probe.hits += 1
+            probe.stop_hits += 1
             handler = probe.handler
             if handler is None:
                 continue
             hit = Hit(probe, site, thread.process.pid, thread.tid, regs)
+            target: object = hit
+            if probe.mode == "record":
+                # a recording probe whose hit had to stop: its record comes after
+                # those the program wrote before it, and is read-only
+                if not drained:
+                    self.drain()
+                    drained = True
+                target = Record(probe, site, hit.pid, hit.tid, time.monotonic_ns(), tuple(hit.args))
             try:
-                handler(hit)
+                handler(target)
             except Exception as exc:  # noqa: BLE001 - reported, tracing goes on
                 probe.errors += 1
-                self.on_handler_error(probe, hit, exc)
+                self.on_handler_error(probe, target, exc)
             hit.expire()
 
     # --- int3 ---------------------------------------------------------------------------------
@@ -236,6 +250,15 @@ class Hits:
         patcher = space.patcher
         raw = linux.get_regs(tid)
         site = patcher.slot_sites.get(raw.rip)
+        if site is None and (raw.rip in patcher.stub_sites or raw.rip in patcher.retired_stubs):
+            # a recording stub found the ring full: drain it, then let the stub try
+            # again (0) or drop its record (-1); the syscall itself is skipped
+            retry = self.ring_full(thread)
+            raw.orig_rax = linux.U64
+            raw.rax = 0 if retry else linux.U64
+            linux.set_regs(tid, raw)
+            self.loop.done(thread)
+            return
         if site is None:
             frame = patcher.slot_frame_at(raw.rip, after_syscall=True)
             if frame is not None:

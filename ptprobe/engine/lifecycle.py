@@ -254,6 +254,7 @@ class Lifecycle:
             proc.space = parent.space
         else:
             proc.space = parent.space.fork(proc)
+            proc.forked_from = parent.space
             # --no-follow: a copy of the memory is cleaned and let go at its first stop
             proc.release_on_stop = not self.follow
             self.on_fork(proc.space)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import select
 import signal
 import threading
 from typing import Callable, Deque, Dict, Iterator, Optional, Tuple, Type
@@ -31,6 +32,7 @@ from ..tracee import Process, Thread
 from .events import Event, GroupStop, OtherStop, SignalStop, STOP_SIGNALS, decode
 
 Handler = Callable[[Event], None]
+_IDLE_POLL_MS = 20          # how long the loop sleeps between idle calls at the most
 
 
 class EventLoop:
@@ -51,6 +53,13 @@ class EventLoop:
         self.claim: Callable[[int, int], Optional[Thread]] = lambda tid, status: None
         self.release: Callable[[Process], None] = lambda process: None
         self.all_gone: Callable[[], None] = lambda: None
+        #: the first stop of a thread (a new one, or one just seized)
+        self.first_stop: Callable[[Thread], None] = lambda thread: None
+        #: called when there is nothing to wait for right now; returns how much it did.
+        #: While set, the loop does not block in waitpid but polls, and sleeps on
+        #: SIGCHLD (a signalfd) between calls
+        self.idle: Optional[Callable[[], int]] = None
+        self._child_signals = -1
         self._backlog: Deque[Tuple[int, int]] = collections.deque()   # statuses kept by wait_thread
         self._handlers: Dict[Type, Handler] = {
             SignalStop: self._on_signal,
@@ -69,7 +78,13 @@ class EventLoop:
             tid, status = self._backlog.popleft()
         else:
             try:
-                tid, status = linux.wait_any()
+                if self.idle is None:
+                    tid, status = linux.wait_any()
+                else:
+                    tid, status = linux.wait_any_nohang()
+                    if not tid:
+                        self._idle()
+                        return
             except ChildProcessError:
                 self.all_gone()
                 return
@@ -77,6 +92,25 @@ class EventLoop:
         if fast is not None and fast(tid, status):
             return
         self.dispatch(tid, status)
+
+    def _idle(self) -> None:
+        """Nothing to wait for: let the idle work run, and if it had nothing to do,
+        sleep until a child's event (SIGCHLD) or a short timeout."""
+        assert self.idle is not None
+        if self.idle():
+            return
+        if self._child_signals < 0:
+            self._child_signals = linux.child_signal_fd()
+        poller = select.poll()
+        poller.register(self._child_signals, select.POLLIN)
+        if poller.poll(_IDLE_POLL_MS):
+            linux.drain_signal_fd(self._child_signals)
+
+    def close(self) -> None:
+        """Give back what the idle polling took (the signalfd; SIGCHLD unblocked)."""
+        if self._child_signals >= 0:
+            linux.close_child_signal_fd(self._child_signals)
+            self._child_signals = -1
 
     def dispatch(self, tid: int, status: int) -> None:
         """Handle one (tid, status) that ``waitpid`` returned."""
@@ -90,6 +124,9 @@ class EventLoop:
             if thread.process.release_on_stop:
                 self.release(thread.process)
                 return
+            if thread.fresh:
+                thread.fresh = False
+                self.first_stop(thread)
         event = decode(thread, status)
         try:
             self._handlers[type(event)](event)

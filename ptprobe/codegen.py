@@ -1,0 +1,330 @@
+"""Machine code for actions that run inside the program, with no stop.
+
+Pure functions of their arguments, like :mod:`ptprobe.arch` (which they build
+on): the code is assembled by keystone from readable Intel-syntax source with
+hex literals, at the address where it will run. See ``docs/design.md``,
+"Actions inside the program".
+
+* :func:`count_slot_code` -- a counting slot: one ``lock inc`` of this CPU's
+  counter of the site, then back to the site.
+* :func:`record_stub_code` -- a recording stub: reserve a record in the
+  address space's ring, write its time, thread and arguments, commit it by
+  writing its header last, then back to the site. When the ring is full it
+  makes the slot syscall (the tracer drains the ring and lets it retry) or,
+  in drop mode or with no tracer, counts a drop.
+
+Both step over the red zone first and give back every register; they clobber
+the flags, so a site whose flags may be live (anything but a function entry or
+a USDT site) gets ``pushfq``/``popfq`` around them.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from . import arch
+
+#: Bytes of a counting slot (a page holds 64).
+COUNT_SLOT_SIZE = 64
+#: ``rdpid rax`` (keystone 0.9.2 does not know the mnemonic).
+_RDPID_RAX = ".byte 0xf3, 0x0f, 0xc7, 0xf8"
+#: The low 12 bits of TSC_AUX are the CPU number (Linux puts the node above them).
+CPU_MASK = 0xFFF
+
+#: A record: header, time (TSC), thread key, then one 8-byte value per argument.
+RECORD_HEADER = struct.Struct("<Q")
+RECORD_FIXED = 24                  # header + time + thread
+#: Header fields: bits 0-19 the stub's id + 1, bits 20-27 the record's size in
+#: 8-byte words, bit 28 set while the record is being written (the stub writes
+#: the header so marked right after reserving, and without the mark last: a
+#: non-zero header without it is a committed record).
+HEADER_ID_BITS = 20
+HEADER_SIZE_SHIFT = 20
+MAX_RECORD_WORDS = 0xFF
+HEADER_PENDING = 1 << 28
+
+THREAD_FSBASE = "fsbase"           # the thread pointer, by rdfsbase
+THREAD_RSP = "rsp"                 # the program's rsp (its stack tells the thread)
+
+# the stub's own frame, from rsp up: r11, rdx, rcx, rax, [rflags]
+_FRAME_REGS = ("r11", "rdx", "rcx", "rax")
+
+
+def _frame_offset(name: str) -> int:
+    return 8 * _FRAME_REGS.index(name)
+
+
+def _frame_size(save_flags: bool) -> int:
+    """From the stub's rsp to the program's."""
+    return 8 * len(_FRAME_REGS) + (8 if save_flags else 0) + 0x80
+
+
+# --------------------------------------------------------------------------- counting
+_COUNT_SOURCE = """
+lea rsp, [rsp - 0x80]
+{pushf}
+push rax
+push rcx
+{cpu}
+movabs rcx, 0x1122334455667788
+lock inc qword ptr [rcx + rax]
+pop rcx
+pop rax
+{popf}
+lea rsp, [rsp + 0x80]
+"""
+_PLACEHOLDER = struct.pack("<Q", 0x1122334455667788)
+_count_templates: Dict[Tuple[bool, int, bool], Tuple[bytes, int]] = {}
+
+
+def _cpu_source(cpu_shift: int, per_cpu: bool) -> str:
+    """rax = this CPU's offset in the counters (or 0 with a single line)."""
+    if not per_cpu:
+        return "xor eax, eax"
+    return f"{_RDPID_RAX}\nand eax, {CPU_MASK:#x}\nshl eax, {cpu_shift:#x}"
+
+
+def _count_template(save_flags: bool, cpu_shift: int, per_cpu: bool) -> Tuple[bytes, int]:
+    key = (save_flags, cpu_shift, per_cpu)
+    cached = _count_templates.get(key)
+    if cached is None:
+        source = _COUNT_SOURCE.format(pushf="pushfq" if save_flags else "",
+                                      popf="popfq" if save_flags else "",
+                                      cpu=_cpu_source(cpu_shift, per_cpu))
+        code = arch.assemble(source)
+        cached = (code, code.index(_PLACEHOLDER))
+        _count_templates[key] = cached
+    return cached
+
+
+def count_slot_inc_offset(*, cpu_shift: int, save_flags: bool, per_cpu: bool = True) -> int:
+    """Offset of the ``lock inc`` in a counting slot: a thread stopped at or before
+    it has not counted its hit yet."""
+    template, _ = _count_template(save_flags, cpu_shift, per_cpu)
+    return template.index(b"\xf0\x48\xff\x04\x01")
+
+
+def count_slot_code(slot: int, resume: int, counter: int, *, cpu_shift: int, save_flags: bool,
+                    per_cpu: bool = True) -> bytes:
+    """The 64 bytes of a counting slot at *slot*: add one to the 64-bit counter at
+    ``counter + (cpu << cpu_shift)`` (with *per_cpu*; else at *counter*), then
+    jump to *resume*. ValueError if *resume* is out of rel32 reach."""
+    template, at = _count_template(save_flags, cpu_shift, per_cpu)
+    code = template[:at] + struct.pack("<Q", counter) + template[at + 8:]
+    code += arch.jmp_rel32(slot + len(code), resume)
+    if len(code) > COUNT_SLOT_SIZE:    # pragma: no cover - the template is fixed
+        raise ValueError(f"counting slot of {len(code)} bytes")
+    return code.ljust(COUNT_SLOT_SIZE, bytes([arch.INT3]))
+
+
+# --------------------------------------------------------------------------- recording
+@dataclass(frozen=True)
+class Load:
+    """How the stub gets one argument into its record.
+
+    ``kind``: ``"reg"`` (the 64-bit register ``reg``: a general register, or
+    ``xmmN`` for its low 8 bytes), ``"mem"`` (``size`` bytes at ``disp + base +
+    index * scale``, the address cut to ``address_bits``), ``"abs"`` (``size``
+    bytes at the absolute address ``disp``), ``"none"`` (nothing to load: a
+    constant the tracer knows). Memory values are zero-extended to 8 bytes.
+    """
+
+    kind: str
+    reg: Optional[str] = None
+    base: Optional[str] = None
+    index: Optional[str] = None
+    scale: int = 1
+    disp: int = 0
+    size: int = 8
+    address_bits: int = 64
+
+
+@dataclass(frozen=True)
+class RingLayout:
+    """Where a stub finds the ring and its counters (absolute addresses)."""
+
+    head: int                  # u64: bytes ever reserved (producers, lock cmpxchg)
+    tail: int                  # u64: bytes ever consumed (the tracer)
+    drops: int                 # u64: records dropped
+    ring: int                  # the ring's first byte; it is mapped twice in a row
+    capacity: int              # a power of two
+    counters: int              # CPU 0's block of counters
+    cpu_shift: int             # log2 of the bytes between two CPUs' blocks
+    per_cpu: bool = True
+
+
+@dataclass(frozen=True)
+class RecordStub:
+    """One site's recording stub: what it records and how."""
+
+    stub_id: int
+    site: int                  # the probe address (a %rip operand is relative to it)
+    resume: int
+    counter: int               # this site's counter in CPU 0's block
+    loads: Sequence[Load] = field(default_factory=tuple)
+    save_flags: bool = True
+    thread: str = THREAD_FSBASE
+    lossless: bool = True
+    nr: int = arch.SLOT_SYSCALL_NR
+
+    @property
+    def record_size(self) -> int:
+        return RECORD_FIXED + 8 * len(self.loads)
+
+    @property
+    def header(self) -> int:
+        return make_header(self.stub_id, self.record_size)
+
+
+def make_header(stub_id: int, size: int) -> int:
+    if not 0 <= stub_id < (1 << HEADER_ID_BITS) - 1:
+        raise ValueError(f"stub id {stub_id} out of range")
+    if size % 8 or not 0 < size // 8 <= MAX_RECORD_WORDS:
+        raise ValueError(f"record size {size} is not a multiple of 8 up to {8 * MAX_RECORD_WORDS}")
+    return (stub_id + 1) | ((size // 8) << HEADER_SIZE_SHIFT)
+
+
+def parse_header(header: int) -> Tuple[int, int]:
+    """(stub id, record size in bytes) of a record's header (pending or committed)."""
+    return (header & ((1 << HEADER_ID_BITS) - 1)) - 1, ((header >> HEADER_SIZE_SHIFT) & MAX_RECORD_WORDS) * 8
+
+
+def _value_to(dst: str, name: str, stub: RecordStub) -> List[str]:
+    """Source putting the program's 64-bit register *name* into *dst*."""
+    if name in _FRAME_REGS:
+        return [f"mov {dst}, qword ptr [rsp + {_frame_offset(name):#x}]"]
+    if name == "rsp":
+        return [f"lea {dst}, [rsp + {_frame_size(stub.save_flags):#x}]"]
+    if name == "rip":
+        return [f"movabs {dst}, {stub.site:#x}"]
+    return [f"mov {dst}, {name}"]
+
+
+_LOAD = {1: "movzx eax, byte ptr [rax]", 2: "movzx eax, word ptr [rax]", 4: "mov eax, dword ptr [rax]",
+         8: "mov rax, qword ptr [rax]"}
+
+
+def _load_source(load: Load, offset: int, stub: RecordStub) -> List[str]:
+    """Source storing one argument at ``[rcx + offset]`` (rcx: the record; rax and
+    rdx are free)."""
+    if load.kind == "none":
+        return []
+    if load.kind == "reg":
+        assert load.reg is not None
+        if load.reg.startswith("xmm"):
+            return [f"movq rax, {load.reg}", f"mov qword ptr [rcx + {offset:#x}], rax"]
+        if load.reg not in _FRAME_REGS and load.reg not in ("rsp", "rip"):
+            return [f"mov qword ptr [rcx + {offset:#x}], {load.reg}"]
+        return _value_to("rax", load.reg, stub) + [f"mov qword ptr [rcx + {offset:#x}], rax"]
+    if load.size not in _LOAD:
+        raise ValueError(f"cannot load {load.size} bytes")
+    out: List[str] = []
+    if load.kind == "abs":
+        out.append(f"movabs rax, {load.disp & ((1 << 64) - 1):#x}")
+    elif load.kind == "mem":
+        if load.base is not None:
+            out += _value_to("rax", load.base, stub)
+        else:
+            out.append("xor eax, eax")
+        if load.index is not None:
+            out += _value_to("rdx", load.index, stub)
+            out.append(f"lea rax, [rax + rdx*{load.scale:#x}]")
+        if load.disp:
+            out += [f"movabs rdx, {load.disp & ((1 << 64) - 1):#x}", "add rax, rdx"]
+        if load.address_bits == 32:
+            out.append("mov eax, eax")
+        elif load.address_bits == 16:
+            out.append("movzx eax, ax")
+    else:
+        raise ValueError(f"unknown load kind {load.kind!r}")
+    out += [_LOAD[load.size], f"mov qword ptr [rcx + {offset:#x}], rax"]
+    return out
+
+
+def record_stub_source(stub: RecordStub, layout: RingLayout) -> str:
+    """The assembly source of *stub* (for reading and for tests)."""
+    lines = ["lea rsp, [rsp - 0x80]"]
+    if stub.save_flags:
+        lines.append("pushfq")
+    lines += ["push rax", "push rcx", "push rdx", "push r11"]
+    # count the hit, as a counting slot would (exact even when a record is dropped)
+    lines += [_cpu_source(layout.cpu_shift, layout.per_cpu),
+              f"movabs rcx, {stub.counter:#x}", "lock inc qword ptr [rcx + rax]"]
+    size = stub.record_size
+    lines += [
+        "retry:",
+        f"movabs rcx, {layout.head:#x}",
+        "mov rax, qword ptr [rcx]",
+        "reserve:",
+        f"lea rdx, [rax + {size:#x}]",
+        f"movabs r11, {layout.tail:#x}",
+        "sub rdx, qword ptr [r11]",
+        f"cmp rdx, {layout.capacity:#x}",
+        "jbe room",
+    ]
+    # the ring is full
+    if stub.lossless:
+        # the tracer drains the ring and answers 0: try again; no tracer (or a
+        # filter that answers for it) gives an error: drop
+        lines += [f"mov eax, {stub.nr:#x}", "syscall", "test rax, rax", "je retry"]
+    lines += [f"movabs rcx, {layout.drops:#x}", "lock inc qword ptr [rcx]", "jmp done"]
+    lines += [
+        "room:",
+        f"lea rdx, [rax + {size:#x}]",
+        "lock cmpxchg qword ptr [rcx], rdx",
+        "jne reserve",
+        f"and rax, {layout.capacity - 1:#x}",
+        f"movabs rcx, {layout.ring:#x}",
+        "add rcx, rax",
+        f"mov qword ptr [rcx], {stub.header | HEADER_PENDING:#x}",    # its size, for a reader that must skip it
+        "rdtsc",
+        "shl rdx, 0x20",
+        "or rax, rdx",
+        "mov qword ptr [rcx + 0x8], rax",
+    ]
+    if stub.thread == THREAD_FSBASE:
+        lines += ["rdfsbase rax"]
+    else:
+        lines += _value_to("rax", "rsp", stub)
+    lines.append("mov qword ptr [rcx + 0x10], rax")
+    for i, load in enumerate(stub.loads):
+        lines += _load_source(load, RECORD_FIXED + 8 * i, stub)
+    lines += [
+        f"mov qword ptr [rcx], {stub.header:#x}",        # commit: the header last
+        "done:",
+        "pop r11", "pop rdx", "pop rcx", "pop rax",
+    ]
+    if stub.save_flags:
+        lines.append("popfq")
+    lines.append("lea rsp, [rsp + 0x80]")         # then: jmp resume (appended, rel32)
+    return "\n".join(lines)
+
+
+def record_stub_body(stub: RecordStub, layout: RingLayout) -> bytes:
+    """The stub's code but its final ``jmp resume``: it does not depend on where
+    it is placed (absolute addresses are ``movabs`` immediates, the branches
+    between its labels relative)."""
+    if not 0 < layout.capacity < (1 << 31) or layout.capacity & (layout.capacity - 1):
+        raise ValueError(f"ring capacity {layout.capacity:#x} is not a power of two below 2**31")
+    return arch.assemble(record_stub_source(stub, layout))
+
+
+def place_stub(body: bytes, at: int, resume: int) -> bytes:
+    """A stub *body* placed at *at*: its final ``jmp resume`` appended. ValueError
+    if *resume* is out of rel32 reach."""
+    return body + arch.jmp_rel32(at + len(body), resume)
+
+
+def record_stub_code(at: int, stub: RecordStub, layout: RingLayout) -> bytes:
+    """The machine code of *stub* placed at *at*."""
+    return place_stub(record_stub_body(stub, layout), at, stub.resume)
+
+
+def syscall_return_offset(code: bytes, at: int, nr: int = arch.SLOT_SYSCALL_NR) -> Optional[int]:
+    """Offset in a stub's *code* (placed at *at*) just after its slot syscall
+    (where the thread stops when the ring is full), None if it has none."""
+    mov = b"\xb8" + struct.pack("<I", nr) + b"\x0f\x05"
+    i = code.find(mov)
+    return None if i < 0 else i + len(mov)

@@ -1,0 +1,487 @@
+"""Actions inside the program: counting slots, recording stubs, the data pages
+and the consumer of their records.
+
+:class:`Actions` decides, for each jmp site, what a hit does (``stop``,
+``count`` or ``record``; see ``docs/design.md``, "Actions inside the
+program"), gives each address space its :class:`~ptprobe.datapages.DataRegion`
+when a site first needs one, writes the counting slot or recording stub and
+aims the site's jmp at it. It also consumes the records: it reads every
+region's ring, turns each record into a :class:`~ptprobe.hit.Record` and calls
+the probes' handlers, in the order the hits happened per thread (one ring per
+address space: the order of reservation). The loop calls :meth:`Actions.drain`
+when it has nothing else to do, and the hits part calls it before a recording
+probe's hit that had to stop (so that a thread's records stay in order), and
+when a stub stops because the ring is full.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+from .. import arch, codegen, linux, usdt
+from ..datapages import CPU_SHIFT, DataRegion
+from ..errors import PtprobeError
+from ..hit import Record
+from ..patching import Site
+from ..tracee import AddressSpace, Process, Thread
+
+ErrorReport = Callable[[object, object, BaseException], None]
+ARG_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
+_U64 = struct.Struct("<Q")
+_AT_HWCAP2 = 26
+_HWCAP2_FSGSBASE = 2
+#: A record stuck uncommitted at the ring's tail this long is looked at (was its
+#: writer interrupted for good: a siglongjmp out of a signal handler?)
+_STUCK_NS = 2_000_000_000
+#: A thread whose ring-full stops find nothing to drain this many times in a row
+#: drops its record (its own unfinished record may be what blocks the ring).
+_FULL_STOPS_WITHOUT_PROGRESS = 64
+
+Decoder = Callable[[int], object]
+
+
+def _fsgsbase(pid: int) -> bool:
+    """Can the program's threads use rdfsbase (AT_HWCAP2 has FSGSBASE)?"""
+    try:
+        with open(f"/proc/{pid}/auxv", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return False
+    for i in range(0, len(data) - 15, 16):
+        key, value = struct.unpack_from("<QQ", data, i)
+        if key == _AT_HWCAP2:
+            return bool(value & _HWCAP2_FSGSBASE)
+    return False
+
+
+def _flags_dead(site: Site) -> bool:
+    """Can the site's code clobber the flags? At a USDT site (the compiler treats
+    every asm statement as clobbering them) and at a function's entry (or right
+    after its endbr64), they are dead."""
+    if any(getattr(p, "spec").kind == "usdt" for p in site.probes):
+        return True
+    obj = site.obj
+    if obj is None:
+        return False
+    vaddr = obj.link_time(site.address)
+    sym = obj.elf.symbol_at(vaddr)
+    if sym is None:
+        return False
+    if vaddr == sym.address:
+        return True
+    return vaddr == sym.address + 4 and obj.elf.read(sym.address, 4, partial=True) == b"\xf3\x0f\x1e\xfa"
+
+
+class _Stub:
+    """What the consumer knows of one recording stub."""
+
+    __slots__ = ("site", "decoders", "size", "unpack", "plain")
+
+    def __init__(self, site: Site, decoders: List[Decoder], size: int) -> None:
+        self.site = site
+        self.decoders = decoders
+        self.size = size
+        # time, thread, then the values (after the header)
+        self.unpack = struct.Struct(f"<{size // 8 - 1}Q").unpack_from
+        self.plain = all(d is int for d in decoders)        # raw 64-bit values: no decoding
+
+
+class _SpaceData:
+    """One address space's region, stubs and thread keys."""
+
+    def __init__(self, space: AddressSpace, region: DataRegion, thread_key: str) -> None:
+        self.space = space
+        self.region = region
+        self.thread_key = thread_key
+        self.pid = space.pid
+        self.stubs: List[Optional[_Stub]] = []
+        self.keys: Dict[int, int] = {}          # thread key (fs_base) -> tid
+        self.stuck_at = -1                      # ring position seen stuck, and since when
+        self.stuck_since = 0
+
+
+class Actions:
+    """The in-program actions of every address space of a session."""
+
+    def __init__(self, *, ring_size: int, lossless: bool, notice: Callable[[str], None],
+                 on_handler_error: ErrorReport) -> None:
+        self.ring_size = ring_size
+        self.lossless = lossless
+        self.notice = notice
+        self.on_handler_error = on_handler_error
+        self._data: Dict[int, _SpaceData] = {}             # id(space) -> its data
+        self._spaces: Dict[int, AddressSpace] = {}
+        self._unavailable: Dict[int, str] = {}              # id(space) -> why it has no region
+        self._tsc0 = linux.rdtsc()
+        self._ns0 = time.monotonic_ns()
+        self._ns_per_tick = 0.0
+        self._calibrate_at = self._ns0 + 20_000_000
+        self._full_stops: Dict[int, int] = {}               # tid -> ring-full stops without progress
+        self._frozen: Dict[int, int] = {}                   # id(site) -> its final count
+        self.records = 0
+        #: set while a region with recording stubs exists: the loop must call drain()
+        self.recording = False
+
+    # --- choosing and applying actions ----------------------------------------------------
+    def desired(self, site: Site) -> str:
+        """What a hit of *site* should do now."""
+        if site.mechanism != "jmp" or site.chained or site.covered_by is not None or site.internal:
+            return "stop"
+        modes = [(getattr(p, "mode", "stop"), p.handler) for p in site.probes]
+        if any(mode == "stop" and handler is not None for mode, handler in modes):
+            return "stop"
+        if any(mode == "record" for mode, _ in modes):
+            return "record" if all(getattr(p, "recordable", True) for p in site.probes) else "stop"
+        return "count"
+
+    def update(self, site: Site) -> None:
+        """Give *site* the action its probes need (every thread stopped, or the site
+        not armed yet). A site that cannot have it keeps stopping, and says why."""
+        want = self.desired(site)
+        if want == site.action and (want == "stop" or site.target not in (None, site.slot)):
+            return
+        space = site.space
+        patcher = space.patcher                        # type: ignore[attr-defined]
+        if want == "stop":
+            site.action = "stop"
+            if site.slot is not None:
+                patcher.aim(site, site.slot)
+            return
+        try:
+            data = self._data_of(space)                # type: ignore[arg-type]
+        except PtprobeError as exc:
+            self.notice(f"{site.label or hex(site.address)}: no data pages in process {space.pid} ({exc}): "
+                        "its hits stop the program")
+            data = None
+        if data is None:
+            return
+        region = data.region
+        if site.counter is None:
+            site.counter = region.new_counter()
+        if want == "count":
+            slot = patcher.count_slot(site)
+            if slot is None:
+                return
+            patcher.space.mem.write(slot, codegen.count_slot_code(
+                slot, site.resume, site.counter, cpu_shift=CPU_SHIFT,
+                save_flags=not _flags_dead(site), per_cpu=region.per_cpu))
+            site.action = "count"
+            patcher.aim(site, slot)
+            return
+        plan = self._plan(site)
+        if plan is None:
+            return
+        loads, decoders = plan
+        stub = codegen.RecordStub(stub_id=len(data.stubs), site=site.address, resume=site.resume,
+                                  counter=site.counter, loads=loads, save_flags=not _flags_dead(site),
+                                  thread=data.thread_key, lossless=self.lossless)
+        body = codegen.record_stub_body(stub, region.ring_layout())
+        at = patcher.stub_room(site, len(body) + arch.JMP_REL32_SIZE)
+        if at is None:
+            return
+        code = codegen.place_stub(body, at, site.resume)
+        data.stubs.append(_Stub(site, decoders, stub.record_size))
+        patcher.set_stub(site, at, code, codegen.syscall_return_offset(code, at))
+        site.action = "record"
+        self.recording = True
+        patcher.aim(site, at)
+
+    def _data_of(self, space: AddressSpace) -> Optional[_SpaceData]:
+        key = id(space)
+        data = self._data.get(key)
+        if data is None:
+            if key in self._unavailable:
+                return None
+            region = DataRegion.create(space, self.ring_size)
+            data = _SpaceData(space, region,
+                              codegen.THREAD_FSBASE if _fsgsbase(space.pid) else codegen.THREAD_RSP)
+            self._data[key] = data
+            self._spaces[key] = space
+            for thread in space.owner.threads.values():
+                if thread.stopped:
+                    self._note(data, thread)
+        return data
+
+    def _plan(self, site: Site) -> Optional[Tuple[List[codegen.Load], List[Decoder]]]:
+        """How the stub of *site* gets its arguments, and how they are read back."""
+        kinds = {getattr(p, "spec").kind for p in site.probes}
+        if kinds == {"uprobe"}:
+            return ([codegen.Load("reg", reg=r) for r in ARG_REGISTERS],
+                    [int for _ in ARG_REGISTERS])
+        if kinds != {"usdt"}:
+            return None
+        args = None
+        for probe in site.probes:
+            args = getattr(probe, "usdt_args", {}).get(site.address, args)
+        if args is None:
+            return None
+        obj = site.obj
+        loads: List[codegen.Load] = []
+        decoders: List[Decoder] = []
+        for arg in args:
+            plan = _usdt_load(arg, site, obj)
+            if plan is None:
+                return None
+            loads.append(plan[0])
+            decoders.append(plan[1])
+        return loads, decoders
+
+    # --- counts --------------------------------------------------------------------------
+    def count(self, site: Site) -> int:
+        """Hits of *site* counted inside the program (0 when it has no counter)."""
+        if site.counter is None:
+            return 0
+        frozen = self._frozen.get(id(site))
+        if frozen is not None:
+            return frozen
+        data = self._data.get(id(site.space))
+        return data.region.count(site.counter) if data is not None else 0
+
+    def freeze(self, threads: List[Thread]) -> None:
+        """The session ends (every thread stopped): fix every site's count for good,
+        adding the hits of threads stopped in a counting slot before its increment
+        (they passed the site while it was armed, and count after we are gone)."""
+        inflight: Dict[int, int] = {}
+        for thread in threads:
+            if not thread.stopped or thread.exited:
+                continue
+            patcher = thread.process.space.patcher
+            try:
+                rip = linux.get_rip(thread.tid)
+            except PtprobeError:
+                continue
+            page = patcher.pages.get(rip & ~0xFFF)
+            if page is None or page.kind != "count":
+                continue
+            slot = rip - (rip - page.address) % page.stride
+            resume = page.owners.get((slot - page.address) // page.stride)
+            site = next((s for s in patcher.sites.values() if s.resume == resume and s.counter is not None), None)
+            if site is None:
+                continue
+            inc = codegen.count_slot_inc_offset(cpu_shift=CPU_SHIFT, save_flags=not _flags_dead(site),
+                                                per_cpu=self._data[id(site.space)].region.per_cpu)
+            if rip - slot <= inc:
+                inflight[id(site)] = inflight.get(id(site), 0) + 1
+        for data in self._data.values():
+            for site in data.space.patcher.sites.values():
+                if site.counter is not None and id(site) not in self._frozen:
+                    self._frozen[id(site)] = data.region.count(site.counter) + inflight.get(id(site), 0)
+
+    @property
+    def drops(self) -> int:
+        return sum(data.region.drops for data in self._data.values())
+
+    # --- threads, forks, execs ------------------------------------------------------------
+    def thread_seen(self, thread: Thread) -> None:
+        """*thread* is stopped (and was not seen stopped before): learn its key."""
+        data = self._data.get(id(thread.process.space))
+        if data is not None:
+            self._note(data, thread)
+
+    def _note(self, data: _SpaceData, thread: Thread) -> None:
+        try:
+            regs = linux.get_regs(thread.tid)
+        except PtprobeError:
+            return
+        if data.thread_key == codegen.THREAD_FSBASE:
+            key = regs.fs_base
+        else:
+            key = _stack_key(data.space, regs.rsp)
+        if key and data.keys.get(key) != thread.tid:
+            self._drain_space(data)              # records by the key's former owner first
+            data.keys[key] = thread.tid
+
+    def fork(self, parent: AddressSpace, child: Process) -> None:
+        """*child* (stopped, not run yet) is a fork's copy of *parent*: give it its
+        own region at the same addresses, so that counts and records stay apart."""
+        data = self._data.get(id(parent))
+        if data is None:
+            return
+        space = child.space
+        try:
+            region = data.region.fork(space)
+        except PtprobeError as exc:
+            self.notice(f"child {child.pid}: cannot give it data pages of its own ({exc}); "
+                        "its counts and records go to its parent's")
+            return
+        copy = _SpaceData(space, region, data.thread_key)
+        copy.stubs = [None if s is None else _Stub(space.patcher.sites.get(s.site.address, s.site),
+                                                   s.decoders, s.size) for s in data.stubs]
+        self._data[id(space)] = copy
+        self._spaces[id(space)] = space
+        for thread in child.threads.values():
+            if thread.stopped:
+                self._note(copy, thread)
+
+    # --- consuming records -------------------------------------------------------------------
+    def drain(self) -> int:
+        """Deliver every committed record of every region; return how many."""
+        if not self._data:
+            return 0
+        return sum(self._drain_space(data) for data in list(self._data.values()))
+
+    def _clock(self) -> Tuple[int, int, float]:
+        """(tsc0, ns0, ns per tick) to turn a record's TSC into CLOCK_MONOTONIC ns,
+        recalibrated against the clock at most every 200 ms."""
+        now = time.monotonic_ns()
+        if now >= self._calibrate_at or not self._ns_per_tick:
+            ticks = linux.rdtsc() - self._tsc0
+            if ticks > 0:
+                self._ns_per_tick = (time.monotonic_ns() - self._ns0) / ticks
+            self._calibrate_at = now + 200_000_000
+        return self._tsc0, self._ns0, self._ns_per_tick or 1.0
+
+    def _drain_space(self, data: _SpaceData) -> int:
+        region = data.region
+        tail = region.tail
+        head = region.head
+        if tail >= head:
+            return 0
+        chunk = region.ring_bytes(tail, head - tail)
+        end = len(chunk)
+        tsc0, ns0, scale = self._clock()
+        keys = data.keys
+        pid = data.pid
+        unpack_header = _U64.unpack_from
+        kinds: Dict[int, Optional[Tuple]] = {}         # header -> what to do with such records
+        delivered = 0
+        at = 0
+        while at < end:
+            header = unpack_header(chunk, at)[0]
+            kind = kinds.get(header)
+            if kind is None:
+                if header == 0 or header & codegen.HEADER_PENDING:
+                    if not self._abandoned(data, tail + at, header):
+                        break
+                    at += codegen.parse_header(header)[1] if header else 8
+                    continue
+                kind = kinds[header] = self._kind(data, header)
+            size, stub, unpack, handlers = kind
+            if stub is None or at + size > end:
+                at += size
+                continue
+            values = unpack(chunk, at + 8)
+            at += size
+            delivered += 1
+            if not handlers:
+                continue
+            site = stub.site
+            time_ns = ns0 + int((values[0] - tsc0) * scale)
+            tid = keys.get(values[1], 0)
+            args = values[2:] if stub.plain else tuple(decode(v) for decode, v in zip(stub.decoders, values[2:]))
+            for probe, handler in handlers:
+                record = Record(probe, site, pid, tid, time_ns, args)
+                try:
+                    handler(record)
+                except Exception as exc:  # noqa: BLE001 - reported, tracing goes on
+                    probe.errors += 1
+                    self.on_handler_error(probe, record, exc)
+        if at:
+            region.consume(tail + at)
+        self.records += delivered
+        return delivered
+
+    @staticmethod
+    def _kind(data: _SpaceData, header: int) -> Tuple:
+        """(size, stub, unpack, [(probe, handler)]) for the records with *header*."""
+        stub_id, size = codegen.parse_header(header)
+        stub = data.stubs[stub_id] if 0 <= stub_id < len(data.stubs) else None
+        if stub is None:
+            return (size, None, None, [])
+        handlers = [(p, p.handler) for p in stub.site.probes if p.mode == "record" and p.handler is not None]
+        return (size, stub, stub.unpack, handlers)
+
+    def _abandoned(self, data: _SpaceData, position: int, header: int) -> bool:
+        """Is the unfinished record at *position* abandoned for good? Only after it
+        has stayed unfinished for a while, and not while later records wait to
+        be finished too (its writer is then likely just slow)."""
+        now = time.monotonic_ns()
+        if data.stuck_at != position:
+            data.stuck_at = position
+            data.stuck_since = now
+            return False
+        return now - data.stuck_since > _STUCK_NS and header != 0 and _writers_gone(data.space)
+
+    def ring_full(self, thread: Thread) -> bool:
+        """A stub of *thread* found the ring full: drain it. True: let the stub try
+        again; False: make it drop its record (no progress for too long)."""
+        delivered = self.drain()
+        tid = thread.tid
+        if delivered:
+            self._full_stops.pop(tid, None)
+            return True
+        misses = self._full_stops.get(tid, 0) + 1
+        self._full_stops[tid] = misses
+        if misses >= _FULL_STOPS_WITHOUT_PROGRESS:
+            self._full_stops.pop(tid, None)
+            return False
+        return True
+
+    def forget(self, space: AddressSpace) -> None:
+        """*space* is gone (exit, exec): deliver what it recorded, keep its counts."""
+        data = self._data.get(id(space))
+        if data is not None:
+            self._drain_space(data)
+
+
+def _stack_key(space: AddressSpace, rsp: int) -> int:
+    """The start of the mapping holding *rsp*: a thread's stack tells the thread."""
+    for m in space.maps(refresh=True):
+        if m.start <= rsp < m.end:
+            return m.start
+    return 0
+
+
+def _writers_gone(space: AddressSpace) -> bool:
+    """Conservatively: True only when the space's process has no thread left."""
+    return not space.owner.threads
+
+
+def _usdt_load(arg: usdt.UsdtArg, site: Site, obj) -> Optional[Tuple[codegen.Load, Decoder]]:
+    """How a stub loads one USDT argument, and how its 8 bytes are read back."""
+    def resolve(sym: str) -> int:
+        if obj is None:
+            raise PtprobeError(f"no object for symbol {sym}")
+        return obj.runtime(obj.elf.get_symbol(sym).address)
+
+    if arg.kind == "imm":
+        value = usdt.evaluate(arg, lambda name: 0, lambda a, n: b"", resolve_symbol=resolve)
+        return codegen.Load("none"), lambda raw, v=value: v
+    if arg.kind == "reg":
+        assert arg.reg is not None
+        if arg.reg.startswith("xmm"):
+            return (codegen.Load("reg", reg=arg.reg),
+                    lambda raw, a=arg: usdt.evaluate(a, lambda n: 0, lambda x, n: b"",
+                                                     get_xmm=lambda i, r=raw: r.to_bytes(8, "little") + bytes(8)))
+        info = usdt.get_register_info(arg.reg)
+        if info is None:
+            return None
+        return (codegen.Load("reg", reg=info[0]),
+                lambda raw, a=arg: usdt.evaluate(a, lambda n, r=raw: r, lambda x, n: b""))
+    if arg.kind == "rip":
+        address = (resolve(arg.symbol) if arg.symbol is not None else site.address) + arg.disp
+        return (codegen.Load("abs", disp=address, size=arg.size),
+                lambda raw, a=arg: usdt.value_from_bytes(a, raw.to_bytes(8, "little")))
+    if arg.kind == "mem":
+        base = index = None
+        bits = 64
+        if arg.base is not None:
+            info = usdt.get_register_info(arg.base)
+            if info is None:
+                return None
+            base, bits = info[0], info[2]
+        if arg.index is not None:
+            info = usdt.get_register_info(arg.index)
+            if info is None:
+                return None
+            index = info[0]
+            if arg.base is None:
+                bits = info[2]
+        disp = arg.disp + (resolve(arg.symbol) if arg.symbol is not None else 0)
+        return (codegen.Load("mem", base=base, index=index, scale=arg.scale, disp=disp, size=arg.size,
+                             address_bits=bits),
+                lambda raw, a=arg: usdt.value_from_bytes(a, raw.to_bytes(8, "little")))
+    return None
+
