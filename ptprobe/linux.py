@@ -200,6 +200,17 @@ def set_rip(tid: int, rip: int) -> None:
         raise _fail(tid, "write registers")
 
 
+_RSP_OFFSET = _regs.rsp.offset
+
+
+def get_rsp(tid: int) -> int:
+    """The stack pointer alone (one PTRACE_PEEKUSER; a user rsp is never -1)."""
+    rsp = _hot(PTRACE_PEEKUSER, tid, _RSP_OFFSET, 0)
+    if rsp == -1:
+        raise _fail(tid, "read registers")
+    return rsp & U64
+
+
 def get_fpregs(tid: int) -> FpRegisters:
     regs = FpRegisters()
     _ptrace(PTRACE_GETFPREGS, tid, 0, ctypes.addressof(regs), "read fp registers")
