@@ -10,7 +10,8 @@
 from .errors import (FaultError, HandlerError, InstructionBoundaryError, NoSuchProcessError,
                      ObjectFileError, ProbeSpecError, ProgramStartError, PtprobeError,
                      SitePatchedError, SymbolNotFoundError, TracePermissionError, TracerError)
-from .hit import Hit, Regs
+from .hit import Hit, Regs, ReturnHit
+from .latency import Histogram
 from .patching import Site
 from .probes import Probe
 from .session import Observer, Session, attach, run
@@ -19,7 +20,7 @@ from .spec import ProbeSpec, parse_spec
 __version__ = "0.1.0"
 
 __all__ = [
-    "run", "attach", "Session", "Probe", "Site", "Hit", "Regs", "Observer", "ProbeSpec", "parse_spec",
+    "run", "attach", "Session", "Probe", "Site", "Hit", "ReturnHit", "Histogram", "Regs", "Observer", "ProbeSpec", "parse_spec",
     "PtprobeError", "ProbeSpecError", "NoSuchProcessError", "TracePermissionError", "ObjectFileError",
     "SymbolNotFoundError", "InstructionBoundaryError", "SitePatchedError", "ProgramStartError",
     "FaultError", "TracerError", "HandlerError", "__version__",

@@ -73,6 +73,7 @@ class Session:
                                max_pages=max_trampoline_pages, notice=self.observer.notice)
         self.loop = EventLoop()
         self.hits = Hits(self.loop, slot_kind=slots, on_handler_error=self._handler_error)
+        self.hits.returns.notice = self.observer.notice
         self._probes = Probes(self.loop, notice=self.observer.notice, site_changed=self.hits.site_changed)
         self.lifecycle = Lifecycle(self.loop, mode=mode, follow=follow, placement=self.placement,
                                    notice=self.observer.notice,
@@ -80,7 +81,14 @@ class Session:
                                                                        self.loop.wait_thread))
         self.lifecycle.on_fork = self._probes.adopt_fork
         self.lifecycle.on_exec = self._probes.after_exec
-        self.lifecycle.on_release = self._probes.release
+        self.lifecycle.on_release = self._release
+
+    def _release(self, space: AddressSpace) -> None:
+        """A forked child is let go: its sites and its return addresses back."""
+        problems = self.hits.returns.restore(space)
+        self._probes.release(space)
+        if problems:
+            raise TracerError("; ".join(problems))
 
     def _handler_error(self, probe: object, hit: Hit, error: BaseException) -> None:
         self.observer.handler_error(probe, hit, error)  # type: ignore[arg-type]
@@ -225,6 +233,7 @@ class Session:
                     except PtprobeError:
                         pass
                     problems.extend(self._probes.restore(proc.space))
+                    problems.extend(self.hits.returns.restore(proc.space))
                 for thread in list(proc.threads.values()):
                     self._stop_straggler(thread)
                     self.hits.settle(thread)
