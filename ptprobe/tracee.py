@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 from . import linux, procfs
 from .errors import NoSuchProcessError, TracerError
 from .objects import Identity, LoadedObject, scan_objects
+from .arch import XOL_ENTRY_SIZE
 from .patching import Patcher
 from .retstack import ShadowStacks
 from .unwind import RegisterSource, Stack, Unwinder
@@ -219,9 +220,25 @@ class AddressSpace:
         """The call chain of stopped thread *tid* whose registers are *regs*
         (innermost first), return addresses replaced by return probes shown as
         the original ones."""
-        translate = None
-        if self.patcher.trampoline is not None:
-            translate = self.returns.translator(tid, self.patcher.trampoline[0])
+        patcher = self.patcher
+        returned = None
+        if patcher.trampoline is not None:
+            returned = self.returns.translator(tid, patcher.trampoline[0])
+        copies = {copy: address for address, copy in patcher.xol_owner.items()}
+
+        def translate(address: int, cfa: int) -> int:
+            if returned is not None:
+                address = returned(address, cfa)
+            # a call run out of line returns into its copy, just after the copy's
+            # `call rel32` (5 bytes): the program's return address is after the original
+            start = address - address % XOL_ENTRY_SIZE
+            original = copies.get(start)
+            if original is not None and address == start + 5:
+                site = patcher.sites.get(original)
+                if site is not None and site.insn is not None:
+                    return original + site.insn.size
+            return address
+
         return _UNWINDER.unwind(regs, self.mem.read, self.object_at, max_frames, translate_return=translate)
 
     # --- remote syscalls -----------------------------------------------------------
