@@ -17,7 +17,7 @@ Calls abandoned without a return stay here until their slot is reused or
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 __all__ = ["PendingReturn", "ShadowStacks"]
 
@@ -35,8 +35,8 @@ class PendingReturn:
 
     __slots__ = ("tid", "slot", "return_address", "entry_ns", "site", "probes", "entry_args", "outer")
 
-    def __init__(self, tid: int, slot: int, return_address: int, entry_ns: int, site: object,
-                 probes: Tuple[object, ...], entry_args: Optional[Tuple[int, ...]] = None,
+    def __init__(self, tid: int, slot: int, return_address: int, entry_ns: int, site: Any,
+                 probes: Tuple[Any, ...], entry_args: Optional[Tuple[int, ...]] = None,
                  outer: Optional["PendingReturn"] = None) -> None:
         self.tid = tid
         self.slot = slot
@@ -50,8 +50,10 @@ class PendingReturn:
     def chain(self) -> List["PendingReturn"]:
         """This call and the calls it is a tail call of, innermost first."""
         out = [self]
-        while out[-1].outer is not None:
-            out.append(out[-1].outer)   # type: ignore[arg-type]
+        outer = self.outer
+        while outer is not None:
+            out.append(outer)
+            outer = outer.outer
         return out
 
     @property

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import signal
 import time
-from typing import Callable, Dict, List, Optional, Protocol, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Set, Tuple
 
 from .. import arch, linux
 from ..errors import FaultError, NoSuchProcessError, PtprobeError, TracerError
@@ -125,14 +125,14 @@ class Returns:
         chain = frame.chain()
         for call in chain:
             for probe in call.probes:
-                if probe.handler is not None:       # type: ignore[attr-defined]
+                if probe.handler is not None:
                     return False
         now = time.monotonic_ns()
         space.mem.write(slot, chain[-1].return_address.to_bytes(8, "little"))
         stacks.pop(tid, slot)
         for call in chain:
             for probe in call.probes:
-                _account(probe, call, now)           # type: ignore[arg-type]
+                _account(probe, call, now)
         try:
             linux.cont(tid)
         except NoSuchProcessError:
@@ -172,17 +172,17 @@ class Returns:
         pid = thread.process.pid
         for call in chain:
             for probe in call.probes:
-                _account(probe, call, now)          # type: ignore[arg-type]
-                handler = probe.handler             # type: ignore[attr-defined]
+                _account(probe, call, now)
+                handler = probe.handler
                 if handler is None:
                     continue
-                site: Site = call.site              # type: ignore[assignment]
-                hit = ReturnHit(probe, site, pid, tid, regs, now, call.entry_ns,  # type: ignore[arg-type]
+                site: Site = call.site
+                hit = ReturnHit(probe, site, pid, tid, regs, now, call.entry_ns,
                                 call.entry_args)
                 try:
                     handler(hit)
                 except Exception as exc:  # noqa: BLE001 - reported, tracing goes on
-                    probe.errors += 1               # type: ignore[attr-defined]
+                    probe.errors += 1
                     self.on_handler_error(probe, hit, exc)
                 hit.expire()
         try:
@@ -275,9 +275,9 @@ def _finish(tid: int, raw: linux.Registers, regs: Regs, form: arch.ReturnTrampol
         linux.set_regs(tid, raw)
 
 
-def _slots_holding(space: AddressSpace, slots: List[int], value: int) -> set:
+def _slots_holding(space: AddressSpace, slots: List[int], value: int) -> Set[int]:
     """The slots among *slots* whose 8 bytes hold *value* (stack read in spans)."""
-    found = set()
+    found: Set[int] = set()
     ordered = sorted(set(slots))
     i = 0
     while i < len(ordered):
