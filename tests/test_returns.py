@@ -562,3 +562,18 @@ def test_cli_refuses_a_return_probe_inside_a_function(spec: str, why: str) -> No
     assert why in res.stderr and len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
     latency = ptprobe_cli("run", "--latency", f"uprobe:{exe}:sleep_int+4", "--", exe)
     assert latency.returncode == 2 and "needs a function" in latency.stderr
+
+
+@pytest.mark.parametrize("mode", ["count", "set"])
+def test_registers_with_seed_slots(mode: str) -> None:
+    """The entry through a seed slot (finished by the tracer) hands the same rsp over."""
+    exe = build("ret_regs.c", "-O1", "-DNOP5_ENTRY", output="ret_regs_nop5")
+
+    def handler(hit: ptprobe.Hit) -> None:
+        hit.regs.rax = 0x5A5A
+
+    status, out, (probe,), _ = run_traced([exe, "3", mode], [(f"uretprobe:{exe}:regs_fn",
+                                                             handler if mode == "set" else None)],
+                                          slots="seed")
+    assert out.strip() == "regs ok 3" and status == 0, out
+    assert probe.hits == 3 and [s.mechanism for s in probe.sites] == ["jmp"]
