@@ -10,16 +10,17 @@
 from .errors import (FaultError, HandlerError, InstructionBoundaryError, NoSuchProcessError,
                      ObjectFileError, ProbeSpecError, ProgramStartError, PtprobeError,
                      SitePatchedError, SymbolNotFoundError, TracePermissionError, TracerError)
-from .hit import Hit, Record, Regs
+from .hit import Hit, Record, Regs, ReturnHit
+from .latency import Histogram
 from .patching import Site
 from .probes import Probe
 from .session import Observer, Session, attach, run
-from .spec import ProbeSpec, parse_spec
+from .spec import ProbeSpec, parse_spec, return_spec
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "run", "attach", "Session", "Probe", "Site", "Hit", "Record", "Regs", "Observer", "ProbeSpec", "parse_spec",
+    "run", "attach", "Session", "Probe", "Site", "Hit", "ReturnHit", "Record", "Histogram", "Regs", "Observer", "ProbeSpec", "parse_spec", "return_spec",
     "PtprobeError", "ProbeSpecError", "NoSuchProcessError", "TracePermissionError", "ObjectFileError",
     "SymbolNotFoundError", "InstructionBoundaryError", "SitePatchedError", "ProgramStartError",
     "FaultError", "TracerError", "HandlerError", "__version__",

@@ -14,6 +14,8 @@ Main pieces (see docs/design.md):
 * :func:`seed_slot_frame` -- how far a thread inside a seed slot has got (for detach).
 * :func:`displaced_code` -- an out-of-line (XOL) copy of a displaced instruction.
 * :func:`jmp_rel32`, :func:`rel32_reachable`, :func:`page_in_reach` -- rel32 reach.
+* :data:`RETURN_TRAMPOLINES`, :func:`return_trampoline_code` -- the return trampoline
+  of return probes and the frame it builds (docs/design.md, "Return probes").
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 import capstone
 import keystone
@@ -73,6 +75,11 @@ __all__ = [
     "seed_slot_frame",
     "slot_index",
     "displaced_code",
+    "ARGUMENT_REGISTERS",
+    "ENDBR64",
+    "ReturnTrampoline",
+    "RETURN_TRAMPOLINES",
+    "return_trampoline_code",
 ]
 
 # --------------------------------------------------------------------------- constants
@@ -124,6 +131,11 @@ RETURN_SLOT_JMP_OFFSET: int = 28
 SLOT_SAVED_REGISTERS: tuple = ("rax", "r11", "rcx")
 SLOT_SAVED: struct.Struct = struct.Struct("<3Q")
 SLOT_FRAME_SIZE: int = 0x80 + SLOT_SAVED.size
+
+#: SysV integer argument registers, in order: a function's arguments at its entry.
+ARGUMENT_REGISTERS: tuple = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
+#: ``endbr64``: a function that starts with it can be entered after it as well.
+ENDBR64: bytes = bytes.fromhex("f30f1efa")
 
 _INT32_MIN = -(1 << 31)
 _INT32_MAX = (1 << 31) - 1
@@ -750,3 +762,70 @@ def displaced_code(
         return _pad(body)
     back = _jmp_or_none(x + len(body), insn.end)  # plain, call_indirect
     return None if back is None else _pad(body + back)
+
+
+# --------------------------------------------------------------------------- return trampolines
+
+
+@dataclass(frozen=True)
+class ReturnTrampoline:
+    """One form of the return trampoline (docs/design.md, "Return probes").
+
+    A return probe replaces a function's return address with the trampoline's
+    address; the function's ``ret`` lands on its first byte with rsp one word
+    above the *slot*, the stack word that held the return address (the entry
+    rsp). Every form first steps back onto the slot (``lea rsp, [rsp - 8]``, no
+    flags changed), stops, and ends with ``ret``: the tracer writes the original
+    return address into the slot at the stop, so the thread returns there with
+    every register as the function left it.
+
+    ``stop_offset``: rip at the stop, from the trampoline's start. ``slot_offset``:
+    the slot, from rsp at the stop. ``saved``: registers the form keeps on the
+    stack at the stop, from rsp up (their program values; the registers hold
+    something else). ``idle``: (offset, bytes) that make the trampoline stop no
+    more (written at detach: a thread a signal handler interrupted inside it then
+    goes back to the slot, which holds the original address again), or None when
+    it needs no change (the syscall of the ``syscall`` form fails with ENOSYS
+    once no tracer is there, and the rest of the code runs on).
+    """
+
+    form: str
+    source: str
+    stop_offset: int
+    slot_offset: int
+    saved: Tuple[str, ...]
+    idle: Optional[Tuple[int, bytes]]
+
+
+#: The forms: ``syscall`` (the slot syscall, caught by ptprobe's seccomp filter:
+#: the same stop as a slot's) and ``int3`` (no filter).
+RETURN_TRAMPOLINES: Dict[str, ReturnTrampoline] = {
+    "syscall": ReturnTrampoline(
+        "syscall",
+        "lea rsp, [rsp - 0x8]\n"   # back onto the slot
+        "push rcx\n"
+        "push r11\n"
+        "push rax\n"               # rax:rdx hold the return value
+        "mov eax, {nr:#x}\n"
+        "syscall\n"                # the stop; the tracer writes the slot
+        "pop rax\n"
+        "pop r11\n"
+        "pop rcx\n"
+        "ret\n",
+        stop_offset=16, slot_offset=8 * len(SLOT_SAVED_REGISTERS), saved=SLOT_SAVED_REGISTERS, idle=None),
+    "int3": ReturnTrampoline(
+        "int3",
+        "lea rsp, [rsp - 0x8]\n"
+        "int3\n"                   # the stop (rip one past it); the tracer writes the slot
+        "ret\n",
+        stop_offset=6, slot_offset=0, saved=(), idle=(5, b"\x90")),
+}
+
+
+def return_trampoline_code(form: str, nr: int = SLOT_SYSCALL_NR) -> bytes:
+    """The XOL_ENTRY_SIZE bytes of return trampoline *form* (padded with int3)."""
+    trampoline = RETURN_TRAMPOLINES[form]
+    code = _cached_assemble("ret-" + form, trampoline.source.format(nr=nr), nr)
+    if form == "syscall" and code[:SEED_SLOT_SIZE][-2:] != b"\x0f\x05":  # pragma: no cover
+        raise ValueError("return trampoline: the syscall is not where its stop is expected")
+    return code.ljust(XOL_ENTRY_SIZE, bytes([INT3]))

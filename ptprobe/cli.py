@@ -11,6 +11,7 @@ import traceback
 from typing import IO, Dict, List, Optional, Sequence
 
 import ptprobe
+from ptprobe import render
 from ptprobe.errors import ProbeSpecError, PtprobeError
 
 EXIT_USAGE = 2
@@ -21,6 +22,7 @@ _EPILOG = """\
 probe specs:
   uprobe:PATH:SYMBOL[+OFFSET]   function entry, or an instruction inside it
   uprobe:PATH:0xADDRESS         an instruction by its address in the file
+  uretprobe:PATH:SYMBOL         the function's returns (also uprobe:PATH:SYMBOL%return)
   usdt:PATH:PROVIDER:NAME       USDT probes (* and ? wildcards)
   PATH is a file path or a mapped object's name as /proc/PID/maps shows it (libc.so.6).
 
@@ -46,23 +48,37 @@ class _CliObserver(ptprobe.Observer):
 
 
 class _Printer:
-    def __init__(self, out: IO[str], as_json: bool, fmt: Optional[str]) -> None:
+    def __init__(self, out: IO[str], as_json: bool, fmt: Optional[str], stack: bool = False,
+                 timestamps: bool = False) -> None:
         self.out = out
         self.as_json = as_json
         self.fmt = fmt
+        self.stack = stack
+        self.timestamps = timestamps
 
     def __call__(self, hit: ptprobe.Hit) -> None:
         args = list(hit.args)
         if self.as_json:
             record = {"probe": hit.probe.name, "name": hit.name, "pid": hit.pid, "tid": hit.tid,
-                      "address": hit.address, "args": args}
+                      "address": hit.address, "args": args, "time_ns": hit.time_ns}
+            if isinstance(hit, ptprobe.ReturnHit):
+                record.update(render.return_json(hit))
+            if self.stack:
+                record["stack"] = render.stack_json(hit)
             self.out.write(json.dumps(record) + "\n")
             return
+        when = render.timestamp(hit) + " " if self.timestamps else ""
         if self.fmt is not None:
-            self.out.write(_format(self.fmt, hit, args) + "\n")
+            # a return hit's values: the return value, then the entry's arguments
+            values = [hit.retval] + args if isinstance(hit, ptprobe.ReturnHit) else args
+            self.out.write(when + _format(self.fmt, hit, values) + "\n")
             return
         shown = " ".join(_show(a) for a in args)
-        self.out.write(f"{hit.name} pid={hit.pid} tid={hit.tid} address={hit.address:#x} args: {shown}\n")
+        if isinstance(hit, ptprobe.ReturnHit):
+            line = f"{hit.name}%return pid={hit.pid} tid={hit.tid} {render.return_text(hit)} args: {shown}"
+        else:
+            line = f"{hit.name} pid={hit.pid} tid={hit.tid} address={hit.address:#x} args: {shown}"
+        self.out.write(when + line + (render.stack_text(hit) if self.stack else "") + "\n")
 
 
 def _show(value: object) -> str:
@@ -81,9 +97,10 @@ def _check_format(fmt: str) -> Optional[str]:
     while i < len(fmt) - 1:
         if fmt[i] == "%":
             conv = fmt[i + 1]
-            if conv != "%" and conv not in _CONVERSIONS:
+            if conv != "%" and conv != "S" and conv not in _CONVERSIONS:
                 return (f"-f: unknown conversion %{conv} "
-                        f"(use {' '.join('%' + c for c in _CONVERSIONS)} or %% for a percent sign)")
+                        f"(use {' '.join('%' + c for c in _CONVERSIONS)}, %S for the stack "
+                        "or %% for a percent sign)")
             i += 2
         else:
             i += 1
@@ -105,6 +122,9 @@ def _format(fmt: str, hit: ptprobe.Hit, args: Sequence) -> str:
         i += 2
         if conv == "%":
             out.append("%")
+            continue
+        if conv == "S":
+            out.append(render.stack_text(hit))
             continue
         value = args[n] if n < len(args) else 0
         n += 1
@@ -157,6 +177,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--no-colocate", dest="colocate", action="store_const", const="off",
                        help="same as --colocate=off")
         p.add_argument("-q", "--quiet", action="store_true", help="print no hits (counts only)")
+        p.add_argument("--latency", action="append", default=[], metavar="FUNC",
+                       help="print a log2 histogram of FUNC's durations at the end (PATH:SYMBOL or a "
+                            "uprobe/uretprobe spec; repeat for more)")
+        p.add_argument("--stack", action="store_true",
+                       help="the user stack of every hit (after its line, or a \"stack\" field in --json)")
+        p.add_argument("-t", "--timestamp", action="store_true",
+                       help="start each text line with the hit's CLOCK_MONOTONIC time in seconds")
 
     run = sub.add_parser("run", help="start a program under tracing",
                          description="Start PROGRAM with the probes armed before its own code runs.")
@@ -258,17 +285,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except PtprobeError as exc:
             print(f"ptprobe: {exc}", file=err)
             return exc.exit_code
-    printer = None if args.quiet else _Printer(out, args.json, args.format)
+    printer = None if args.quiet else _Printer(out, args.json, args.format, args.stack, args.timestamp)
     options = dict(slots=args.slots, seccomp=not args.no_seccomp,
                    max_trampoline_pages=args.max_trampoline_pages, follow=not args.no_follow,
                    colocate=args.colocate, observer=observer)
     try:
         specs = [ptprobe.parse_spec(s) for s in args.probe]
+        latency_specs = [ptprobe.return_spec(s) for s in args.latency]
     except ProbeSpecError as exc:
         print(f"ptprobe: {exc}", file=err)
         return exc.exit_code
     session: Optional[ptprobe.Session] = None
     probes: List[ptprobe.Probe] = []
+    latency: List[ptprobe.Probe] = []
     stop_signal: List[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -296,6 +325,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with session:
             for spec in specs:
                 probes.append(session.probe(spec, printer))
+            for spec in latency_specs:
+                latency.append(session.probe(spec))
             if stop_signal:
                 session.detach()
             elif args.command == "attach":
@@ -307,8 +338,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             else:
                 session.wait()
                 session.detach()
+        for probe in latency:
+            out.write("\n".join(render.latency_report(probe)) + "\n")
         out.flush()
-        _summary(session, probes, err)
+        _summary(session, probes + latency, err)
         if args.command == "run":
             status = session.returncode if session.returncode is not None else 0
             if status < 0:

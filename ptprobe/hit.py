@@ -8,10 +8,13 @@ module depends on no probe or engine module.
 
 from __future__ import annotations
 
-from typing import (TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Set, Union,
-                    overload)
+import struct
+import time
+from typing import (TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Set, Tuple,
+                    Union, cast, overload)
 
 from . import arch, linux
+from .unwind import RegisterSource, Stack
 
 if TYPE_CHECKING:  # pragma: no cover
     from .patching import Site
@@ -29,6 +32,13 @@ class ArgumentSource(Protocol):
     def arguments(self, hit: "Hit") -> List[Value]: ...
 
     def argument(self, hit: "Hit", index: int) -> Value: ...
+
+
+class StackSource(Protocol):
+    """Where :meth:`Hit.stack` unwinds (the hit's address space,
+    :class:`ptprobe.tracee.AddressSpace`, is one)."""
+
+    def user_stack(self, tid: int, regs: RegisterSource, max_frames: int) -> Stack: ...
 
 #: The registers a handler can read and write by name.
 REGISTER_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
@@ -127,11 +137,19 @@ Regs.rflags = _reg_property("eflags")  # type: ignore[attr-defined]
 
 
 class Hit:
-    """One probe hit. Valid only while the handler runs."""
+    """One probe hit. Valid only while the handler runs.
 
-    __slots__ = ("pid", "tid", "address", "probe", "regs", "site", "_mem", "_args", "_xmm")
+    ``time_ns``: when the thread stopped, CLOCK_MONOTONIC in nanoseconds (taken
+    by ptprobe at the stop; the clock of ``time.monotonic_ns()``)."""
 
-    def __init__(self, probe: ArgumentSource, site: "Site", pid: int, tid: int, regs: Regs) -> None:
+    __slots__ = ("pid", "tid", "address", "probe", "regs", "site", "time_ns", "_mem", "_args", "_xmm")
+
+    #: True for a :class:`ReturnHit`.
+    is_return = False
+
+    def __init__(self, probe: ArgumentSource, site: "Site", pid: int, tid: int, regs: Regs,
+                 time_ns: Optional[int] = None) -> None:
+        self.time_ns: int = time.monotonic_ns() if time_ns is None else time_ns
         self.probe = probe
         self.site = site
         self.pid = pid
@@ -173,6 +191,15 @@ class Hit:
     def write(self, address: int, data: bytes) -> None:
         """Write *data* into the process's memory."""
         self._mem.write(address, bytes(data))
+
+    def stack(self, max_frames: int = 64) -> Stack:
+        """The thread's call chain here, innermost frame first (at most
+        *max_frames*): :class:`ptprobe.unwind.Frame` values with ``address``,
+        ``symbol``, ``offset``, ``object`` (``str(frame)`` is ``symbol+0x1c
+        (object)``). Unwound from the objects' CFI, else frame pointers; return
+        addresses that return probes replaced show as the original ones."""
+        source = cast(StackSource, self.site.space)     # an AddressSpace
+        return source.user_stack(self.tid, self.regs, max_frames)
 
     def __repr__(self) -> str:
         return f"<Hit {self.probe.name} pid={self.pid} tid={self.tid} at {self.address:#x}>"
@@ -266,3 +293,58 @@ class Record:
     def __repr__(self) -> str:
         return (f"<Record {self.probe.name} pid={self.pid} tid={self.tid} t={self.time_ns} "
                 f"args={list(self.args)}>")
+class ReturnHit(Hit):
+    """A hit of a return probe: the function *returned*; the thread is stopped at
+    its caller's return address with every register as the function left it.
+
+    ``address`` and ``name`` are the function's (its entry site), ``regs`` shows
+    the program at the return address (``regs.rip``, also ``return_address``),
+    ``time_ns`` is the return's time and ``entry_time_ns`` the entry's.
+    ``entry_args`` (also ``args``) are the arguments the function was entered
+    with (the six integer argument registers; None when the entry was seen
+    before the probe had a handler).
+    """
+
+    __slots__ = ("entry_time_ns", "entry_args")
+
+    is_return = True
+
+    def __init__(self, probe: ArgumentSource, site: "Site", pid: int, tid: int, regs: Regs, time_ns: int,
+                 entry_time_ns: int, entry_args: Optional[Tuple[int, ...]]) -> None:
+        super().__init__(probe, site, pid, tid, regs, time_ns)
+        self.entry_time_ns = entry_time_ns
+        self.entry_args = entry_args
+
+    @property
+    def name(self) -> str:
+        """The function's name (its entry site's label without an offset)."""
+        return self.site.label.partition("+")[0]
+
+    @property
+    def retval(self) -> int:
+        """The return value: rax (an unsigned 64-bit value; rdx has the upper half of
+        a 16-byte integer or struct, ``regs.rdx``)."""
+        return self.regs.get("rax")
+
+    @property
+    def retval_double(self) -> float:
+        """The return value of a function returning ``double``: xmm0's low 8 bytes."""
+        return float(struct.unpack("<d", self.xmm(0)[:8])[0])
+
+    @property
+    def retval_float(self) -> float:
+        """The return value of a function returning ``float``: xmm0's low 4 bytes."""
+        return float(struct.unpack("<f", self.xmm(0)[:4])[0])
+
+    @property
+    def duration_ns(self) -> int:
+        """Nanoseconds from the entry's stop to the return's (ptprobe's own stops included)."""
+        return self.time_ns - self.entry_time_ns
+
+    @property
+    def return_address(self) -> int:
+        """Where the function returns to (its caller)."""
+        return self.regs.get("rip")
+
+    def __repr__(self) -> str:
+        return f"<ReturnHit {self.probe.name} pid={self.pid} tid={self.tid} retval={self.retval:#x}>"

@@ -200,6 +200,17 @@ def set_rip(tid: int, rip: int) -> None:
         raise _fail(tid, "write registers")
 
 
+_RSP_OFFSET = _regs.rsp.offset
+
+
+def get_rsp(tid: int) -> int:
+    """The stack pointer alone (one PTRACE_PEEKUSER; a user rsp is never -1)."""
+    rsp = _hot(PTRACE_PEEKUSER, tid, _RSP_OFFSET, 0)
+    if rsp == -1:
+        raise _fail(tid, "read registers")
+    return rsp & U64
+
+
 def get_fpregs(tid: int) -> FpRegisters:
     regs = FpRegisters()
     _ptrace(PTRACE_GETFPREGS, tid, 0, ctypes.addressof(regs), "read fp registers")
@@ -463,40 +474,43 @@ class _SigSet(ctypes.Structure):
 
 
 def child_signal_fd() -> int:
-    """A non-blocking signalfd that becomes readable when SIGCHLD arrives, with
-    SIGCHLD blocked in the calling thread (a ptrace stop of a tracee sends its
-    tracer a SIGCHLD): :func:`select.poll` on it waits for the next event with a
-    timeout. Undo with :func:`close_child_signal_fd`."""
+    """A non-blocking signalfd for SIGCHLD (a ptrace stop of a tracee sends its
+    tracer a SIGCHLD). It reads only while SIGCHLD is blocked: see
+    :func:`wait_child_signal`."""
     import signal
     mask = _SigSet()
     mask.val[0] = 1 << (signal.SIGCHLD - 1)
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])
     fd = _libc.signalfd(-1, ctypes.byref(mask), SFD_NONBLOCK | SFD_CLOEXEC)
     if fd < 0:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
         err = ctypes.get_errno()
         raise TracerError(f"signalfd failed: {os.strerror(err)}")
-    _blocked_before[fd] = signal.SIGCHLD in old
     return int(fd)
 
 
-_blocked_before: "dict[int, bool]" = {}
-
-
-def drain_signal_fd(fd: int) -> None:
-    """Read every pending signal of a signalfd (they only say: look now)."""
-    try:
-        while os.read(fd, 128 * 16):
-            pass
-    except BlockingIOError:
-        pass
-
-
-def close_child_signal_fd(fd: int) -> None:
+def wait_child_signal(fd: int, timeout_ms: int) -> "tuple[int, int]":
+    """Wait at most *timeout_ms* for a child event, with SIGCHLD blocked in this
+    thread only for that while (so that nothing else, and no program started
+    meanwhile, ever sees it blocked). Returns a (tid, status) that was already
+    there, or (0, 0)."""
+    import select
     import signal
-    os.close(fd)
-    if not _blocked_before.pop(fd, True):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD])
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])
+    try:
+        found = wait_any_nohang()           # an event before the block is not signalled again
+        if found[0]:
+            return found
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        if poller.poll(timeout_ms):
+            try:
+                while os.read(fd, 128 * 16):
+                    pass
+            except BlockingIOError:
+                pass
+        return 0, 0
+    finally:
+        if signal.SIGCHLD not in old:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD])
 
 
 _rdtsc_func = None

@@ -29,7 +29,7 @@ MEMFD_NAME = b"ptprobe\0"
 # The record's layout (ptprobe's own, read back by a later ptprobe: change the magic
 # with it): a header, the sock_fprog and BPF program of the filter, a table of
 # pages (address, kind) and a table of slots (slot or copy address, resume or
-# instruction address; 0 marks the syscall gadget).
+# instruction address; 0 marks the syscall gadget, 1 a return trampoline).
 RECORD_SIZE = 1 << 20
 RECORD_MAGIC = b"PTPROBE\x01"
 _HDR = struct.Struct("<8sQQQQ")        # magic, flags, nr, n_pages, n_slots
@@ -52,6 +52,7 @@ STOP_KINDS = ("seed", "return")
 #: pages filled from the start, not cut into equal slots
 _BUMP_KINDS = ("xol", "stub")
 _MMAP_MIN = 0x10000
+_TRAMPOLINE_MARK = 1                   # "instruction address" of a return trampoline in the record
 _REACH = 0x7FFF0000
 
 
@@ -130,6 +131,7 @@ class Site:
     counter: Optional[int] = None                 # its counter in the data pages (count, record)
     stub: Optional[int] = None                    # its recording stub (this session's)
     stub_stop: Optional[int] = None               # rip after the stub's syscall (ring full)
+    returns: list = field(default_factory=list)   # return probes entered here (docs/design.md, "Return probes")
 
     @property
     def pid(self) -> int:
@@ -139,7 +141,8 @@ class Site:
         """Recompute whether the patch this site is in only counts (no probe on it
         has a handler, no site chained to it); True if it does."""
         host = self.covered_by or self
-        host.counting_only = not host.chained and all(p.handler is None for p in host.probes)
+        host.counting_only = (not host.chained and all(p.handler is None for p in host.probes)
+                              and all(p.handler is None for p in host.returns))
         return host.counting_only
 
     def __repr__(self) -> str:
@@ -172,6 +175,9 @@ class Patcher:
         self.retired_stubs: Dict[int, Site] = {}  # the same, of disarmed sites (late stops)
         self.xol_owner: Dict[int, int] = {}       # instruction address -> its out-of-line copy
         self.record: Optional[int] = None
+        #: the return trampoline (address, form), made by return_trampoline(); its stop's rip
+        self.trampoline: Optional[Tuple[int, arch.ReturnTrampoline]] = None
+        self.return_stop: Optional[int] = None
         self._record_flags = 0
         self._slot_records = 0                    # entries in the record's slot table
         self._nnp_hint_given = False
@@ -212,6 +218,8 @@ class Patcher:
                         page.used = max(page.used, slot - page.address + arch.XOL_ENTRY_SIZE)
                         if resume == 0:
                             self.space.syscall_gadget = slot
+                        elif resume == _TRAMPOLINE_MARK:
+                            pass        # an earlier session's return trampoline: never reused
                         else:
                             self.xol_owner[resume] = slot
                     elif page.kind == "stub":
@@ -453,6 +461,43 @@ class Patcher:
         self._remember_slot(at, insn.address)
         return at
 
+    # --- the return trampoline ------------------------------------------------------
+    def return_trampoline(self, near: int) -> Tuple[int, arch.ReturnTrampoline]:
+        """The return trampoline of this address space, made on first use in an
+        out-of-line page near *near*: the ``syscall`` form when ptprobe's seccomp
+        filter is (or can be) installed, else the ``int3`` form. A trampoline an
+        earlier session left is never reused (its ``int3`` may be idle now, and a
+        thread may still be inside it)."""
+        if self.trampoline is not None:
+            return self.trampoline
+        form = arch.RETURN_TRAMPOLINES["syscall" if self._ensure_filter() else "int3"]
+        code = arch.return_trampoline_code(form.form)
+        page = next((p for p in self.pages.values()
+                     if p.kind == "xol" and p.used + arch.XOL_ENTRY_SIZE <= PAGE_SIZE), None)
+        if page is None:
+            page = self._new_page("xol", None, [near, near + 16])
+        if page is None:
+            raise TracerError(f"cannot map a page for the return trampoline in process {self.space.pid}")
+        at = page.address + page.used
+        self.space.mem.write(at, code)
+        page.used += arch.XOL_ENTRY_SIZE
+        self._remember_slot(at, _TRAMPOLINE_MARK)
+        self.trampoline = (at, form)
+        self.return_stop = at + form.stop_offset
+        return self.trampoline
+
+    def idle_trampoline(self) -> None:
+        """Make the return trampoline stop no more (at detach; see
+        :class:`arch.ReturnTrampoline`) and forget it."""
+        if self.trampoline is None:
+            return
+        at, form = self.trampoline
+        self.trampoline = None
+        self.return_stop = None
+        if form.idle is not None:
+            offset, code = form.idle
+            self.space.mem.write(at + offset, code)
+
     # --- the seccomp filter -------------------------------------------------------
     def _ensure_filter(self) -> bool:
         space = self.space
@@ -672,7 +717,8 @@ class Patcher:
         new.pages = {a: Page(p.address, p.kind, dict(p.owners), p.used) for a, p in self.pages.items()}
         new.slot_owner = dict(self.slot_owner)
         new.xol_owner = dict(self.xol_owner)
-        new.sites = {address: replace(site, space=space, probes=list(site.probes))
+        new.sites = {address: replace(site, space=space, probes=list(site.probes),
+                             returns=list(site.returns))
                      for address, site in self.sites.items()}
         for copy in new.sites.values():
             copy.chained = [new.sites[c.address] for c in copy.chained if c.address in new.sites]
@@ -684,4 +730,6 @@ class Patcher:
         new.stub_sites = {s.stub_stop: s for s in new.sites.values() if s.stub_stop is not None and s.armed}
         new.retired_stubs = dict(self.retired_stubs)
         new.retired = dict(self.retired)
+        new.trampoline = self.trampoline
+        new.return_stop = self.return_stop
         return new

@@ -22,8 +22,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 from . import arch, linux, procfs, usdt
 from .elf import ElfFile, UsdtNote
 from .engine.loop import EventLoop
-from .errors import InstructionBoundaryError, PtprobeError, SymbolNotFoundError, TracerError
-from .hit import Hit, Value
+from .errors import InstructionBoundaryError, ProbeSpecError, PtprobeError, SymbolNotFoundError, TracerError
+from .engine.returns import check_shadow_stack
+from .hit import Hit, ReturnHit, Value
+from .latency import Histogram
 from .objects import LoadedObject, open_elf
 from .patching import Site
 from .spec import ProbeSpec, parse_spec
@@ -31,7 +33,7 @@ from .tracee import AddressSpace, Process
 
 Handler = Callable[[Hit], None]
 #: SysV integer argument registers, the arguments of a uprobe.
-ARG_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
+ARG_REGISTERS = arch.ARGUMENT_REGISTERS
 
 
 class Probe:
@@ -60,6 +62,8 @@ class Probe:
         self.identity: Optional[Tuple[int, int]] = None
         self.usdt_args: Dict[int, List[usdt.UsdtArg]] = {}     # site address -> parsed USDT args
         self.semaphores: Dict[int, int] = {}                   # site address -> run-time semaphore
+        #: a return probe: the durations of the calls it saw, per function name (nanoseconds)
+        self.latency: Dict[str, Histogram] = {}
         self.on_change: Callable[[Site], None] = lambda site: None
 
     @property
@@ -88,18 +92,29 @@ class Probe:
             self.on_change(site)
 
     # --- arguments (ArgumentSource) ----------------------------------------------------
+    @property
+    def is_return(self) -> bool:
+        """True for a return probe (``uretprobe:``): its hits are :class:`ReturnHit`\\ s."""
+        return self.spec.kind == "uretprobe"
+
     def argument_count(self, hit: Hit) -> int:
         if self.spec.kind == "usdt":
             return len(self.usdt_args.get(hit.address, ()))
+        if isinstance(hit, ReturnHit):
+            return len(hit.entry_args or ())
         return len(ARG_REGISTERS)
 
     def arguments(self, hit: Hit) -> List[Value]:
+        if isinstance(hit, ReturnHit):
+            return list(hit.entry_args or ())
         if self.spec.kind != "usdt":
             get = hit.regs.get
             return [get(name) for name in ARG_REGISTERS]
         return [self.argument(hit, index) for index in range(self.argument_count(hit))]
 
     def argument(self, hit: Hit, index: int) -> Value:
+        if isinstance(hit, ReturnHit):
+            return (hit.entry_args or ())[index]
         if self.spec.kind != "usdt":
             return hit.regs.get(ARG_REGISTERS[index])
         spec = self.usdt_args[hit.address][index]
@@ -133,6 +148,9 @@ def iter_locations(spec: ProbeSpec, elf: ElfFile) -> Iterator[Tuple[int, Optiona
             raise SymbolNotFoundError(f"no USDT probe {spec.provider}:{spec.name} in {elf.path}",
                                       f"{spec.provider}:{spec.name}")
         return
+    if spec.kind == "uretprobe":
+        yield _function_entry(spec, elf), None
+        return
     if spec.symbol is not None:
         sym = elf.get_symbol(spec.symbol)
         address = sym.address + spec.offset
@@ -156,6 +174,35 @@ def iter_locations(spec: ProbeSpec, elf: ElfFile) -> Iterator[Tuple[int, Optiona
     if arch.decode(elf.read(address, 16, partial=True), address) is None:
         raise InstructionBoundaryError(f"no valid instruction at {address:#x} in {elf.path}", address)
     yield address, None
+
+
+def _function_entry(spec: ProbeSpec, elf: ElfFile) -> int:
+    """Where a return probe of *spec* goes in *elf*: the function's first
+    instruction, or the one after its ``endbr64`` when that is a 5-byte NOP (a
+    jmp site; the return address is at [rsp] there too). An address must be one
+    of these for a function symbol (else ProbeSpecError: exit 2)."""
+    if spec.symbol is not None:
+        sym = elf.get_symbol(spec.symbol)
+        start = sym.address
+    else:
+        address = spec.address or 0
+        sym = elf.symbol_at(address)
+        start = sym.address if sym is not None else address
+        after_endbr = start + len(arch.ENDBR64)
+        if sym is None or sym.kind != "func" or address not in (start, after_endbr) or (
+                address == after_endbr and elf.read(start, 4, partial=True) != arch.ENDBR64):
+            raise ProbeSpecError(f"{spec.text}: {address:#x} is not the start of a function in {elf.path} "
+                                 "(a return probe goes on a function's entry)", spec.text)
+    if sym.kind != "func" or not elf.is_executable_address(start):
+        raise ProbeSpecError(f"{spec.text}: {sym.name} is not a function in {elf.path}", spec.text)
+    code = elf.read(start, 16, partial=True)
+    if code[:4] == arch.ENDBR64 and arch.classify_site(code[4:]) is not None:
+        return start + 4
+    if spec.address is not None and spec.address != start:
+        return spec.address
+    if arch.decode(code, start) is None:
+        raise InstructionBoundaryError(f"no valid instruction at {start:#x} in {elf.path}", start)
+    return start
 
 
 def _sweep_start(elf: ElfFile, address: int) -> Tuple[int, int]:
@@ -254,6 +301,8 @@ class Probes:
 
     def _arm_in_object(self, space: AddressSpace, probe: Probe, obj: LoadedObject) -> None:
         patcher = space.patcher
+        if probe.is_return:
+            check_shadow_stack(space.pid, procfs.read_status(space.pid))
         sites: List[Site] = []
         notes: List[Optional[UsdtNote]] = []
         for vaddr, note in iter_locations(probe.spec, obj.elf):
@@ -264,6 +313,8 @@ class Probes:
                 raise InstructionBoundaryError(f"no valid instruction at {address:#x}", address)
             sites.append(patcher.prepare(address, obj, code, insn))
             notes.append(note)
+        if probe.is_return and sites:
+            patcher.return_trampoline(sites[0].address)
         patcher.write(sites)
         space.armed.add((id(probe), obj.identity))
         for site, note in zip(sites, notes):
@@ -276,8 +327,9 @@ class Probes:
                     sem = obj.runtime(note.semaphore) if obj.elf.is_pie else note.semaphore
                     probe.semaphores[site.address] = sem
                     adjust_semaphore(space, sem, +1)
-            if probe not in site.probes:
-                site.probes.append(probe)
+            watching = site.returns if probe.is_return else site.probes
+            if probe not in watching:
+                watching.append(probe)
                 probe.joined(site)
                 self.site_changed(site)
             if site not in probe.sites:
@@ -300,7 +352,7 @@ class Probes:
     def adopt_fork(self, space: AddressSpace) -> None:
         """*space* is a fork's copy: its sites (new objects) join their probes."""
         for site in space.patcher.sites.values():
-            for probe in site.probes:
+            for probe in site.probes + site.returns:
                 probe.sites.append(site)
 
     def after_exec(self, process: Process, former: AddressSpace) -> None:

@@ -82,6 +82,7 @@ class Session:
                                on_handler_error=self._handler_error)
         self.hits.drain = self.actions.drain
         self.hits.ring_full = self.actions.ring_full
+        self.hits.returns.notice = self.observer.notice
         self.loop.first_stop = self._first_stop
         self._probes = Probes(self.loop, notice=self.observer.notice, site_changed=self._site_changed,
                               in_program=self.actions.count)
@@ -91,7 +92,14 @@ class Session:
                                                                        self.loop.wait_thread))
         self.lifecycle.on_fork = self._probes.adopt_fork
         self.lifecycle.on_exec = self._after_exec
-        self.lifecycle.on_release = self._probes.release
+        self.lifecycle.on_release = self._release
+
+    def _release(self, space: AddressSpace) -> None:
+        """A forked child is let go: its sites and its return addresses back."""
+        problems = self.hits.returns.restore(space)
+        self._probes.release(space)
+        if problems:
+            raise TracerError("; ".join(problems))
 
     def _handler_error(self, probe: object, hit: object, error: BaseException) -> None:
         self.observer.handler_error(probe, hit, error)  # type: ignore[arg-type]
@@ -236,6 +244,8 @@ class Session:
                 finally:
                     self.placement.release()
                     self.actions.drain()
+                    if not self.attached:
+                        self.loop.close()
         finally:
             if timeout is not None:
                 signal.setitimer(signal.ITIMER_REAL, 0, 0)
@@ -277,6 +287,7 @@ class Session:
                     except PtprobeError:
                         pass
                     problems.extend(self._probes.restore(proc.space))
+                    problems.extend(self.hits.returns.restore(proc.space))
                 for thread in list(proc.threads.values()):
                     self._stop_straggler(thread)
                     self.hits.settle(thread)

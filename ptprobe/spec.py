@@ -6,6 +6,8 @@ Forms::
     uprobe:PATH:SYMBOL+OFFSET     an instruction inside a function (decimal or 0x hex, below 2**64;
                                   a decimal with a leading zero, octal-looking, is refused)
     uprobe:PATH:0xADDRESS         an instruction by its address in the file (link-time)
+    uretprobe:PATH:SYMBOL         the function's returns (also uprobe:PATH:SYMBOL%return, as perf
+                                  writes it); uretprobe:PATH:0xADDRESS for a function by its address
     usdt:PATH:PROVIDER:NAME       a USDT probe; PROVIDER and NAME may use * and ? wildcards
 
 PATH is a file path (``./prog``, ``/usr/lib/x86_64-linux-gnu/libc.so.6``) or
@@ -34,7 +36,7 @@ class ProbeSpec:
     """A parsed probe specification."""
 
     text: str
-    kind: str                     # "uprobe" or "usdt"
+    kind: str                     # "uprobe", "uretprobe" or "usdt"
     path: str
     symbol: Optional[str] = None  # uprobe by symbol
     offset: int = 0               # uprobe: offset from symbol
@@ -101,6 +103,8 @@ def parse_spec(text: str) -> ProbeSpec:
     if not sep:
         raise _bad(text, "expected uprobe:PATH:SYMBOL[+OFFSET], uprobe:PATH:0xADDRESS "
                    "or usdt:PATH:PROVIDER:NAME")
+    if kind in ("uretprobe", "ur", "r") or (kind in ("uprobe", "u", "p") and spec.endswith("%return")):
+        return _return_spec(spec, rest, text)
     if kind in ("uprobe", "u", "p"):
         path, sep, target = rest.rpartition(":")
         if not sep or not path or not target:
@@ -123,7 +127,45 @@ def parse_spec(text: str) -> ProbeSpec:
             if _USDT_PART.fullmatch(part) is None:
                 raise _bad(text, f"{_show(part)} is not a USDT provider or name")
         return ProbeSpec(spec, "usdt", path, provider=provider, name=name)
-    raise _bad(text, f"unknown probe type {_show(kind)} (use uprobe or usdt)")
+    raise _bad(text, f"unknown probe type {_show(kind)} (use uprobe, uretprobe or usdt)")
+
+
+def _return_spec(spec: str, rest: str, text: str) -> ProbeSpec:
+    """``uretprobe:PATH:SYMBOL``, ``uretprobe:PATH:0xADDRESS`` or ``uprobe:PATH:SYMBOL%return``:
+    a function's returns. Offsets are refused: a return probe takes over the
+    return address at the function's entry, where it is at [rsp]."""
+    path, sep, target = rest.rpartition(":")
+    if not sep or not path or not target:
+        raise _bad(text, "expected uretprobe:PATH:SYMBOL or uretprobe:PATH:0xADDRESS")
+    _check_path(path, text)
+    if target.endswith("%return"):
+        target = target[:-len("%return")]
+    if target[:2] in ("0x", "0X"):
+        return ProbeSpec(spec, "uretprobe", path, address=_number(target, text, "address"))
+    symbol, plus, _offset = target.partition("+")
+    if plus:
+        raise _bad(text, "a return probe takes a function, not an offset in it (no +OFFSET)")
+    if _SYMBOL.fullmatch(symbol) is None:
+        raise _bad(text, f"{_show(symbol)} is not a symbol name")
+    return ProbeSpec(spec, "uretprobe", path, symbol=symbol)
+
+
+def return_spec(text: str) -> ProbeSpec:
+    """The return probe of the function *text* names: a ``uretprobe:`` or
+    ``%return`` spec, a ``uprobe:PATH:SYMBOL`` (or ``0xADDRESS``) spec, or
+    ``PATH:SYMBOL`` alone (what ``--latency`` takes)."""
+    if not isinstance(text, str):
+        return parse_spec(text)
+    kind = text.strip().partition(":")[0]
+    if kind not in ("uprobe", "u", "p", "uretprobe", "ur", "r", "usdt"):
+        text = "uretprobe:" + text.strip()
+    parsed = parse_spec(text)
+    if parsed.kind == "uretprobe":
+        return parsed
+    if parsed.kind == "uprobe" and not parsed.offset:
+        return ProbeSpec(text.strip(), "uretprobe", parsed.path, symbol=parsed.symbol, address=parsed.address)
+    raise _bad(text, "a return probe needs a function: PATH:SYMBOL, uretprobe:PATH:SYMBOL "
+               "or uprobe:PATH:SYMBOL%return")
 
 
 def _check_path(path: str, spec: str) -> None:

@@ -24,11 +24,16 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 from . import linux, procfs
 from .errors import NoSuchProcessError, TracerError
 from .objects import Identity, LoadedObject, scan_objects
+from .arch import XOL_ENTRY_SIZE
 from .patching import Patcher
+from .retstack import ShadowStacks
+from .unwind import RegisterSource, Stack, Unwinder
 
 _FAULTS = (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE)
 _COMPLETING_EVENTS = (linux.PTRACE_EVENT_CLONE, linux.PTRACE_EVENT_FORK, linux.PTRACE_EVENT_VFORK,
                       linux.PTRACE_EVENT_EXEC)
+#: One unwinder for every space: its caches are per object file (docs/design.md, "Return probes").
+_UNWINDER = Unwinder()
 #: Registers that carry a syscall's arguments, in order.
 _SYSCALL_ARGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
 
@@ -145,6 +150,8 @@ class AddressSpace:
         # semaphore address -> our increments
         self.armed: Set[Tuple[int, Identity]] = set()
         self.semaphores: Dict[int, int] = {}
+        #: calls whose return address a return probe replaced, per thread
+        self.returns = ShadowStacks()
         self._patcher_options = patcher_options
         self._maps: Optional[List[procfs.Mapping]] = None
         self.patcher = Patcher(self, **patcher_options)   # type: ignore[arg-type]
@@ -166,6 +173,7 @@ class AddressSpace:
         space.filter_state = self.filter_state
         space.armed = set(self.armed)
         space.semaphores = dict(self.semaphores)
+        space.returns = self.returns.fork()
         space._patcher_options = self._patcher_options
         space.wait_thread = self.wait_thread
         space._maps = None
@@ -210,6 +218,31 @@ class AddressSpace:
 
     def executable(self) -> str:
         return procfs.executable(self.pid)
+
+    def user_stack(self, tid: int, regs: RegisterSource, max_frames: int = 64) -> Stack:
+        """The call chain of stopped thread *tid* whose registers are *regs*
+        (innermost first), return addresses replaced by return probes shown as
+        the original ones."""
+        patcher = self.patcher
+        returned = None
+        if patcher.trampoline is not None:
+            returned = self.returns.translator(tid, patcher.trampoline[0])
+        copies = {copy: address for address, copy in patcher.xol_owner.items()}
+
+        def translate(address: int, cfa: int) -> int:
+            if returned is not None:
+                address = returned(address, cfa)
+            # a call run out of line returns into its copy, just after the copy's
+            # `call rel32` (5 bytes): the program's return address is after the original
+            start = address - address % XOL_ENTRY_SIZE
+            original = copies.get(start)
+            if original is not None and address == start + 5:
+                site = patcher.sites.get(original)
+                if site is not None and site.insn is not None:
+                    return original + site.insn.size
+            return address
+
+        return _UNWINDER.unwind(regs, self.mem.read, self.object_at, max_frames, translate_return=translate)
 
     # --- remote syscalls -----------------------------------------------------------
     def stopped_thread(self) -> Thread:

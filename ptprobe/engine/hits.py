@@ -26,6 +26,7 @@ from ..patching import Patcher, Site
 from ..tracee import Thread
 from .events import SLOT_STOP, TRAP_STOP, SlotStop, Trap
 from .loop import EventLoop
+from .returns import Returns
 
 ErrorReport = Callable[[object, object, BaseException], None]
 _EPROTO = (-errno.EPROTO) & linux.U64
@@ -68,6 +69,8 @@ class Hits:
         #: stub found the ring full (True: try again, False: drop)
         self.drain: Callable[[], int] = lambda: 0
         self.ring_full: Callable[[Thread], bool] = lambda thread: False
+        #: return probes: entries of sites they watch, the return trampoline's stops
+        self.returns = Returns(loop, on_handler_error=on_handler_error)
         loop.subscribe(SlotStop, self._on_slot_stop)
         loop.subscribe(Trap, self._on_trap)
 
@@ -91,9 +94,13 @@ class Hits:
         if proc.release_on_stop:
             return False
         patcher = proc.space.patcher
+        raw: Optional[linux.Registers] = None
         try:
             if status == TRAP_STOP:
-                site = patcher.int3_sites.get(linux.get_rip(tid))
+                rip = linux.get_rip(tid)
+                site = patcher.int3_sites.get(rip)
+                if site is None and rip == patcher.return_stop and linux.is_int3_trap(tid):
+                    return self.returns.returned_fast(thread)
                 if site is None or not site.counting_only or not linux.is_int3_trap(tid):
                     return False
                 to = continuation(site)
@@ -103,16 +110,25 @@ class Hits:
             elif status != SLOT_STOP:
                 return False
             elif self.slot_kind == "return":
-                site = patcher.slot_sites.get(linux.get_rip(tid))
+                rip = linux.get_rip(tid)
+                site = patcher.slot_sites.get(rip)
+                if site is None and rip == patcher.return_stop:
+                    return self.returns.returned_fast(thread)
                 if site is None or not site.counting_only or site.slot_kind != "return":
                     return False
             else:
                 raw = linux.get_regs(tid)
                 site = patcher.slot_sites.get(raw.rip)
+                if site is None and raw.rip == patcher.return_stop:
+                    return self.returns.returned_fast(thread)
                 if site is None or not site.counting_only or site.slot_kind != "seed":
                     return False
                 finish_seed_slot(raw, proc.space.mem, arch.SEED_SLOT_SIZE, site.resume)
                 linux.set_regs(tid, raw)
+            if site.returns:
+                rsp = raw.rsp if raw is not None else linux.get_rsp(tid) + (
+                    arch.SLOT_FRAME_SIZE if status == SLOT_STOP else 0)
+                self.returns.entered_fast(thread, site, rsp)
         except (NoSuchProcessError, FaultError):
             return False            # killed meanwhile: the general path sees its end
         for probe in site.probes:
@@ -137,12 +153,13 @@ class Hits:
 
     def _call_probes(self, site: Site, regs: Regs, thread: Thread) -> None:
         drained = False
+        now = time.monotonic_ns()
         for probe in site.probes:
             probe.stop_hits += 1
             handler = probe.handler
             if handler is None:
                 continue
-            hit = Hit(probe, site, thread.process.pid, thread.tid, regs)
+            hit = Hit(probe, site, thread.process.pid, thread.tid, regs, now)
             target: object = hit
             if probe.mode == "record":
                 # a recording probe whose hit had to stop: its record comes after
@@ -150,13 +167,15 @@ class Hits:
                 if not drained:
                     self.drain()
                     drained = True
-                target = Record(probe, site, hit.pid, hit.tid, time.monotonic_ns(), tuple(hit.args))
+                target = Record(probe, site, hit.pid, hit.tid, now, tuple(hit.args))
             try:
                 handler(target)
             except Exception as exc:  # noqa: BLE001 - reported, tracing goes on
                 probe.errors += 1
                 self.on_handler_error(probe, target, exc)
             hit.expire()
+        if site.returns and regs.get("rip") == site.address:
+            self.returns.entered(thread, site, regs, now)
 
     # --- int3 ---------------------------------------------------------------------------------
     def _on_trap(self, event: Trap) -> None:
@@ -165,6 +184,9 @@ class Hits:
         raw = linux.get_regs(tid)
         patcher = thread.process.space.patcher
         site = patcher.int3_sites.get(raw.rip)
+        if site is None and raw.rip == patcher.return_stop and linux.is_int3_trap(tid):
+            self.returns.returned(thread, raw)
+            return
         if site is not None or raw.rip in patcher.retired:
             if linux.is_int3_trap(tid):
                 if site is not None:
@@ -250,6 +272,9 @@ class Hits:
         patcher = space.patcher
         raw = linux.get_regs(tid)
         site = patcher.slot_sites.get(raw.rip)
+        if site is None and raw.rip == patcher.return_stop:
+            self.returns.returned(thread, raw)
+            return
         if site is None and (raw.rip in patcher.stub_sites or raw.rip in patcher.retired_stubs):
             # a recording stub found the ring full: drain it, then let the stub try
             # again (0) or drop its record (-1); the syscall itself is skipped

@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import select
 import signal
 import threading
 from typing import Callable, Deque, Dict, Iterator, Optional, Tuple, Type
@@ -101,15 +100,14 @@ class EventLoop:
             return
         if self._child_signals < 0:
             self._child_signals = linux.child_signal_fd()
-        poller = select.poll()
-        poller.register(self._child_signals, select.POLLIN)
-        if poller.poll(_IDLE_POLL_MS):
-            linux.drain_signal_fd(self._child_signals)
+        found = linux.wait_child_signal(self._child_signals, _IDLE_POLL_MS)
+        if found[0]:
+            self._backlog.append(found)
 
     def close(self) -> None:
-        """Give back what the idle polling took (the signalfd; SIGCHLD unblocked)."""
+        """Give back what the idle polling took (its signalfd)."""
         if self._child_signals >= 0:
-            linux.close_child_signal_fd(self._child_signals)
+            os.close(self._child_signals)
             self._child_signals = -1
 
     def dispatch(self, tid: int, status: int) -> None:

@@ -127,8 +127,9 @@ class Actions:
     # --- choosing and applying actions ----------------------------------------------------
     def desired(self, site: Site) -> str:
         """What a hit of *site* should do now."""
-        if site.mechanism != "jmp" or site.chained or site.covered_by is not None or site.internal:
-            return "stop"
+        if site.mechanism != "jmp" or site.chained or site.covered_by is not None or site.internal \
+                or site.returns:
+            return "stop"           # (a return probe's entry replaces the return address: a stop)
         modes = [(getattr(p, "mode", "stop"), p.handler) for p in site.probes]
         if any(mode == "stop" and handler is not None for mode, handler in modes):
             return "stop"
