@@ -39,7 +39,8 @@ sys.path.insert(0, str(REPO))
 
 from ptprobe import linux  # noqa: E402
 from ptprobe.elf import ElfFile  # noqa: E402
-from ptprobe.process import Process  # noqa: E402
+from ptprobe import procfs  # noqa: E402
+from ptprobe.objects import scan_objects  # noqa: E402
 from ptprobe.unwind import ObjectInfo, Unwinder, object_finder  # noqa: E402
 
 DEPTHS = (5, 20, 50)
@@ -64,18 +65,18 @@ def wait_stopped(pid: int, seconds: float = 30.0) -> None:
 
 
 def measure(pid: int, runs: int, repeat: int) -> Dict[str, Dict[str, float]]:
-    process = Process(pid)
-    process.refresh_objects()
+    mem = linux.Memory(pid)
+    objects = scan_objects(procfs.read_maps(pid))
     regs = linux.get_regs(pid)
     calls = [0]
 
     def read(address: int, size: int) -> bytes:
         calls[0] += 1
-        return process.mem.read(address, size)
+        return mem.read(address, size)
 
     def fresh_objects() -> Callable:
         return object_finder([ObjectInfo(o.path, ElfFile(o.path), o.bias, o.start, o.end)
-                              for o in process.objects.values()])
+                              for o in objects.values()])
 
     results: Dict[str, Dict[str, float]] = {}
     for depth in DEPTHS:
@@ -101,7 +102,7 @@ def measure(pid: int, runs: int, repeat: int) -> Dict[str, Dict[str, float]]:
         row["cached_us_per_frame"] = row["cached_us"] / depth
         row["reads_per_unwind"] = calls[0]
         results[str(depth)] = row
-    process.close()
+    mem.close()
     return results
 
 
