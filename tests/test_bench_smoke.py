@@ -114,3 +114,11 @@ def test_arming(report):
 def test_no_errors(report):
     """Every case ran (an error names the case and what went wrong)."""
     assert report["errors"] == []
+
+
+def test_in_program(report):
+    """The in-program section: counting and recording rates, consumer rates, the stop path beside them."""
+    section = report["in_program"]
+    _positive(section, "bare_call_ns", "record_ns", "consumer_trivial_ns", "consumer_json_ns", "stop_handler_ns",
+              "stop_json_ns", "stop_2threads_default_ns")
+    _positive(section["count_ns"], "0", "2", "4")

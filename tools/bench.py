@@ -61,6 +61,7 @@ import ptprobe  # noqa: E402
 from ptprobe import arch  # noqa: E402
 
 TOOLS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TOOLS))
 TRACEFS = "/sys/kernel/tracing"
 EVENT_GROUP = "ptbench"
 
@@ -203,9 +204,11 @@ def ptprobe_once(target: str, outfile: str, site: str, mechanism: str, handler: 
     with placement.tracer(where) as tracee_cpu:
         # auto, one hitting thread: a single-threaded target (THREADS 0), what the policy is for
         workers = 0 if where == AUTO and threads == 1 else threads
+        # in_program=False: these cases measure the stop path (a probe without a handler
+        # would otherwise count inside the program: see the "in the program" section)
         session = ptprobe.run([target, site, str(n), str(workers), str(warmup), outfile],
                               slots=slots, seccomp=seccomp, observer=observer,
-                              colocate=OWN_PLACEMENTS.get(where, False))
+                              colocate=OWN_PLACEMENTS.get(where, False), in_program=False)
         with session:
             if tracee_cpu is not None:
                 os.sched_setaffinity(session.main_pid, {tracee_cpu})
@@ -524,6 +527,14 @@ def run_benchmark(args) -> Dict:
         kernel.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
 
+        # -- actions inside the program (tools/bench_inprogram.py)
+        log("in the program: counting and recording ...")
+        try:
+            import bench_inprogram
+            result["in_program"] = bench_inprogram.run(runs, bool(args.quick))
+        except (SystemExit, OSError, subprocess.SubprocessError, ptprobe.PtprobeError) as exc:
+            result["errors"].append(f"in the program: {exc}")
+
     compute_ratios(result)
     return result
 
@@ -669,6 +680,10 @@ def format_table(result: Dict) -> str:
         for a in result["arming"]:
             add(f"  {a['what']:<58} arm {a['arm_s']:6.3f} s  detach {a['disarm_s']:6.3f} s  "
                 f"({'/'.join(a['mechanisms'])})")
+        add("")
+    if result.get("in_program"):
+        import bench_inprogram
+        add(bench_inprogram.format_report(result["in_program"]))
         add("")
     if result["errors"]:
         add("Errors:")
