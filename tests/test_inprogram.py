@@ -55,13 +55,13 @@ def expected_work6(t: int, i: int) -> Tuple[int, ...]:
 
 
 # --------------------------------------------------------------------------- counting
-@pytest.mark.parametrize("threads", [0, 4, 16])
+@pytest.mark.parametrize("threads", [0, 4, 16, 64])
 def test_counts_exact_with_no_stop(threads):
     """A probe without a handler on a nop5 site counts inside the program: exact
     counts on 1, 4 and 16 threads, no stop, and the flags at a mid-function site
     survive (the target checks them)."""
     prog = act_threads()
-    n = 20000
+    n = 20000 if threads < 64 else 2000
     status, out, (work, flags), _ = traced([prog, str(threads), str(n)],
                                             [("probe", f"uprobe:{prog}:work6", None),
                                              ("probe", f"uprobe:{prog}:flags_site", None)])
@@ -271,6 +271,30 @@ def test_ring_full_drops_and_counts_in_drop_mode():
     assert drops > 0
     assert len(got) + drops == n == probe.hits
     assert got == sorted(got)
+
+
+def test_program_killed_while_recording():
+    """The program killed (SIGKILL) while four threads record: a record left half
+    written cannot stall the reading of the others; every record that arrives is
+    whole (each thread's calls in order, from its first on)."""
+    prog = act_threads()
+    got: List[ptprobe.Record] = []
+    pids: List[int] = []
+    with watchdog(GUARD, pids):
+        with ptprobe.run([prog, "4", "100000000"]) as session:
+            pids.append(session.main_pid)
+            session.record(f"uprobe:{prog}:work6", got.append)
+            while len(got) < 20000:
+                assert session.wait(timeout=0.05) is None
+            os.kill(session.main_pid, signal.SIGKILL)
+            assert session.wait() == -signal.SIGKILL
+    by_tid: Dict[int, List[int]] = defaultdict(list)
+    for record in got:
+        by_tid[record.tid].append(record.args[1])
+        assert record.args == expected_work6(record.args[0], record.args[1])
+    assert 0 not in by_tid and 1 <= len(by_tid) <= 4
+    for calls in by_tid.values():
+        assert calls == list(range(len(calls)))
 
 
 # --------------------------------------------------------------------------- fork

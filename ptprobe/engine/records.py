@@ -32,9 +32,6 @@ ARG_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 _U64 = struct.Struct("<Q")
 _AT_HWCAP2 = 26
 _HWCAP2_FSGSBASE = 2
-#: A record stuck uncommitted at the ring's tail this long is looked at (was its
-#: writer interrupted for good: a siglongjmp out of a signal handler?)
-_STUCK_NS = 2_000_000_000
 #: A thread whose ring-full stops find nothing to drain this many times in a row
 #: drops its record (its own unfinished record may be what blocks the ring).
 _FULL_STOPS_WITHOUT_PROGRESS = 64
@@ -98,8 +95,6 @@ class _SpaceData:
         self.pid = space.pid
         self.stubs: List[Optional[_Stub]] = []
         self.keys: Dict[int, int] = {}          # thread key (fs_base) -> tid
-        self.stuck_at = -1                      # ring position seen stuck, and since when
-        self.stuck_since = 0
 
 
 class Actions:
@@ -395,15 +390,11 @@ class Actions:
         return (size, stub, stub.unpack, handlers)
 
     def _abandoned(self, data: _SpaceData, position: int, header: int) -> bool:
-        """Is the unfinished record at *position* abandoned for good? Only after it
-        has stayed unfinished for a while, and not while later records wait to
-        be finished too (its writer is then likely just slow)."""
-        now = time.monotonic_ns()
-        if data.stuck_at != position:
-            data.stuck_at = position
-            data.stuck_since = now
-            return False
-        return now - data.stuck_since > _STUCK_NS and header != 0 and _writers_gone(data.space)
+        """Is the unfinished record at *position* abandoned for good? Yes once no
+        thread of its address space is left (a process killed while a thread was
+        writing it); while threads live it may just be slow (preempted, or under
+        a signal handler), and it is waited for."""
+        return _writers_gone(data.space)
 
     def ring_full(self, thread: Thread) -> bool:
         """A stub of *thread* found the ring full: drain it. True: let the stub try
@@ -436,8 +427,8 @@ def _stack_key(space: AddressSpace, rsp: int) -> int:
 
 
 def _writers_gone(space: AddressSpace) -> bool:
-    """Conservatively: True only when the space's process has no thread left."""
-    return not space.owner.threads
+    """No thread can write into *space*'s ring any more: its process is gone."""
+    return space.owner.exited or not space.owner.threads
 
 
 def _usdt_load(arg: usdt.UsdtArg, site: Site, obj) -> Optional[Tuple[codegen.Load, Decoder]]:
