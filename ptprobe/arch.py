@@ -428,8 +428,11 @@ def is_nop(insn: Instruction) -> bool:
 class JmpSite:
     """A site that can take a ``jmp rel32``: where the jmp goes and where the thread resumes.
 
-    ``kind`` is ``nop5``, ``nop1+nop5`` or ``nop1+nop10``; ``jmp_offset`` (0 or 1) and
-    ``resume_offset`` (5, 6 or 11) are relative to the probe (note) address.
+    ``kind`` is ``nop5``, ``nop1+nop5``, ``nop1+nop10`` or ``5*nop1`` (the five one-byte
+    NOPs of ``gcc -fpatchable-function-entry=5``: a thread may sit between them, so
+    they are patched only after such threads are moved past them); ``jmp_offset``
+    (0 or 1) and ``resume_offset`` (5, 6 or 11) are relative to the probe (note)
+    address.
     """
 
     kind: str
@@ -440,6 +443,7 @@ class JmpSite:
 _SITE_NOP5 = JmpSite("nop5", 0, 5)
 _SITE_NOP1_NOP5 = JmpSite("nop1+nop5", 1, 6)
 _SITE_NOP1_NOP10 = JmpSite("nop1+nop10", 1, 11)
+_SITE_5_NOP1 = JmpSite("5*nop1", 0, 5)
 
 
 def classify_site(code: bytes) -> JmpSite | None:
@@ -452,6 +456,8 @@ def classify_site(code: bytes) -> JmpSite | None:
             return _SITE_NOP1_NOP5
         if code[1:11] == NOP10:
             return _SITE_NOP1_NOP10
+        if code[1:5] == b"\x90" * 4:
+            return _SITE_5_NOP1
     return None
 
 

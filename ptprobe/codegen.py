@@ -325,6 +325,231 @@ def record_stub_code(at: int, stub: RecordStub, layout: RingLayout) -> bytes:
 def syscall_return_offset(code: bytes, at: int, nr: int = arch.SLOT_SYSCALL_NR) -> Optional[int]:
     """Offset in a stub's *code* (placed at *at*) just after its slot syscall
     (where the thread stops when the ring is full), None if it has none."""
+    offsets = syscall_return_offsets(code, nr)
+    return offsets[0] if offsets else None
+
+
+def syscall_return_offsets(code: bytes, nr: int = arch.SLOT_SYSCALL_NR) -> List[int]:
+    """Offsets just after each slot syscall of *code*, in order."""
     mov = b"\xb8" + struct.pack("<I", nr) + b"\x0f\x05"
+    out = []
     i = code.find(mov)
-    return None if i < 0 else i + len(mov)
+    while i >= 0:
+        out.append(i + len(mov))
+        i = code.find(mov, i + 1)
+    return out
+
+
+# --------------------------------------------------------------------------- call graphs
+@dataclass(frozen=True)
+class GraphLayout:
+    """Where the call-graph code finds each thread's stack of pending returns.
+
+    ``table``: ``entries`` pairs (thread pointer, address of its shadow stack),
+    written by the tracer (a thread is entered before it runs); a key of 0 ends
+    a probe sequence. A shadow stack: its depth (u64), 8 bytes unused, then
+    ``frames`` frames of FRAME_BYTES: the original return address, the address
+    of the stack slot that held it, the header of the exit record.
+    """
+
+    table: int
+    entries: int               # a power of two
+    trampoline: int            # the exit trampoline's address
+    frames: int
+
+
+FRAME_BYTES = 32
+SHADOW_HEADER = 16
+ENTRY_RECORD = 32              # header, time, thread, depth (or -1: no exit will come)
+EXIT_RECORD = 32               # header, time, thread, frames lost (skipped by longjmp)
+
+
+def _reserve_source(size: int, layout: RingLayout, lossless: bool, nr: int, header: str,
+                    done: str, prefix: str) -> List[str]:
+    """Reserve *size* bytes in the ring (rax, rcx, rdx, r11 are free), leaving the
+    record's address in rcx with its pending header written; *header* is an
+    immediate or a register. A full ring stops (lossless) or drops, then goes to
+    *done*. Labels get *prefix*."""
+    pending = (f"{int(header, 0) | HEADER_PENDING:#x}" if header.startswith("0x") else None)
+    lines = [
+        f"{prefix}retry:",
+        f"movabs rcx, {layout.head:#x}",
+        "mov rax, qword ptr [rcx]",
+        f"{prefix}reserve:",
+        f"lea rdx, [rax + {size:#x}]",
+        f"movabs r11, {layout.tail:#x}",
+        "sub rdx, qword ptr [r11]",
+        f"cmp rdx, {layout.capacity:#x}",
+        f"jbe {prefix}room",
+    ]
+    if lossless:
+        lines += [f"mov eax, {nr:#x}", "syscall", "test rax, rax", f"je {prefix}retry"]
+    lines += [f"movabs rcx, {layout.drops:#x}", "lock inc qword ptr [rcx]", f"jmp {done}"]
+    lines += [
+        f"{prefix}room:",
+        f"lea rdx, [rax + {size:#x}]",
+        "lock cmpxchg qword ptr [rcx], rdx",
+        f"jne {prefix}reserve",
+        f"and rax, {layout.capacity - 1:#x}",
+        f"movabs rcx, {layout.ring:#x}",
+        "add rcx, rax",
+    ]
+    if pending is not None:
+        lines.append(f"mov qword ptr [rcx], {pending}")
+    else:
+        lines += [f"mov rax, {header}", f"bts rax, {HEADER_PENDING.bit_length() - 1:#x}",
+                  "mov qword ptr [rcx], rax"]
+    lines += ["rdtsc", "shl rdx, 0x20", "or rax, rdx", "mov qword ptr [rcx + 0x8], rax",
+              "rdfsbase rax", "mov qword ptr [rcx + 0x10], rax"]
+    return lines
+
+
+def _find_shadow(graph: GraphLayout, missing: str, prefix: str) -> List[str]:
+    """rsi = this thread's shadow stack (rax, rcx, rdx, rsi free), or jump to *missing*."""
+    mask = graph.entries - 1
+    return [
+        "rdfsbase rax",
+        "mov rdx, rax",
+        "shr rdx, 0xc",
+        f"and edx, {mask:#x}",
+        f"movabs rcx, {graph.table:#x}",
+        f"{prefix}find:",
+        "mov rsi, rdx",
+        "shl rsi, 4",
+        "cmp qword ptr [rcx + rsi], rax",
+        f"je {prefix}found",
+        "cmp qword ptr [rcx + rsi], 0",
+        f"je {missing}",
+        "inc edx",
+        f"and edx, {mask:#x}",
+        f"jmp {prefix}find",
+        f"{prefix}found:",
+        "mov rsi, qword ptr [rcx + rsi + 8]",
+    ]
+
+
+_ENTRY_SAVED = ("r11", "rdi", "rsi", "rdx", "rcx", "rax")       # pushed in reverse: rax first
+
+
+def graph_entry_source(entry_header: int, exit_header: int, layout: RingLayout, graph: GraphLayout,
+                       *, lossless: bool = True, nr: int = arch.SLOT_SYSCALL_NR) -> str:
+    """A function's entry stub: push a frame on the thread's shadow stack, make the
+    function return through the exit trampoline, and record the entry (its depth,
+    or -1 when no exit will come: an unknown thread or a full shadow stack).
+    Only at a function's entry: the flags and the red zone are dead there... the
+    red zone is stepped over all the same."""
+    frame = 0x80 + 8 * len(_ENTRY_SAVED)
+    lines = ["lea rsp, [rsp - 0x80]"] + [f"push {r}" for r in reversed(_ENTRY_SAVED)]
+    lines += ["e_lookup:"] + _find_shadow(graph, "e_miss", "e_")
+    lines += [
+        "mov rdx, qword ptr [rsi]",
+        # frames whose slot lies at or below this call's are dead (a longjmp skipped
+        # their returns): dropped here, so that the depth recorded is the true one
+        f"lea rdi, [rsp + {frame:#x}]",
+        "e_dead:",
+        "test rdx, rdx",
+        "jz e_push",
+        "mov rax, rdx",
+        "shl rax, 5",
+        f"cmp qword ptr [rsi + rax + {SHADOW_HEADER - FRAME_BYTES + 8:#x}], rdi",
+        "ja e_push",                         # (the same slot: a new call where an old one died)
+        "dec rdx",
+        "jmp e_dead",
+        "e_push:",
+        f"cmp rdx, {graph.frames:#x}",
+        "jae e_nohijack",
+        "lea rdi, [rdx + 1]",
+        "mov qword ptr [rsi], rdi",
+        "mov rdi, rdx",                                       # the entry's depth
+        "shl rdx, 5",
+        f"lea rsi, [rsi + rdx + {SHADOW_HEADER:#x}]",         # the frame
+        f"lea rdx, [rsp + {frame:#x}]",                       # the return address's slot
+        "mov rax, qword ptr [rdx]",
+        "mov qword ptr [rsi], rax",
+        "mov qword ptr [rsi + 0x8], rdx",
+        f"mov qword ptr [rsi + 0x10], {exit_header:#x}",
+        f"movabs rax, {graph.trampoline:#x}",
+        "mov qword ptr [rdx], rax",
+        "jmp e_record",
+        # a thread not in the table yet (its thread pointer was set after its first
+        # stop): ptprobe enters it and answers 0 (look again); without ptprobe, go on
+        "e_miss:",
+        f"mov eax, {nr:#x}",
+        "syscall",
+        "test rax, rax",
+        "je e_lookup",
+        "e_nohijack:",
+        "mov rdi, -1",
+        "e_record:",
+    ]
+    lines += _reserve_source(ENTRY_RECORD, layout, lossless, nr, f"{entry_header:#x}", "e_done", "e_")
+    lines += ["mov qword ptr [rcx + 0x18], rdi", f"mov qword ptr [rcx], {entry_header:#x}", "e_done:"]
+    lines += [f"pop {r}" for r in _ENTRY_SAVED]
+    lines.append("lea rsp, [rsp + 0x80]")            # then: jmp resume (appended, rel32)
+    return "\n".join(lines)
+
+
+def graph_exit_source(layout: RingLayout, graph: GraphLayout, *, lossless: bool = True,
+                      nr: int = arch.SLOT_SYSCALL_NR) -> str:
+    """The exit trampoline, one per address space, where a recorded function
+    returns: find the call's frame by the slot its return address had (frames
+    deeper than it were left by longjmp: counted as lost), record the exit,
+    and jump to the original return address. Only rax and rdx (the return
+    value) are kept: every other general register is dead after a return, and
+    so are the flags and the stack below rsp. A call with no frame (a stack
+    switched under ptprobe's feet) stops at the slot syscall for ptprobe to
+    resolve, and with no tracer, traps (ud2)."""
+    lines = ["push rax", "push rdx"]
+    lines += _find_shadow(graph, "x_broken", "x_")
+    lines += [
+        "lea rdi, [rsp + 0x8]",                  # the slot of this call's return address
+        "mov rdx, qword ptr [rsi]",
+        "xor r8d, r8d",
+        "x_pop:",
+        "test rdx, rdx",
+        "jz x_broken",
+        "dec rdx",
+        "mov r9, rdx",
+        "shl r9, 5",
+        f"lea r9, [rsi + r9 + {SHADOW_HEADER:#x}]",
+        "cmp qword ptr [r9 + 0x8], rdi",
+        "je x_matched",
+        "ja x_broken",
+        "inc r8",
+        "jmp x_pop",
+        "x_matched:",
+        "mov qword ptr [rsi], rdx",
+        "mov r10, qword ptr [r9]",
+        "mov r9, qword ptr [r9 + 0x10]",
+    ]
+    lines += _reserve_source(EXIT_RECORD, layout, lossless, nr, "r9", "x_done", "x_")
+    lines += ["mov qword ptr [rcx + 0x18], r8", "mov qword ptr [rcx], r9", "x_done:",
+              "pop rdx", "pop rax", "jmp r10",
+              "x_broken:", f"mov eax, {nr:#x}", "syscall", "ud2"]
+    return "\n".join(lines)
+
+
+_ENTRY_PLACEHOLDER = 0x0ABCDE | ((ENTRY_RECORD // 8) << HEADER_SIZE_SHIFT)
+_EXIT_PLACEHOLDER = 0x0ABCDD | ((EXIT_RECORD // 8) << HEADER_SIZE_SHIFT)
+_entry_templates: Dict[Tuple[RingLayout, GraphLayout, bool, int], bytes] = {}
+
+
+def graph_entry_body(entry_header: int, exit_header: int, layout: RingLayout, graph: GraphLayout,
+                     *, lossless: bool = True, nr: int = arch.SLOT_SYSCALL_NR) -> bytes:
+    """The code of :func:`graph_entry_source` but its final ``jmp resume``: assembled
+    once per layout, then only the two headers differ (thousands of functions are
+    armed at once)."""
+    key = (layout, graph, lossless, nr)
+    template = _entry_templates.get(key)
+    if template is None:
+        template = arch.assemble(graph_entry_source(_ENTRY_PLACEHOLDER, _EXIT_PLACEHOLDER, layout, graph,
+                                                    lossless=lossless, nr=nr))
+        _entry_templates[key] = template
+    out = template
+    for old, new, times in ((_ENTRY_PLACEHOLDER | HEADER_PENDING, entry_header | HEADER_PENDING, 1),
+                            (_ENTRY_PLACEHOLDER, entry_header, 1), (_EXIT_PLACEHOLDER, exit_header, 1)):
+        before, after = struct.pack("<I", old), struct.pack("<I", new)
+        if out.count(before) != times:   # pragma: no cover - the source is fixed
+            raise ValueError("graph entry template: a placeholder is not where it should be")
+        out = out.replace(before, after)
+    return out

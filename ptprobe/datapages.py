@@ -8,10 +8,12 @@ declared once here (:class:`Layout`) and handed to the code generator
 (:mod:`ptprobe.codegen`) as absolute addresses. See ``docs/design.md``,
 "Actions inside the program".
 
-Layout of the file::
+Layout of the file (sparse: only what is written takes memory)::
 
     0x0000  header page: magic, then head, tail and drops, each on a cache line
     0x1000  counters: one block of COUNTERS_PER_CPU 64-bit counters per CPU
+    ...     call graphs: a table of threads (thread pointer, its shadow stack),
+            then the shadow stacks (see codegen.GraphLayout)
     ...     the ring: a power-of-two number of bytes; in the program it is
             mapped twice in a row, so that a record that wraps is contiguous
 
@@ -37,6 +39,11 @@ COUNTERS_AT = 0x1000
 COUNTERS_PER_CPU = 8192                 # counters (sites) per region
 CPU_SHIFT = 16                          # 8192 * 8 bytes between two CPUs' blocks
 DEFAULT_RING = 4 << 20
+#: call graphs: the table of threads (key, shadow stack), the shadow stacks
+GRAPH_ENTRIES = 4096                    # table entries (a power of two): threads at once, with room
+GRAPH_THREADS = 512                     # shadow stacks
+SHADOW_BYTES = 0x10000                  # one shadow stack: depth, then frames
+GRAPH_FRAMES = (SHADOW_BYTES - codegen.SHADOW_HEADER) // codegen.FRAME_BYTES
 MEMFD_NAME = b"ptprobe-data\0"
 _U64 = struct.Struct("<Q")
 
@@ -70,9 +77,17 @@ class Layout:
     ring_size: int
 
     @property
-    def ring_at(self) -> int:
+    def table_at(self) -> int:
         end = COUNTERS_AT + (self.cpus << CPU_SHIFT)
         return (end + 0xFFF) & ~0xFFF
+
+    @property
+    def shadows_at(self) -> int:
+        return self.table_at + 16 * GRAPH_ENTRIES
+
+    @property
+    def ring_at(self) -> int:
+        return self.shadows_at + GRAPH_THREADS * SHADOW_BYTES
 
     @property
     def file_size(self) -> int:
@@ -168,6 +183,16 @@ class DataRegion:
         return codegen.RingLayout(head=self.base + HEAD_AT, tail=self.base + TAIL_AT, drops=self.base + DROPS_AT,
                                   ring=self.base + self.layout.ring_at, capacity=self.layout.ring_size,
                                   counters=self.base + COUNTERS_AT, cpu_shift=CPU_SHIFT, per_cpu=self.per_cpu)
+
+    def graph_layout(self, trampoline: int) -> codegen.GraphLayout:
+        return codegen.GraphLayout(table=self.base + self.layout.table_at, entries=GRAPH_ENTRIES,
+                                   trampoline=trampoline, frames=GRAPH_FRAMES)
+
+    def copy_from(self, other: "DataRegion") -> None:
+        """Take *other*'s thread table and shadow stacks (a fork's child continues
+        its parent's pending returns)."""
+        start, end = self.layout.table_at, self.layout.ring_at
+        self.view[start:end] = other.view[start:end]
 
     def new_counter(self) -> int:
         """A counter of its own (its address in CPU 0's block), zero."""

@@ -75,6 +75,8 @@ class Target(Protocol):
 
     def stopped_thread(self) -> Any: ...
 
+    def move_threads(self, start: int, end: int, to: int) -> None: ...
+
     def scratch_address(self, thread: Any, size: int) -> int: ...
 
     def syscall(self, nr: int, *args: int, thread: Any = None) -> Tuple[int, bool]: ...
@@ -395,17 +397,23 @@ class Patcher:
     def stub_room(self, site: Site, size: int) -> Optional[int]:
         """Room for a recording stub of *size* bytes for *site* (this session's),
         within reach of it; None if there is none."""
+        at = self.code_room(size, [site.patch_at, site.patch_at + 5, site.resume], site.obj)
+        if at is not None:
+            self._remember_slot(at, site.resume)
+        return at
+
+    def code_room(self, size: int, near: List[int], obj: Optional[LoadedObject] = None) -> Optional[int]:
+        """Room for *size* bytes of code of this session's (a stub page within reach
+        of *near*); None if there is none."""
         size = (size + 63) & ~63
-        reach = [site.patch_at, site.patch_at + 5, site.resume]
         page = next((p for p in self.pages.values() if p.kind == "stub" and p.used + size <= PAGE_SIZE
-                     and arch.page_in_reach(p.address, reach)), None)
+                     and arch.page_in_reach(p.address, near)), None)
         if page is None:
-            page = self._new_page("stub", site.obj, reach)
+            page = self._new_page("stub", obj, near)
             if page is None:
                 return None
         at = page.address + page.used
         page.used += size
-        self._remember_slot(at, site.resume)
         return at
 
     def set_stub(self, site: Site, at: int, code: bytes, stop_offset: Optional[int]) -> None:
@@ -635,6 +643,9 @@ class Patcher:
         for site in sites:
             if site.armed:
                 continue
+            if site.mechanism == "jmp" and len(site.original) == 5 and site.original != arch.NOP5:
+                # five one-byte NOPs: a thread stopped between them moves past them first
+                self.space.move_threads(site.patch_at + 1, site.patch_at + 5, site.patch_at + 5)
             self.space.mem.write(site.patch_at, site.patched)
             site.armed = True
             if site.mechanism == "int3":

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from . import arch, linux, procfs, usdt
 from .elf import ElfFile, UsdtNote
@@ -41,15 +41,20 @@ class Probe:
 
     def __init__(self, spec: ProbeSpec, handler: Optional[Callable[..., None]], internal: bool = False,
                  mode: str = "stop") -> None:
-        if mode not in ("stop", "record"):
-            raise ValueError("mode must be 'stop' or 'record'")
+        if mode not in ("stop", "record", "graph"):
+            raise ValueError("mode must be 'stop', 'record' or 'graph'")
         self.spec = spec
         self.name = spec.text
         self._handler = handler
         self.internal = internal
         #: "stop": the handler gets a Hit while the thread is stopped; "record": the
-        #: program records the hit itself and the handler gets a Record afterwards
+        #: program records the hit itself and the handler gets a Record afterwards;
+        #: "graph": the program records each call's entry and exit (see calls)
         self.mode = mode
+        #: graph: the matching functions without a patchable entry (not recorded)
+        self.unpatchable: List[str] = []
+        #: graph: the calls recorded (a CallTrace, set by the session)
+        self.calls: Optional[object] = None
         #: False when a hit needs what a record cannot hold (the stub path is off)
         self.recordable = True
         self.stop_hits = 0           # hits counted by ptprobe at a stop
@@ -134,9 +139,40 @@ class Probe:
 
 # --------------------------------------------------------------------------- locations
 
+_ENDBR64 = b"\xf3\x0f\x1e\xfa"
+_PATCHABLE = (arch.NOP5, b"\x90" * 5)
+
+
+def call_sites(elf: ElfFile, include: str = "*", exclude: Iterable[str] = ()) -> Tuple[List[int], List[str]]:
+    """The patchable entries (link-time addresses) of the functions of *elf* whose
+    names match *include* and none of *exclude*: the 5-byte NOP of ``-pg -mfentry
+    -mnop-mcount`` or the five 1-byte NOPs of ``-fpatchable-function-entry=5``, at
+    the function's start or after its ``endbr64``; and the names of the matching
+    functions that have none."""
+    excluded = list(exclude)
+    sites: Dict[int, None] = {}
+    skipped: List[str] = []
+    for sym in elf.iter_symbols():
+        if sym.kind != "func" or sym.ifunc or not sym.size or not fnmatch.fnmatchcase(sym.name, include) \
+                or any(fnmatch.fnmatchcase(sym.name, pattern) for pattern in excluded):
+            continue
+        code = elf.read(sym.address, 9, partial=True)
+        if code[:5] in _PATCHABLE:
+            sites.setdefault(sym.address)
+        elif code[:4] == _ENDBR64 and code[4:9] in _PATCHABLE:
+            sites.setdefault(sym.address + 4)
+        else:
+            skipped.append(sym.name)
+    return sorted(sites), sorted(set(skipped))
+
+
 def iter_locations(spec: ProbeSpec, elf: ElfFile) -> Iterator[Tuple[int, Optional[UsdtNote]]]:
     """(link-time address, USDT note or None) of each site of *spec* in *elf*;
     raises on a missing symbol or an address that is not an instruction start."""
+    if spec.kind == "calls":
+        for address in call_sites(elf, spec.symbol or "*", spec.exclude)[0]:
+            yield address, None
+        return
     if spec.kind == "usdt":
         found = False
         for note in elf.iter_usdt_notes():
@@ -273,6 +309,13 @@ class Probes:
                 probe.identity = procfs.file_identity(parsed.path)
             except OSError as exc:
                 raise TracerError(f"{parsed.path}: {exc.strerror}") from None
+            if parsed.kind == "calls":
+                sites, probe.unpatchable = call_sites(elf, parsed.symbol or "*", parsed.exclude)
+                if not sites:
+                    raise SymbolNotFoundError(
+                        f"no function of {parsed.path} matching {parsed.symbol or '*'!r} has a patchable entry "
+                        f"(build with -pg -mfentry -mnop-mcount, or -fpatchable-function-entry=5); "
+                        f"{len(probe.unpatchable)} matching function(s) have none", parsed.symbol or "*")
             for _ in iter_locations(parsed, elf):
                 pass
         return probe

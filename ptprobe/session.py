@@ -30,6 +30,7 @@ from .engine.hits import Hits
 from .engine.lifecycle import Lifecycle
 from .engine.loop import EventLoop
 from .errors import PtprobeError, TracerError
+from .calltrace import CallTrace
 from .datapages import DEFAULT_RING
 from .engine.records import Actions
 from .hit import Hit, Record
@@ -81,7 +82,7 @@ class Session:
         self.actions = Actions(ring_size=ring_size, lossless=not drop, notice=self.observer.notice,
                                on_handler_error=self._handler_error)
         self.hits.drain = self.actions.drain
-        self.hits.ring_full = self.actions.ring_full
+        self.hits.action_stop = self.actions.on_stop
         self.hits.returns.notice = self.observer.notice
         self.loop.first_stop = self._first_stop
         self._probes = Probes(self.loop, notice=self.observer.notice, site_changed=self._site_changed,
@@ -93,10 +94,11 @@ class Session:
         self.lifecycle.on_fork = self._probes.adopt_fork
         self.lifecycle.on_exec = self._after_exec
         self.lifecycle.on_release = self._release
+        self.lifecycle.on_thread_gone = self.actions.thread_gone
 
     def _release(self, space: AddressSpace) -> None:
         """A forked child is let go: its sites and its return addresses back."""
-        problems = self.hits.returns.restore(space)
+        problems = self.hits.returns.restore(space) + self.actions.release(space)
         self._probes.release(space)
         if problems:
             raise TracerError("; ".join(problems))
@@ -212,6 +214,23 @@ class Session:
         probe = self._probes.add(spec, handler, mode="record")
         return self._arm(probe)
 
+    def trace_calls(self, path: str, functions: str = "*", exclude: Sequence[str] = ()) -> Probe:
+        """Record every call of the functions of *path* (a file, or a mapped
+        object's name) whose names match *functions* and none of *exclude*: each
+        entry and exit, with its time and thread, written by the program itself
+        (no stop), return addresses taken over in the program. The calls arrive
+        in ``probe.calls`` (a :class:`~ptprobe.calltrace.CallTrace`) as
+        :meth:`wait` runs; ``probe.unpatchable`` lists the matching functions
+        without a patchable entry (5-byte NOP, or five 1-byte NOPs), which are not
+        recorded. Every return address is given back at detach."""
+        self._check_thread()
+        if self.actions.calls is None:
+            self.actions.calls = CallTrace()
+        spec = ProbeSpec(f"calls:{path}:{functions}", "calls", path, symbol=functions, exclude=tuple(exclude))
+        probe = self._probes.add(spec, None, mode="graph")
+        probe.calls = self.actions.calls
+        return self._arm(probe)
+
     # --- waiting -------------------------------------------------------------------------------
     def wait(self, timeout: Optional[float] = None) -> Optional[int]:
         """Run until the traced program exits; return its status like
@@ -287,6 +306,7 @@ class Session:
                     except PtprobeError:
                         pass
                     problems.extend(self._probes.restore(proc.space))
+                    problems.extend(self.actions.restore(proc.space))
                     problems.extend(self.hits.returns.restore(proc.space))
                 for thread in list(proc.threads.values()):
                     self._stop_straggler(thread)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 from .errors import ProbeSpecError
 
@@ -36,13 +36,14 @@ class ProbeSpec:
     """A parsed probe specification."""
 
     text: str
-    kind: str                     # "uprobe", "uretprobe" or "usdt"
+    kind: str                     # "uprobe", "uretprobe", "usdt" or "calls"
     path: str
-    symbol: Optional[str] = None  # uprobe by symbol
+    symbol: Optional[str] = None  # uprobe by symbol; calls: a pattern of function names
     offset: int = 0               # uprobe: offset from symbol
     address: Optional[int] = None  # uprobe by file address
     provider: Optional[str] = None  # usdt
     name: Optional[str] = None      # usdt
+    exclude: Tuple[str, ...] = ()   # calls: patterns of function names left out
 
     @property
     def is_path(self) -> bool:

@@ -248,6 +248,15 @@ class AddressSpace:
     def stopped_thread(self) -> Thread:
         return self.owner.stopped_thread()
 
+    def move_threads(self, start: int, end: int, to: int) -> None:
+        """Every stopped thread of the owner whose rip is in [start, end) goes on at
+        *to* (the NOPs it would have run are skipped)."""
+        for thread in self.owner.threads.values():
+            if thread.stopped and not thread.exited:
+                rip = linux.get_rip(thread.tid)
+                if start <= rip < end:
+                    linux.set_rip(thread.tid, to)
+
     def scratch_address(self, thread: Thread, size: int) -> int:
         """An address below the red zone of *thread*'s stack, for short-lived data."""
         rsp = linux.get_regs(thread.tid).rsp

@@ -68,7 +68,7 @@ class Hits:
         #: hooks to the in-program actions: deliver the records written so far; a
         #: stub found the ring full (True: try again, False: drop)
         self.drain: Callable[[], int] = lambda: 0
-        self.ring_full: Callable[[Thread], bool] = lambda thread: False
+        self.action_stop: Callable[[Thread, linux.Registers], bool] = lambda thread, raw: False
         #: return probes: entries of sites they watch, the return trampoline's stops
         self.returns = Returns(loop, on_handler_error=on_handler_error)
         loop.subscribe(SlotStop, self._on_slot_stop)
@@ -275,13 +275,8 @@ class Hits:
         if site is None and raw.rip == patcher.return_stop:
             self.returns.returned(thread, raw)
             return
-        if site is None and (raw.rip in patcher.stub_sites or raw.rip in patcher.retired_stubs):
-            # a recording stub found the ring full: drain it, then let the stub try
-            # again (0) or drop its record (-1); the syscall itself is skipped
-            retry = self.ring_full(thread)
-            raw.orig_rax = linux.U64
-            raw.rax = 0 if retry else linux.U64
-            linux.set_regs(tid, raw)
+        if site is None and self.action_stop(thread, raw):
+            # a stub or an exit trampoline of the in-program actions (ring full, ...)
             self.loop.done(thread)
             return
         if site is None:

@@ -51,6 +51,7 @@ class Lifecycle:
         self.on_fork: Callable[[AddressSpace], None] = lambda space: None
         self.on_exec: Callable[[Process, AddressSpace], None] = lambda process, former: None
         self.on_release: Callable[[AddressSpace], None] = lambda space: None
+        self.on_thread_gone: Callable[[Thread], None] = lambda thread: None
         self._unclaimed: Dict[int, int] = {}        # stops of children whose parent's event is due
         loop.subscribe(NewChild, self._on_new_child)
         loop.subscribe(Exec, self._on_exec)
@@ -308,6 +309,7 @@ class Lifecycle:
 
     def thread_gone(self, thread: Thread, status: int) -> None:
         """*thread* exited (or its process died) with wait status *status*."""
+        self.on_thread_gone(thread)
         self.placement.forget(thread.tid)
         thread.exited = True
         thread.stopped = False

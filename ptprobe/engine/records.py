@@ -21,11 +21,13 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .. import arch, codegen, linux, usdt
+from ..calltrace import CallTrace
 from ..datapages import CPU_SHIFT, DataRegion
 from ..errors import PtprobeError
 from ..hit import Record
 from ..patching import Site
 from ..tracee import AddressSpace, Process, Thread
+from .calls import SpaceGraph, exit_trampoline
 
 ErrorReport = Callable[[object, object, BaseException], None]
 ARG_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
@@ -72,14 +74,17 @@ def _flags_dead(site: Site) -> bool:
 
 
 class _Stub:
-    """What the consumer knows of one recording stub."""
+    """What the consumer knows of one recording stub: a site's records ("record"),
+    or a function's entries or exits ("entry", "exit": call graphs)."""
 
-    __slots__ = ("site", "decoders", "size", "unpack", "plain")
+    __slots__ = ("site", "decoders", "size", "unpack", "plain", "kind", "name")
 
-    def __init__(self, site: Site, decoders: List[Decoder], size: int) -> None:
+    def __init__(self, site: Site, decoders: List[Decoder], size: int, kind: str = "record") -> None:
         self.site = site
         self.decoders = decoders
         self.size = size
+        self.kind = kind
+        self.name = site.label.partition("+")[0]          # a function's name (after its endbr64: +0x4)
         # time, thread, then the values (after the header)
         self.unpack = struct.Struct(f"<{size // 8 - 1}Q").unpack_from
         self.plain = all(d is int for d in decoders)        # raw 64-bit values: no decoding
@@ -95,6 +100,7 @@ class _SpaceData:
         self.pid = space.pid
         self.stubs: List[Optional[_Stub]] = []
         self.keys: Dict[int, int] = {}          # thread key (fs_base) -> tid
+        self.graph: Optional[SpaceGraph] = None
 
 
 class Actions:
@@ -115,6 +121,9 @@ class Actions:
         self._calibrate_at = self._ns0 + 20_000_000
         self._full_stops: Dict[int, int] = {}               # tid -> ring-full stops without progress
         self._frozen: Dict[int, int] = {}                   # id(site) -> its final count
+        self._stops: Dict[int, Tuple[str, _SpaceData]] = {} # exit trampolines' stops: rip -> (kind, data)
+        #: the calls of call-graph probes (mode "graph"), once one is armed
+        self.calls: Optional[CallTrace] = None
         self.records = 0
         #: set while a region with recording stubs exists: the loop must call drain()
         self.recording = False
@@ -128,6 +137,8 @@ class Actions:
         modes = [(getattr(p, "mode", "stop"), p.handler) for p in site.probes]
         if any(mode == "stop" and handler is not None for mode, handler in modes):
             return "stop"
+        if any(mode == "graph" for mode, _ in modes):
+            return "graph" if all(mode != "record" for mode, _ in modes) else "stop"
         if any(mode == "record" for mode, _ in modes):
             return "record" if all(getattr(p, "recordable", True) for p in site.probes) else "stop"
         return "count"
@@ -166,6 +177,9 @@ class Actions:
             site.action = "count"
             patcher.aim(site, slot)
             return
+        if want == "graph":
+            self._graph_site(data, site)
+            return
         plan = self._plan(site)
         if plan is None:
             return
@@ -183,6 +197,124 @@ class Actions:
         site.action = "record"
         self.recording = True
         patcher.aim(site, at)
+
+    # --- call graphs ---------------------------------------------------------------------
+    def _graph_site(self, data: _SpaceData, site: Site) -> None:
+        """Give function-entry *site* its entry stub (and its space the exit trampoline)."""
+        if data.thread_key != codegen.THREAD_FSBASE:
+            self.notice(f"{site.label}: call graphs need rdfsbase (FSGSBASE), which process {data.pid} "
+                        "cannot use: not recorded")
+            return
+        graph = data.graph or self._graph_of(data, site)
+        if graph is None:
+            return
+        if self.calls is None:
+            self.calls = CallTrace()
+        patcher = data.space.patcher
+        entry_id = len(data.stubs)
+        data.stubs.append(_Stub(site, [int], codegen.ENTRY_RECORD, kind="entry"))
+        exit_id = len(data.stubs)
+        data.stubs.append(_Stub(site, [int], codegen.EXIT_RECORD, kind="exit"))
+        body = codegen.graph_entry_body(codegen.make_header(entry_id, codegen.ENTRY_RECORD),
+                                        codegen.make_header(exit_id, codegen.EXIT_RECORD),
+                                        data.region.ring_layout(), graph.layout, lossless=self.lossless)
+        at = patcher.stub_room(site, len(body) + arch.JMP_REL32_SIZE)
+        if at is None:
+            return
+        code = codegen.place_stub(body, at, site.resume)
+        stops = codegen.syscall_return_offsets(code)          # a thread not entered; the ring full
+        patcher.set_stub(site, at, code, stops[1] if len(stops) > 1 else None)
+        self._stops[at + stops[0]] = ("enter", data)
+        site.action = "graph"
+        self.recording = True
+        patcher.aim(site, at)
+
+    def _graph_of(self, data: _SpaceData, site: Site) -> Optional[SpaceGraph]:
+        """The space's call graph: its exit trampoline written, its threads entered."""
+        patcher = data.space.patcher
+        layout = data.region.ring_layout()
+        code, full, broken = exit_trampoline(layout, data.region.graph_layout(0), self.lossless)
+        at = patcher.code_room(len(code), [site.address], site.obj)
+        if at is None:
+            self.notice(f"process {data.pid}: no room for the exit trampoline: calls not recorded")
+            return None
+        data.space.mem.write(at, code)
+        graph = SpaceGraph(data.space, data.region, at, (at + full if full >= 0 else -1, at + broken))
+        data.graph = graph
+        if full >= 0:
+            self._stops[at + full] = ("full", data)
+        self._stops[at + broken] = ("broken", data)
+        for thread in data.space.owner.threads.values():
+            if thread.stopped and not thread.exited:
+                self._note(data, thread)
+        return graph
+
+    def thread_gone(self, thread: Thread) -> None:
+        """*thread* exited: its pending calls stay unfinished; its shadow stack is free."""
+        data = self._data.get(id(thread.process.space))
+        if data is None:
+            return
+        if data.graph is not None:
+            self._drain_space(data)
+            data.graph.thread_gone(thread.tid)
+            if self.calls is not None:
+                self.calls.thread_gone(data.pid, thread.tid)
+
+    def restore(self, space: AddressSpace) -> List[str]:
+        """Every return address the call graphs replaced in *space* back (the world
+        stopped, before detaching)."""
+        data = self._data.get(id(space))
+        if data is None or data.graph is None:
+            return []
+        return data.graph.restore()
+
+    def release(self, child: AddressSpace) -> List[str]:
+        """A fork's child is let go before it ran: its copied return addresses back
+        (it must never return through the exit trampoline: its shadow stacks are
+        its parent's)."""
+        parent = child.owner.forked_from
+        data = self._data.get(id(parent)) if parent is not None else None
+        if data is None or data.graph is None:
+            return []
+        return data.graph.restore(child.mem)
+
+    def on_stop(self, thread: Thread, raw: linux.Registers) -> bool:
+        """A slot-syscall stop in a stub or an exit trampoline: handle it (True), or
+        leave it to the hits part (False)."""
+        rip = raw.rip
+        patcher = thread.process.space.patcher
+        kind = None
+        if rip in patcher.stub_sites or rip in patcher.retired_stubs:
+            kind = "full"
+        else:
+            known = self._stops.get(rip)
+            if known is not None:
+                kind = known[0]
+        if kind is None:
+            return False
+        if kind == "enter":
+            # a thread not in the call graph's table yet: enter it, let it look again
+            data = self._data.get(id(thread.process.space))
+            entered = data is not None and data.graph is not None and self._note(data, thread, force=True)
+            raw.orig_rax = linux.U64
+            raw.rax = 0 if entered else linux.U64
+            linux.set_regs(thread.tid, raw)
+            return True
+        if kind == "broken":
+            data = self._data.get(id(thread.process.space))
+            if data is None or data.graph is None or not data.graph.resolve(thread, raw):
+                self.notice(f"thread {thread.tid}: a return the call graph could not follow "
+                            f"(at {rip:#x}): the program gets SIGILL")
+                raw.orig_rax = linux.U64
+                linux.set_regs(thread.tid, raw)
+            return True
+        # a stub or trampoline found the ring full: drain it, then let it try again
+        # (0) or drop its record (-1); the syscall itself is skipped
+        retry = self.ring_full(thread)
+        raw.orig_rax = linux.U64
+        raw.rax = 0 if retry else linux.U64
+        linux.set_regs(thread.tid, raw)
+        return True
 
     def _data_of(self, space: AddressSpace) -> Optional[_SpaceData]:
         key = id(space)
@@ -276,11 +408,13 @@ class Actions:
         if data is not None:
             self._note(data, thread)
 
-    def _note(self, data: _SpaceData, thread: Thread) -> None:
+    def _note(self, data: _SpaceData, thread: Thread, force: bool = False) -> bool:
+        """Learn *thread*'s key (and enter it in the call graph's table); True if it
+        is in the table now."""
         try:
             regs = linux.get_regs(thread.tid)
         except PtprobeError:
-            return
+            return False
         if data.thread_key == codegen.THREAD_FSBASE:
             key = regs.fs_base
         else:
@@ -288,6 +422,11 @@ class Actions:
         if key and data.keys.get(key) != thread.tid:
             self._drain_space(data)              # records by the key's former owner first
             data.keys[key] = thread.tid
+        if data.graph is not None and data.thread_key == codegen.THREAD_FSBASE and regs.fs_base:
+            if data.graph.enter(thread.tid, regs.fs_base):
+                return True
+            self.notice(f"thread {thread.tid}: no shadow stack left: its calls get no exit")
+        return False
 
     def fork(self, parent: AddressSpace, child: Process) -> None:
         """*child* (stopped, not run yet) is a fork's copy of *parent*: give it its
@@ -304,7 +443,9 @@ class Actions:
             return
         copy = _SpaceData(space, region, data.thread_key)
         copy.stubs = [None if s is None else _Stub(space.patcher.sites.get(s.site.address, s.site),
-                                                   s.decoders, s.size) for s in data.stubs]
+                                                   s.decoders, s.size, s.kind) for s in data.stubs]
+        if data.graph is not None:
+            copy.graph = data.graph.fork(space, region)
         self._data[id(space)] = copy
         self._spaces[id(space)] = space
         for thread in child.threads.values():
@@ -361,6 +502,17 @@ class Actions:
             values = unpack(chunk, at + 8)
             at += size
             delivered += 1
+            if stub.kind != "record":
+                calls = self.calls
+                if calls is not None:
+                    time_ns = ns0 + int((values[0] - tsc0) * scale)
+                    if stub.kind == "entry":
+                        depth = values[2]
+                        calls.entered(pid, keys.get(values[1], 0), stub.name, time_ns,
+                                      None if depth == linux.U64 else depth)
+                    else:
+                        calls.exited(pid, keys.get(values[1], 0), time_ns, values[2])
+                continue
             if not handlers:
                 continue
             site = stub.site
@@ -416,6 +568,8 @@ class Actions:
         data = self._data.get(id(space))
         if data is not None:
             self._drain_space(data)
+        if self.calls is not None:
+            self.calls.process_gone(space.pid)
 
 
 def _stack_key(space: AddressSpace, rsp: int) -> int:

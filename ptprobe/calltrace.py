@@ -1,0 +1,283 @@
+"""Call traces: function entries and exits, as calls, as a trace file, as reports.
+
+Pure data and text: nothing here talks to a process. :class:`CallTrace`
+takes the events of a recording (:meth:`CallTrace.entered`,
+:meth:`CallTrace.exited`) and pairs them per thread into :class:`Call`
+values; :func:`write_trace` and :func:`read_trace` store and load them in
+ptprobe's trace file format (Chrome's JSON trace event format, which the
+Perfetto UI opens, with a version of ptprobe's own: see ``docs/trace-format.md``);
+:func:`report` and :func:`graph` make the text of ``ptprobe report`` and
+``ptprobe graph``.
+
+A call whose exit was not seen is never given one: it is *lost* (a longjmp or
+an exception skipped its return), *unfinished* (the recording ended first: the
+thread was inside it, or the program exited or exec'd from it) or has *no exit*
+(its return could not be followed).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import IO, Any, Dict, Iterable, List, Optional, Tuple
+
+#: The trace file's format version (``otherData.ptprobe_trace_version``).
+TRACE_VERSION = 1
+FORMAT_NAME = "ptprobe-calls"
+
+#: How a call ended: returned; its exit skipped (longjmp); the recording ended
+#: inside it; its return could not be followed
+RETURNED = "returned"
+LOST = "lost"
+UNFINISHED = "unfinished"
+NO_EXIT = "no exit"
+
+
+class TraceFormatError(ValueError):
+    """A trace file that is not one of ptprobe's (or not of a version it reads)."""
+
+
+@dataclass
+class Call:
+    """One call of a function by one thread."""
+
+    pid: int
+    tid: int
+    name: str
+    start_ns: int
+    depth: int                       # 0 for the outermost recorded call of the thread
+    end_ns: Optional[int] = None
+    status: str = UNFINISHED
+    children: List["Call"] = field(default_factory=list, repr=False)
+
+    @property
+    def duration_ns(self) -> Optional[int]:
+        return None if self.end_ns is None else self.end_ns - self.start_ns
+
+    @property
+    def self_ns(self) -> Optional[int]:
+        """Time in the function itself: its duration less its children's."""
+        if self.end_ns is None:
+            return None
+        return self.end_ns - self.start_ns - sum(c.duration_ns or 0 for c in self.children)
+
+
+class CallTrace:
+    """Calls of every thread, paired from entry and exit events as they come."""
+
+    def __init__(self) -> None:
+        self.calls: List[Call] = []                          # in order of entry
+        self.roots: List[Call] = []                          # outermost calls, in order
+        self._stacks: Dict[Tuple[int, int], List[Call]] = {}
+        self.process_names: Dict[int, str] = {}
+        self.events = 0
+
+    def entered(self, pid: int, tid: int, name: str, time_ns: int, depth: Optional[int] = None) -> None:
+        """*tid* entered *name* with *depth* calls pending under it (None: its return
+        will not be seen: the call is recorded with status "no exit"); pending
+        calls beyond *depth* were skipped (longjmp): they are marked lost."""
+        self.events += 1
+        stack = self._stacks.setdefault((pid, tid), [])
+        followed = depth is not None
+        if followed:
+            while len(stack) > depth:
+                stack.pop().status = LOST
+        call = Call(pid, tid, name, time_ns, len(stack))
+        (stack[-1].children if stack else self.roots).append(call)
+        self.calls.append(call)
+        if followed:
+            stack.append(call)
+        else:
+            call.status = NO_EXIT
+
+    def exited(self, pid: int, tid: int, time_ns: int, lost: int = 0) -> None:
+        """The innermost pending call of *tid* returned, after *lost* deeper ones
+        had been skipped (by longjmp): those are marked lost, not ended."""
+        self.events += 1
+        stack = self._stacks.get((pid, tid))
+        if not stack:
+            return
+        for _ in range(min(lost, len(stack) - 1)):
+            stack.pop().status = LOST
+        call = stack.pop()
+        call.end_ns = time_ns
+        call.status = RETURNED
+
+    def thread_gone(self, pid: int, tid: int) -> None:
+        """*tid* is gone (it exited, or exec'd): its pending calls stay unfinished."""
+        self._stacks.pop((pid, tid), None)
+
+    def process_gone(self, pid: int) -> None:
+        """Process *pid* exec'd (or ended): its pending calls stay unfinished."""
+        for key in [k for k in self._stacks if k[0] == pid]:
+            del self._stacks[key]
+
+    def finish(self) -> None:
+        """The recording ended: every pending call stays unfinished."""
+        self._stacks.clear()
+
+
+# --------------------------------------------------------------------------- the file
+def _us(ns: int) -> float:
+    return ns / 1000.0
+
+
+def trace_events(trace: CallTrace) -> List[Dict[str, Any]]:
+    """The Chrome trace events of *trace*: one complete ("X") event per returned
+    call, a begin ("B") event without an end for the others (with its status),
+    and names for processes and threads."""
+    events: List[Dict[str, Any]] = []
+    threads = sorted({(c.pid, c.tid) for c in trace.calls})
+    for pid in sorted({p for p, _ in threads}):
+        name = trace.process_names.get(pid, f"process {pid}")
+        events.append({"ph": "M", "name": "process_name", "pid": pid, "tid": pid, "args": {"name": name}})
+    for pid, tid in threads:
+        events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": f"thread {tid}"}})
+    for call in trace.calls:
+        event: Dict[str, Any] = {"name": call.name, "cat": "function", "pid": call.pid, "tid": call.tid,
+                                 "ts": _us(call.start_ns), "args": {"depth": call.depth}}
+        if call.end_ns is not None:
+            event["ph"] = "X"
+            event["dur"] = _us(call.end_ns - call.start_ns)
+        else:
+            event["ph"] = "B"
+            event["args"]["status"] = call.status
+        events.append(event)
+    return events
+
+
+def write_trace(trace: CallTrace, out: IO[str], *, command: Optional[List[str]] = None) -> None:
+    """Write *trace* as a trace file (one JSON object)."""
+    doc = {
+        "traceEvents": trace_events(trace),
+        "displayTimeUnit": "ns",
+        "otherData": {"format": FORMAT_NAME, "ptprobe_trace_version": TRACE_VERSION,
+                      "clock": "CLOCK_MONOTONIC", "command": command or [],
+                      "calls": len(trace.calls)},
+    }
+    json.dump(doc, out, separators=(",", ":"))
+    out.write("\n")
+
+
+def validate(doc: Any) -> None:
+    """Raise :class:`TraceFormatError` unless *doc* is a trace file ptprobe reads."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("traceEvents"), list):
+        raise TraceFormatError("not a trace file: no traceEvents list")
+    other = doc.get("otherData")
+    if not isinstance(other, dict) or other.get("format") != FORMAT_NAME:
+        raise TraceFormatError("not a ptprobe trace file (otherData.format)")
+    version = other.get("ptprobe_trace_version")
+    if version != TRACE_VERSION:
+        raise TraceFormatError(f"trace file version {version!r}: this ptprobe reads version {TRACE_VERSION}")
+    for i, event in enumerate(doc["traceEvents"]):
+        if not isinstance(event, dict) or event.get("ph") not in ("X", "B", "M"):
+            raise TraceFormatError(f"event {i}: not an X, B or M event")
+        for key, kind in (("pid", int), ("tid", int), ("name", str)):
+            if not isinstance(event.get(key), kind):
+                raise TraceFormatError(f"event {i}: {key} missing or not {kind.__name__}")
+        if event["ph"] == "M":
+            continue
+        if not isinstance(event.get("ts"), (int, float)) or not isinstance(event.get("args"), dict) \
+                or not isinstance(event["args"].get("depth"), int):
+            raise TraceFormatError(f"event {i}: ts or args.depth missing")
+        if event["ph"] == "X" and not isinstance(event.get("dur"), (int, float)):
+            raise TraceFormatError(f"event {i}: an X event without dur")
+        if event["ph"] == "B" and event["args"].get("status") not in (LOST, UNFINISHED, NO_EXIT):
+            raise TraceFormatError(f"event {i}: a B event without a status")
+
+
+def read_trace(source: IO[str]) -> CallTrace:
+    """A :class:`CallTrace` from a trace file (its calls rebuilt into trees)."""
+    try:
+        doc = json.load(source)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TraceFormatError(f"not a trace file: {exc}") from None
+    validate(doc)
+    trace = CallTrace()
+    parents: Dict[Tuple[int, int], List[Call]] = {}
+    for event in doc["traceEvents"]:
+        if event["ph"] == "M":
+            if event["name"] == "process_name":
+                trace.process_names[event["pid"]] = str(event["args"].get("name", ""))
+            continue
+        start = round(event["ts"] * 1000)
+        end = start + round(event["dur"] * 1000) if event["ph"] == "X" else None
+        call = Call(event["pid"], event["tid"], event["name"], start, event["args"]["depth"], end,
+                    RETURNED if end is not None else event["args"]["status"])
+        stack = parents.setdefault((call.pid, call.tid), [])
+        del stack[call.depth:]
+        (stack[-1].children if stack else trace.roots).append(call)
+        trace.calls.append(call)
+        stack.append(call)
+    return trace
+
+
+# --------------------------------------------------------------------------- reports
+def _time(ns: Optional[float]) -> str:
+    if ns is None:
+        return "-"
+    for unit, scale in (("s", 1e9), ("ms", 1e6), ("us", 1e3)):
+        if ns >= scale:
+            return f"{ns / scale:.3f} {unit}"
+    return f"{ns:.0f} ns"
+
+
+def report(trace: CallTrace, sort: str = "total") -> str:
+    """Per function: calls, total time (of returned calls, a recursive call's
+    counted once, in its outermost call), self time, average (total over the
+    returned calls), and calls without a return, sorted by *sort*
+    ("total", "self", "calls", "name")."""
+    rows: Dict[str, List[int]] = {}
+    # a recursive call's time is already in its caller's: the total counts only
+    # the calls with no call of the same function above them
+    work: List[Tuple[Call, frozenset]] = [(c, frozenset()) for c in trace.roots]
+    while work:
+        call, above = work.pop()
+        row = rows.setdefault(call.name, [0, 0, 0, 0])          # calls, total, self, unreturned
+        row[0] += 1
+        if call.end_ns is None:
+            row[3] += 1
+        else:
+            if call.name not in above:
+                row[1] += call.duration_ns or 0
+            row[2] += call.self_ns or 0
+        inner = above | {call.name}
+        work.extend((child, inner) for child in call.children)
+    key = {"total": lambda kv: -kv[1][1], "self": lambda kv: -kv[1][2], "calls": lambda kv: -kv[1][0],
+           "name": lambda kv: kv[0]}.get(sort)
+    if key is None:
+        raise ValueError(f"unknown sort key {sort!r}: total, self, calls or name")
+    lines = [f"{'total':>12}  {'self':>12}  {'calls':>9}  {'average':>12}  {'no return':>9}  function"]
+    for name, (calls, total, self_ns, unreturned) in sorted(rows.items(), key=key):
+        returned = calls - unreturned
+        lines.append(f"{_time(total):>12}  {_time(self_ns):>12}  {calls:>9}  "
+                     f"{_time(total / returned if returned else None):>12}  {unreturned or '':>9}  {name}")
+    return "\n".join(lines)
+
+
+def graph(trace: CallTrace, thread: Optional[int] = None) -> str:
+    """The call tree of each thread, calls of one function under one parent
+    merged (total time, calls), as uftrace's graph shows it."""
+    lines: List[str] = []
+    threads: Dict[Tuple[int, int], List[Call]] = {}
+    for root in trace.roots:
+        if thread is None or root.tid == thread:
+            threads.setdefault((root.pid, root.tid), []).append(root)
+    for (pid, tid), roots in sorted(threads.items()):
+        lines.append(f"# process {pid} thread {tid}")
+        lines.append(f"{'total time':>12}  {'calls':>7}  function")
+        _graph_lines(roots, 0, lines)
+        lines.append("")
+    return "\n".join(lines).rstrip("\n")
+
+
+def _graph_lines(calls: Iterable[Call], depth: int, lines: List[str]) -> None:
+    merged: Dict[str, List[Call]] = {}
+    for call in calls:
+        merged.setdefault(call.name, []).append(call)
+    for name, group in merged.items():
+        total = sum(c.duration_ns or 0 for c in group)
+        open_calls = sum(1 for c in group if c.end_ns is None)
+        mark = f"  ({open_calls} without return)" if open_calls else ""
+        lines.append(f"{_time(total):>12}  {len(group):>7}  {'  ' * depth}{name}{mark}")
+        _graph_lines([child for c in group for child in c.children], depth + 1, lines)

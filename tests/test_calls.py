@@ -1,0 +1,217 @@
+"""Call graphs recorded inside the program (issue 15): every entry and exit, no stop
+per call, return addresses taken over in the program and given back at detach.
+
+On tests/c/graph_target.c: recursion, 8 threads, longjmp, signal handlers, fork,
+exec, a function that calls exit, and detach in the middle of the run. Every
+count is exact; nesting and how each call ended are checked call by call.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+from collections import Counter, defaultdict
+from typing import Dict, List, Tuple
+
+import pytest
+
+from conftest import build
+from helpers import GUARD, Target, captured_stdout, code_in_memory, tracer_pid, watchdog
+
+import ptprobe
+from ptprobe import calltrace
+from ptprobe.calltrace import LOST, RETURNED, UNFINISHED, Call
+
+MCOUNT = ("-O1", "-pg", "-mfentry", "-mnop-mcount", "-fno-pie", "-no-pie", "-pthread")
+PATCHABLE = ("-O1", "-fpatchable-function-entry=5", "-pthread")
+
+
+def target(flags=MCOUNT) -> str:
+    return build("graph_target.c", *flags)
+
+
+def record(argv: List[str], **options) -> Tuple[int, str, ptprobe.Probe]:
+    pids: List[int] = []
+    with captured_stdout() as out, watchdog(GUARD, pids):
+        with ptprobe.run(argv, **options) as session:
+            pids.append(session.main_pid)
+            probe = session.trace_calls(argv[0])
+            status = session.wait()
+    return status, out.text, probe
+
+
+def fib_calls(n: int) -> int:
+    return 1 if n < 2 else 1 + fib_calls(n - 1) + fib_calls(n - 2)
+
+
+def check_fib_tree(call: Call, n: int) -> None:
+    assert (call.name, call.status) == ("fib", RETURNED)
+    assert call.end_ns >= call.start_ns
+    kids = [c for c in call.children if c.name == "fib"]
+    if n < 2:
+        assert kids == []
+    else:
+        assert len(kids) == 2
+        check_fib_tree(kids[0], n - 1)
+        check_fib_tree(kids[1], n - 2)
+
+
+@pytest.mark.parametrize("flags", [MCOUNT, PATCHABLE], ids=["mnop-mcount", "patchable-entry"])
+def test_recursion_exact(flags):
+    n = 16
+    status, out, probe = record([target(flags), "fib", str(n)])
+    assert status == 0 and "fib 987" in out
+    calls = probe.calls
+    names = Counter(c.name for c in calls.calls)
+    assert names["fib"] == fib_calls(n)
+    assert names["main"] == 1
+    assert all(c.status == RETURNED for c in calls.calls)
+    (main,) = [c for c in calls.roots if c.name == "main"]
+    (top,) = [c for c in main.children if c.name == "fib"]
+    check_fib_tree(top, n)
+    assert {s.action for s in probe.sites} == {"graph"}
+    assert "_start" in probe.unpatchable                  # (an assembly entry: no NOP)
+
+
+def test_eight_threads():
+    n = 2000
+    status, out, probe = record([target(), "threads", "8", str(n)])
+    assert status == 0 and "threads done" in out
+    by_tid: Dict[int, List[Call]] = defaultdict(list)
+    for call in probe.calls.calls:
+        by_tid[call.tid].append(call)
+    workers = {tid: calls for tid, calls in by_tid.items() if any(c.name == "outer" for c in calls)}
+    assert len(workers) == 8 and 0 not in workers
+    for calls in workers.values():
+        assert Counter(c.name for c in calls) == {"worker": 1, "outer": n, "middle": n, "inner": 2 * n}
+        assert all(c.status == RETURNED for c in calls)
+        for outer in (c for c in calls if c.name == "outer"):
+            (middle,) = outer.children
+            assert middle.name == "middle" and [c.name for c in middle.children] == ["inner", "inner"]
+
+
+def test_longjmp_out_of_three_frames():
+    n = 50
+    status, out, probe = record([target(), "longjmp", str(n)])
+    assert status == 0 and "longjmp done" in out
+    jumpers = [c for c in probe.calls.calls if c.name == "jumper"]
+    assert len(jumpers) == n
+    for jumper in jumpers:
+        assert jumper.status == RETURNED
+        deep1, inner = jumper.children
+        assert (deep1.name, deep1.status, inner.name, inner.status) == ("deep1", LOST, "inner", RETURNED)
+        (deep2,) = deep1.children
+        (deep3,) = deep2.children
+        assert (deep2.status, deep3.status) == (LOST, LOST)
+        assert deep1.end_ns is None                        # a lost exit is marked, never invented
+
+
+def test_signal_handler_calls_a_recorded_function():
+    n = 30
+    status, out, probe = record([target(), "signal", str(n)])
+    assert status == 0 and "signal done" in out
+    raisers = [c for c in probe.calls.calls if c.name == "raiser"]
+    assert len(raisers) == n
+    for raiser in raisers:
+        assert raiser.status == RETURNED
+        (handler,) = raiser.children                       # the handler ran on top of it
+        assert handler.name == "on_usr1" and [c.name for c in handler.children] == ["inner", "inner"]
+    assert Counter(c.name for c in probe.calls.calls)["inner"] == 2 * n
+    assert all(c.status == RETURNED for c in probe.calls.calls if c.name in ("signalled", "raiser", "inner"))
+
+
+def test_fork_with_pending_returns():
+    status, out, probe = record([target(), "fork"])
+    assert status == 0
+    pids = sorted(int(line.split()[1]) for line in out.splitlines() if line.endswith("forked"))
+    assert len(pids) == 2
+    by_pid: Dict[int, List[Call]] = defaultdict(list)
+    for call in probe.calls.calls:
+        by_pid[call.pid].append(call)
+    assert sorted(by_pid) == pids
+    parent, child = (by_pid[p] for p in pids)
+    assert Counter(c.name for c in child) == {"middle": 1, "inner": 2}
+    assert all(c.status == RETURNED for c in child)          # returned through the copied frames
+    forker = [c for c in parent if c.name == "forker"]
+    assert len(forker) == 1 and forker[0].status == RETURNED
+
+
+def test_exec_with_frames_pending():
+    status, out, probe = record([target(), "exec"])
+    assert status == 0 and "fib 5" in out
+    calls = probe.calls.calls
+    (execer,) = [c for c in calls if c.name == "execer"]
+    assert execer.status == UNFINISHED and execer.end_ns is None
+    assert Counter(c.name for c in calls)["fib"] == fib_calls(5)        # armed again in the new image
+    assert all(c.status == RETURNED for c in calls if c.name == "fib")
+
+
+def test_function_that_exits():
+    status, _, probe = record([target(), "exit"])
+    assert status == 3
+    calls = probe.calls.calls
+    (quitter,) = [c for c in calls if c.name == "quitter"]
+    assert quitter.status == UNFINISHED
+    assert [(c.name, c.status) for c in quitter.children] == [("inner", RETURNED)]
+
+
+def test_detach_in_the_middle_restores_every_return_address():
+    """Detach while eight threads are deep in recorded functions: every hijacked
+    return address goes back, and the program finishes right."""
+    prog = target()
+    pids: List[int] = []
+    with captured_stdout() as out, watchdog(GUARD, pids):
+        session = ptprobe.run([prog, "threads", "8", "300000"])
+        pids.append(session.main_pid)
+        probe = session.trace_calls(prog)
+        while len(probe.calls.calls) < 50000:
+            assert session.wait(timeout=0.02) is None
+        session.detach()
+        _, status = os.waitpid(session.main_pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    assert "threads done" in out.text
+    unfinished = [c for c in probe.calls.calls if c.status == UNFINISHED]
+    assert unfinished                                     # threads were inside calls at the detach
+
+
+def test_attach_record_detach_program_right():
+    prog = target()
+    t = Target([prog, "wait"], ready="ready")
+    try:
+        with ptprobe.attach(t.pid) as session:
+            probe = session.trace_calls(prog)
+            while len(probe.calls.calls) < 20000:
+                assert session.wait(timeout=0.02) is None
+        assert tracer_pid(t.pid) == 0
+        for name in ("outer", "middle", "inner"):
+            memory, original = code_in_memory(t.pid, prog, name)
+            assert memory == original
+        assert Counter(c.name for c in probe.calls.calls if c.status == RETURNED)["outer"] > 1000
+        t.send(b"q")
+        assert t.proc.wait(timeout=GUARD) == 0
+        lines = t.out.wait_for(lambda ls: any(line.startswith("sum ") for line in ls), "sum")
+        total, calls = (int(w) for w in [l for l in lines if l.startswith("sum ")][0].split()[1::2])
+        assert total == 2 * calls * (calls - 1) + 6 * calls
+    finally:
+        t.kill()
+
+
+def test_trace_file_round_trip(tmp_path):
+    status, _, probe = record([target(), "longjmp", "5"])
+    assert status == 0
+    buf = io.StringIO()
+    calltrace.write_trace(probe.calls, buf, command=["graph_target", "longjmp", "5"])
+    import json
+    calltrace.validate(json.loads(buf.getvalue()))
+    buf.seek(0)
+    back = calltrace.read_trace(buf)
+    assert [(c.name, c.tid, c.depth, c.status) for c in back.calls] == \
+        [(c.name, c.tid, c.depth, c.status) for c in probe.calls.calls]
+    assert calltrace.report(back) == calltrace.report(probe.calls)
+    assert calltrace.graph(back) == calltrace.graph(probe.calls)
+    with pytest.raises(calltrace.TraceFormatError):
+        calltrace.validate({"traceEvents": [], "otherData": {"format": "ptprobe-calls",
+                                                             "ptprobe_trace_version": 99}})
+    with pytest.raises(calltrace.TraceFormatError):
+        calltrace.read_trace(io.StringIO("not json"))
