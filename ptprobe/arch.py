@@ -446,8 +446,12 @@ _SITE_NOP1_NOP10 = JmpSite("nop1+nop10", 1, 11)
 _SITE_5_NOP1 = JmpSite("5*nop1", 0, 5)
 
 
-def classify_site(code: bytes) -> JmpSite | None:
-    """Recognise a jmp-capable probe site from the bytes at the probe address (exact bytes only)."""
+def classify_site(code: bytes, entry_nops: bool = False) -> JmpSite | None:
+    """Recognise a jmp-capable probe site from the bytes at the probe address (exact bytes only).
+
+    Five one-byte NOPs are a site only with *entry_nops*: at a function's patchable
+    entry (``-fpatchable-function-entry=5``); elsewhere a run of NOPs may be padding
+    that a branch enters in the middle."""
     code = bytes(code)
     if code[:5] == NOP5:
         return _SITE_NOP5
@@ -456,7 +460,7 @@ def classify_site(code: bytes) -> JmpSite | None:
             return _SITE_NOP1_NOP5
         if code[1:11] == NOP10:
             return _SITE_NOP1_NOP10
-        if code[1:5] == b"\x90" * 4:
+        if entry_nops and code[1:5] == b"\x90" * 4:
             return _SITE_5_NOP1
     return None
 

@@ -558,7 +558,7 @@ class Patcher:
 
     # --- sites --------------------------------------------------------------------------
     def prepare(self, address: int, obj: Optional[LoadedObject], file_code: bytes,
-                insn: arch.Instruction) -> Site:
+                insn: arch.Instruction, entry_nops: bool = False) -> Site:
         """Decide how to arm *address* (not yet written). *file_code* holds the file's bytes there."""
         space = self.space
         site = self.sites.get(address)
@@ -574,7 +574,7 @@ class Patcher:
             host.counting_only = False
             self.sites[address] = site
             return site
-        jmp = arch.classify_site(file_code)
+        jmp = arch.classify_site(file_code, entry_nops)
         if jmp is not None and jmp.jmp_offset and address + 1 in self.sites:
             jmp = None      # its long NOP is a site of its own already: arm only the nop1
         if jmp is not None:

@@ -354,7 +354,7 @@ class Probes:
             insn = arch.decode(code, address)
             if insn is None:
                 raise InstructionBoundaryError(f"no valid instruction at {address:#x}", address)
-            sites.append(patcher.prepare(address, obj, code, insn))
+            sites.append(patcher.prepare(address, obj, code, insn, entry_nops=probe.spec.kind == "calls"))
             notes.append(note)
         if probe.is_return and sites:
             patcher.return_trampoline(sites[0].address)

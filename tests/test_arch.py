@@ -525,3 +525,12 @@ def test_displaced_target_out_of_reach() -> None:
     assert arch.displaced_code(jcc, XOL) is None
     call = insn_at("e8 00 00 00 80", site + 0x100)
     assert arch.displaced_code(call, XOL) is None
+
+
+def test_five_one_byte_nops_are_a_site_only_at_a_patchable_entry() -> None:
+    """-fpatchable-function-entry=5: five 1-byte NOPs take a jmp at a function's
+    entry (the graph recorder says so); elsewhere a run of NOPs may be padding."""
+    site = arch.classify_site(h("90 90 90 90 90 55"), entry_nops=True)
+    assert site is not None and (site.kind, site.jmp_offset, site.resume_offset) == ("5*nop1", 0, 5)
+    assert arch.classify_site(h("90 90 90 90 90 55")) is None
+    assert arch.classify_site(h("90 90 90 90 55"), entry_nops=True) is None

@@ -197,7 +197,7 @@ def _check(value: Any) -> Optional[ProbeSpec]:
         assert "\n" not in str(exc) and isinstance(exc.spec, str)
         return None
     assert isinstance(value, str)
-    assert spec.kind in ("uprobe", "usdt") and spec.path and "\0" not in spec.path
+    assert spec.kind in ("uprobe", "uretprobe", "usdt") and spec.path and "\0" not in spec.path
     assert 0 <= spec.offset <= _U64
     assert spec.address is None or 0 <= spec.address <= _U64
     assert spec == parse_spec(spec.text)
