@@ -63,58 +63,91 @@ class Call:
 
 
 class CallTrace:
-    """Calls of every thread, paired from entry and exit events as they come."""
+    """Calls of every thread, paired from entry and exit events.
+
+    Events are kept as they come (cheap: they arrive while the program runs)
+    and paired into :class:`Call` values when :attr:`calls` or :attr:`roots` is
+    read."""
 
     def __init__(self) -> None:
-        self.calls: List[Call] = []                          # in order of entry
-        self.roots: List[Call] = []                          # outermost calls, in order
+        self._calls: List[Call] = []                         # in order of entry
+        self._roots: List[Call] = []                         # outermost calls, in order
         self._stacks: Dict[Tuple[int, int], List[Call]] = {}
+        self._pending: List[tuple] = []
         self.process_names: Dict[int, str] = {}
         self.events = 0
+
+    @property
+    def calls(self) -> List[Call]:
+        """Every call, in the order of their entries."""
+        self._build()
+        return self._calls
+
+    @property
+    def roots(self) -> List[Call]:
+        """The outermost calls of each thread, in order (the others are their children)."""
+        self._build()
+        return self._roots
 
     def entered(self, pid: int, tid: int, name: str, time_ns: int, depth: Optional[int] = None) -> None:
         """*tid* entered *name* with *depth* calls pending under it (None: its return
         will not be seen: the call is recorded with status "no exit"); pending
         calls beyond *depth* were skipped (longjmp): they are marked lost."""
-        self.events += 1
-        stack = self._stacks.setdefault((pid, tid), [])
-        followed = depth is not None
-        if followed:
-            while len(stack) > depth:
-                stack.pop().status = LOST
-        call = Call(pid, tid, name, time_ns, len(stack))
-        (stack[-1].children if stack else self.roots).append(call)
-        self.calls.append(call)
-        if followed:
-            stack.append(call)
-        else:
-            call.status = NO_EXIT
+        self._pending.append((0, pid, tid, name, time_ns, depth))
 
     def exited(self, pid: int, tid: int, time_ns: int, lost: int = 0) -> None:
         """The innermost pending call of *tid* returned, after *lost* deeper ones
         had been skipped (by longjmp): those are marked lost, not ended."""
-        self.events += 1
-        stack = self._stacks.get((pid, tid))
-        if not stack:
-            return
-        for _ in range(min(lost, len(stack) - 1)):
-            stack.pop().status = LOST
-        call = stack.pop()
-        call.end_ns = time_ns
-        call.status = RETURNED
+        self._pending.append((1, pid, tid, None, time_ns, lost))
 
     def thread_gone(self, pid: int, tid: int) -> None:
         """*tid* is gone (it exited, or exec'd): its pending calls stay unfinished."""
-        self._stacks.pop((pid, tid), None)
+        self._pending.append((2, pid, tid, None, 0, 0))
 
     def process_gone(self, pid: int) -> None:
         """Process *pid* exec'd (or ended): its pending calls stay unfinished."""
-        for key in [k for k in self._stacks if k[0] == pid]:
-            del self._stacks[key]
+        self._pending.append((3, pid, 0, None, 0, 0))
 
     def finish(self) -> None:
         """The recording ended: every pending call stays unfinished."""
-        self._stacks.clear()
+        self._pending.append((4, 0, 0, None, 0, 0))
+
+    def _build(self) -> None:
+        pending, self._pending = self._pending, []
+        stacks = self._stacks
+        for kind, pid, tid, name, time_ns, value in pending:
+            if kind == 0:
+                self.events += 1
+                stack = stacks.get((pid, tid))
+                if stack is None:
+                    stack = stacks[(pid, tid)] = []
+                if value is not None:
+                    while len(stack) > value:
+                        stack.pop().status = LOST
+                call = Call(pid, tid, name, time_ns, len(stack))
+                (stack[-1].children if stack else self._roots).append(call)
+                self._calls.append(call)
+                if value is not None:
+                    stack.append(call)
+                else:
+                    call.status = NO_EXIT
+            elif kind == 1:
+                self.events += 1
+                stack = stacks.get((pid, tid))
+                if not stack:
+                    continue
+                for _ in range(min(value, len(stack) - 1)):
+                    stack.pop().status = LOST
+                call = stack.pop()
+                call.end_ns = time_ns
+                call.status = RETURNED
+            elif kind == 2:
+                stacks.pop((pid, tid), None)
+            elif kind == 3:
+                for key in [k for k in stacks if k[0] == pid]:
+                    del stacks[key]
+            else:
+                stacks.clear()
 
 
 # --------------------------------------------------------------------------- the file
@@ -206,8 +239,8 @@ def read_trace(source: IO[str]) -> CallTrace:
                     RETURNED if end is not None else event["args"]["status"])
         stack = parents.setdefault((call.pid, call.tid), [])
         del stack[call.depth:]
-        (stack[-1].children if stack else trace.roots).append(call)
-        trace.calls.append(call)
+        (stack[-1].children if stack else trace._roots).append(call)
+        trace._calls.append(call)
         stack.append(call)
     return trace
 

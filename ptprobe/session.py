@@ -257,7 +257,10 @@ class Session:
             with self.loop.interrupts_deferred(stop=True):
                 try:
                     tids = sorted(self.loop.threads, key=lambda tid: tid != self.main_pid)  # main thread first
-                    self.placement.engage(tids)
+                    if not self.actions.recording:
+                        # (a session that reads records works while the program runs:
+                        # sharing its CPU would slow both)
+                        self.placement.engage(tids)
                     self.loop.resume_world()
                     self.loop.run(until=lambda: self.returncode is not None)
                 finally:
