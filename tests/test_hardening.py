@@ -1,0 +1,94 @@
+"""Hardening (issue 14): hangs, foreign seccomp filters, fairness under load and
+the death of the tracer, each shown on real programs under real ptrace.
+
+Every test bounds its time: a hang fails the test (the program and ptprobe are
+killed), it does not stall the suite. Long stress loops run only with their
+environment variable set (the counts quoted in the closing note):
+
+* ``PTPROBE_HARD_CTRLC=N``: Ctrl-C trials on multi-threaded programs (default 10);
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from typing import Iterator, List
+
+import pytest
+
+from conftest import build
+from helpers import GUARD, REPO, Lines, repo_env
+
+
+def env_count(name: str, default: int) -> int:
+    """A stress count from the environment (*default* when unset)."""
+    value = os.environ.get(name, "")
+    return int(value) if value.strip() else default
+
+
+def hard_build(source: str, *flags: str) -> str:
+    """A tests/c/hard_*.c program, with 5-byte NOPs at function entries (jmp sites)."""
+    return build(source, "-O1", "-pg", "-mfentry", "-mnop-mcount", "-fno-pie", "-no-pie", "-pthread", *flags)
+
+
+@contextlib.contextmanager
+def cli_group(*args: str) -> Iterator[subprocess.Popen]:
+    """``python -m ptprobe ARGS`` as the leader of a process group of its own (with the
+    program it starts), as a shell runs a command; the whole group is SIGKILLed at the
+    end if it is still there."""
+    cli = subprocess.Popen([sys.executable, "-m", "ptprobe", *args], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, stdin=subprocess.PIPE, env=repo_env(), cwd=str(REPO),
+                           start_new_session=True)
+    try:
+        yield cli
+    finally:
+        if cli.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(cli.pid, signal.SIGKILL)
+            cli.wait(timeout=GUARD)
+        for stream in (cli.stdin, cli.stdout, cli.stderr):
+            with contextlib.suppress(OSError):
+                stream.close()
+
+
+# --------------------------------------------------------------------------- 1. Ctrl-C on run
+
+CTRLC_TRIALS = env_count("PTPROBE_HARD_CTRLC", 10)
+_CTRLC_MODES = [("--slots", "return"), ("--slots", "seed"), ("--no-seccomp",)]
+
+
+def ctrl_c_trial(binary: str, trial: int) -> str:
+    """One trial: ``ptprobe run`` of a program whose 4 threads hit a probe; SIGINT or
+    SIGTERM to the process group once they run. '' if ptprobe died by that signal,
+    else what happened."""
+    sig = (signal.SIGINT, signal.SIGTERM)[trial % 2]
+    mode = _CTRLC_MODES[trial // 2 % len(_CTRLC_MODES)]
+    with cli_group("run", "-q", *mode, "-p", f"uprobe:{binary}:hit", "--", binary, "4", "0") as cli:
+        out = Lines(cli.stdout)
+        out.wait_for(lambda ls: "ready" in ls, "the program's threads running")
+        os.killpg(cli.pid, sig)
+        try:
+            status = cli.wait(timeout=GUARD / 2)
+        except subprocess.TimeoutExpired:
+            return f"trial {trial} ({signal.Signals(sig).name}, {' '.join(mode)}): ptprobe hung"
+        out.close()
+        if status != -sig:
+            err = cli.stderr.read().decode(errors="replace")
+            return f"trial {trial} ({signal.Signals(sig).name}, {' '.join(mode)}): status {status}: {err[-300:]}"
+    return ""
+
+
+def test_ctrl_c_on_run_of_a_threaded_program_never_hangs():
+    """Item 1: the whole process group gets SIGINT or SIGTERM, as from a terminal;
+    ptprobe ends by the program's signal every time (it used to block in
+    wait4(main pid) with the program's other threads zombies still traced by it)."""
+    binary = hard_build("hard_threads.c")
+    failures: List[str] = []
+    for trial in range(CTRLC_TRIALS):
+        problem = ctrl_c_trial(binary, trial)
+        if problem:
+            failures.append(problem)
+    assert not failures, f"{len(failures)} of {CTRLC_TRIALS} trials failed: {failures}"
