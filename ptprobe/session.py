@@ -256,12 +256,10 @@ class Session:
         if self.attached:
             self.detach()
         if self.mode == "run" and self.returncode is None and self.main_pid:
-            try:
-                _, status = os.waitpid(self.main_pid, 0)
+            status = self.loop.reap(self.main_pid)
+            if status is not None and self.returncode is None:
                 self.lifecycle.returncode = (os.WEXITSTATUS(status) if os.WIFEXITED(status)
                                              else -os.WTERMSIG(status))
-            except ChildProcessError:
-                pass
 
     def kill(self) -> None:
         """Kill the traced program (run mode) and reap it."""
@@ -292,15 +290,15 @@ class Session:
             except PtprobeError:
                 pass
             if self.main_pid and self.returncode is None:
-                _kill_and_reap(self.main_pid)
+                self._kill_and_reap()
 
-
-def _kill_and_reap(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    except (ProcessLookupError, ChildProcessError):
-        pass
+    def _kill_and_reap(self) -> None:
+        """SIGKILL the program (run mode) and reap it, whatever is still traced of it."""
+        try:
+            os.kill(self.main_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        self.loop.reap(self.main_pid)
 
 
 def run(argv: Sequence[str], *, env: Optional[Dict[str, str]] = None, **options) -> Session:
@@ -318,7 +316,7 @@ def run(argv: Sequence[str], *, env: Optional[Dict[str, str]] = None, **options)
         session._start(list(argv), env)
     except BaseException:
         if session.main_pid and session.returncode is None:
-            _kill_and_reap(session.main_pid)
+            session._kill_and_reap()
         raise
     return session
 

@@ -251,6 +251,40 @@ class EventLoop:
                 return status
             self._backlog.append((got, status))
 
+    def reap(self, pid: int) -> Optional[int]:
+        """Wait for the exit status of process *pid*, a child of this thread whose
+        threads may still be traced (None if there is no such child left).
+
+        Never waits on *pid* alone: the leader of a killed thread group is reported
+        only after its other threads are reaped, and those may be traced by us. So
+        this waits for any child and takes what comes: the kept statuses first, the
+        exits of registered threads are dispatched, a thread still traced that stops
+        is let go with its signal, and the exit of a child that is not traced goes to
+        :attr:`foreign_exits`."""
+        ours = {tid for proc in self.processes.values() for tid in proc.threads} | set(self.processes)
+        while True:
+            if self._backlog:
+                got, status = self._backlog.popleft()
+            else:
+                try:
+                    got, status = linux.wait_any()
+                except ChildProcessError:
+                    return None
+            if got == pid and not os.WIFSTOPPED(status):
+                thread = self.threads.get(got)
+                if thread is not None:
+                    self.dispatch(got, status)
+                return status
+            if got in self.threads:
+                self.dispatch(got, status)
+            elif os.WIFSTOPPED(status):
+                ours.add(got)
+                sig = os.WSTOPSIG(status) if status >> 16 == 0 else 0
+                with contextlib.suppress(PtprobeError):
+                    linux.detach(got, sig)
+            elif got not in ours:
+                self.foreign_exits[got] = status
+
     # --- Ctrl-C ----------------------------------------------------------------------------
     @contextlib.contextmanager
     def interrupts_deferred(self, stop: bool = False) -> Iterator[None]:
