@@ -92,3 +92,27 @@ def test_ctrl_c_on_run_of_a_threaded_program_never_hangs():
         if problem:
             failures.append(problem)
     assert not failures, f"{len(failures)} of {CTRLC_TRIALS} trials failed: {failures}"
+
+
+# --------------------------------------------------------------------------- 2. a FIFO as a path, in run
+
+@pytest.mark.parametrize("kind", ["uprobe", "usdt"])
+def test_run_with_a_fifo_as_probe_path_fails_at_once(tmp_path, kind):
+    """Item 2 in run mode: a probe whose path is a FIFO is refused (exit 5, one line)
+    without opening it, and the program started for it does not outlive ptprobe."""
+    binary = hard_build("hard_threads.c")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    spec = f"uprobe:{fifo}:main" if kind == "uprobe" else f"usdt:{fifo}:p:n"
+    with cli_group("run", "-p", spec, "--", binary, "2", "0") as cli:
+        try:
+            cli.wait(timeout=GUARD / 2)
+        except subprocess.TimeoutExpired:
+            pytest.fail("ptprobe run blocked on a FIFO given as a probe path")
+        err = cli.stderr.read().decode()
+        assert cli.returncode == 5, err
+        assert err.splitlines() == [f"ptprobe: {fifo}: is a FIFO, not an ELF file"], err
+        assert cli.stdout.read() == b""          # the program never ran its own code
+    # nothing of the group is left (the program was killed before its own code ran)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(cli.pid, 0)
