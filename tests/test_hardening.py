@@ -20,7 +20,7 @@ from typing import Iterator, List
 import pytest
 
 from conftest import build
-from helpers import GUARD, REPO, Lines, repo_env
+from helpers import GUARD, REPO, Hammer, Lines, fast_build, load_bias, proc_status, read_mem, repo_env, symbol
 
 
 def env_count(name: str, default: int) -> int:
@@ -116,3 +116,44 @@ def test_run_with_a_fifo_as_probe_path_fails_at_once(tmp_path, kind):
     # nothing of the group is left (the program was killed before its own code ran)
     with pytest.raises(ProcessLookupError):
         os.killpg(cli.pid, 0)
+
+
+# --------------------------------------------------------------------------- 9. the tracer killed
+
+@pytest.mark.parametrize("mode", ["seed", "return", "int3"])
+def test_sigkilled_tracer(mode):
+    """Item 9: ptprobe attached to a program whose threads pass a probed nop5 and check
+    every register there is SIGKILLed. With slots of either kind the program runs on,
+    its registers intact (a seed slot's syscall now returns into a tail that goes
+    back to the site, as a self-returning slot does); on an int3 site the next pass
+    dies of SIGTRAP, as the README says."""
+    binary = fast_build("fast_hammer.c")
+    hammer = Hammer(binary, 2, 5000)
+    options = ["--no-seccomp"] if mode == "int3" else ["--slots", mode]
+    cli = None
+    try:
+        site = load_bias(hammer.pid, binary) + symbol(binary, "regs_site")[0]
+        cli = subprocess.Popen([sys.executable, "-m", "ptprobe", "attach", str(hammer.pid), *options,
+                                "-p", f"uprobe:{binary}:regs_site"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=repo_env(), cwd=str(REPO))
+        hits = Lines(cli.stdout)
+        hits.wait_for(lambda ls: len(ls) >= 200, "200 hit lines from the CLI")
+        assert read_mem(hammer.pid, site, 1) == (b"\xcc" if mode == "int3" else b"\xe9")
+        cli.send_signal(signal.SIGKILL)
+        assert cli.wait(timeout=GUARD) == -signal.SIGKILL
+        hits.close()
+        if mode == "int3":
+            assert hammer.proc.wait(timeout=GUARD) == -signal.SIGTRAP
+            return
+        for task in os.listdir(f"/proc/{hammer.pid}/task"):
+            assert proc_status(int(task))["TracerPid"] == "0"
+        hammer.wait_for_progress(2, "progress after the tracer died", lines=3, or_failure=True)
+        assert hammer.failures() == []
+        assert hammer.proc.poll() is None, f"the program died: {hammer.proc.returncode}"
+        assert hammer.finish() == 0
+        assert hammer.failures() == []
+    finally:
+        if cli is not None and cli.poll() is None:
+            cli.kill()
+            cli.wait()
+        hammer.kill()
