@@ -42,9 +42,11 @@ _SLOTS_AT = 8192
 _SLOTS_MAX = (RECORD_SIZE - 8192) // _ENTRY.size
 FLAG_FILTER = 1
 FLAG_FILTER_FAILED = 2
-_KINDS = {"seed": 1, "return": 2, "xol": 3}
+# page kinds; 1 was the seed page of 16-byte slots with no way back (not reused: its
+# sites read as patched by someone else)
+_KINDS = {"seed": 4, "return": 2, "xol": 3}
 _KIND_NAMES = {v: k for k, v in _KINDS.items()}
-_STRIDE = {"seed": arch.SEED_SLOT_SIZE, "return": arch.RETURN_SLOT_SIZE, "xol": arch.XOL_ENTRY_SIZE}
+_STRIDE = {"seed": arch.SEED_SLOT_STRIDE, "return": arch.RETURN_SLOT_SIZE, "xol": arch.XOL_ENTRY_SIZE}
 _MMAP_MIN = 0x10000
 _REACH = 0x7FFF0000
 
@@ -88,7 +90,7 @@ class Page:
 
     @property
     def capacity(self) -> int:
-        return PAGE_SIZE // self.stride
+        return arch.SEED_PAGE_SLOTS if self.kind == "seed" else PAGE_SIZE // self.stride
 
 
 @dataclass(eq=False)
@@ -311,10 +313,9 @@ class Patcher:
             if address is None:
                 continue
             page = Page(address, kind)
+            self.space.mem.write(address, b"\xcc" * PAGE_SIZE)
             if kind == "seed":
-                self.space.mem.write(address, arch.seed_slot_code() * page.capacity)
-            else:
-                self.space.mem.write(address, b"\xcc" * PAGE_SIZE)
+                self.space.mem.write(address + arch.SEED_RESTORE_OFFSET, arch.seed_restore_code())
             self.pages[address] = page
             index = len(self.pages) - 1
             self.space.mem.write(self.record + _PAGES_AT + _ENTRY.size * index, _ENTRY.pack(address, _KINDS[kind]))
@@ -353,6 +354,8 @@ class Patcher:
         slot = page.address + index * page.stride
         if page.kind == "return":
             self.space.mem.write(slot, arch.return_slot_code(slot, resume))
+        else:
+            self.space.mem.write(slot, arch.seed_slot_code_at(slot, resume))
         self.slot_owner[resume] = slot
         self._remember_slot(slot, resume)
         return slot
@@ -599,7 +602,7 @@ class Patcher:
             offset = (rip - page.address) % page.stride
             slot = rip - offset
             if offset > arch.SEED_SLOT_SIZE:
-                return None   # in a self-returning slot's tail: it finishes by itself
+                return None   # in a slot's way back (or a seed page's restore routine): it finishes by itself
         resume = page.owners.get((slot - page.address) // page.stride)
         if resume is None:
             return None

@@ -125,8 +125,8 @@ def test_sigkilled_tracer(mode):
     """Item 9: ptprobe attached to a program whose threads pass a probed nop5 and check
     every register there is SIGKILLed. With slots of either kind the program runs on,
     its registers intact (a seed slot's syscall now returns into a tail that goes
-    back to the site, as a self-returning slot does); on an int3 site the next pass
-    dies of SIGTRAP, as the README says."""
+    back to the site, as a self-returning slot does); with an int3 site the program
+    dies of SIGTRAP or SIGILL, as the README says."""
     binary = fast_build("fast_hammer.c")
     hammer = Hammer(binary, 2, 5000)
     options = ["--no-seccomp"] if mode == "int3" else ["--slots", mode]
@@ -143,7 +143,9 @@ def test_sigkilled_tracer(mode):
         assert cli.wait(timeout=GUARD) == -signal.SIGKILL
         hits.close()
         if mode == "int3":
-            assert hammer.proc.wait(timeout=GUARD) == -signal.SIGTRAP
+            # SIGTRAP at the next int3, or SIGILL for a thread whose trap was taken and
+            # not yet handled: it is let go one byte into the NOP
+            assert hammer.proc.wait(timeout=GUARD) in (-signal.SIGTRAP, -signal.SIGILL)
             return
         for task in os.listdir(f"/proc/{hammer.pid}/task"):
             assert proc_status(int(task))["TracerPid"] == "0"
