@@ -20,7 +20,8 @@ from typing import Iterator, List
 import pytest
 
 from conftest import build
-from helpers import GUARD, REPO, Hammer, Lines, fast_build, load_bias, proc_status, read_mem, repo_env, symbol
+from helpers import (GUARD, REPO, Hammer, Lines, fast_build, load_bias, proc_status, read_mem, repo_env,
+                     run_traced, symbol)
 
 
 def env_count(name: str, default: int) -> int:
@@ -116,6 +117,25 @@ def test_run_with_a_fifo_as_probe_path_fails_at_once(tmp_path, kind):
     # nothing of the group is left (the program was killed before its own code ran)
     with pytest.raises(ProcessLookupError):
         os.killpg(cli.pid, 0)
+
+
+# --------------------------------------------------------------------------- 5. fairness
+
+@pytest.mark.parametrize("threads, lead, mode", [(16, 20000, "return"), (16, 20000, "int3"), (64, 4000, "seed")])
+def test_every_thread_makes_progress(threads, lead, mode):
+    """Item 5: *threads* threads hit one probe until the busiest has made *lead* calls;
+    by then every one has made at least a tenth as many (nothing here is timed: the
+    program itself stops at the lead). Served in the kernel's order, the newest
+    threads were served over and over while the others sat stopped for seconds."""
+    binary = hard_build("hard_threads.c")
+    options = {"seccomp": False} if mode == "int3" else {"slots": mode}
+    status, out, (probe,), _ = run_traced([binary, str(threads), "0", str(lead)],
+                                          [(f"uprobe:{binary}:hit", None)], **options)
+    assert status == 0, out
+    counts = [int(line.split()[2]) for line in out.splitlines() if line.startswith("count ")]
+    assert len(counts) == threads, out
+    assert min(counts) * 10 >= max(counts), f"per-thread calls: {sorted(counts)}"
+    assert probe.hits >= sum(counts)
 
 
 # --------------------------------------------------------------------------- 9. the tracer killed

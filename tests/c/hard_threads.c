@@ -1,11 +1,12 @@
 /* THREADS threads call hit() over and over, each counting its calls.
  *
- *   hard_threads THREADS SECONDS
+ *   hard_threads THREADS SECONDS [LEAD]
  *
- * Prints "ready" once every thread has made its first call. With SECONDS > 0 the
- * threads stop after that many seconds (or at "q" or the end of stdin when SECONDS
- * is 0), and the program prints "count <k> <calls>" for each thread, then "done",
- * and exits 0. A signal ends it the default way.
+ * Prints "ready" once every thread has made its first call. The threads stop when
+ * the busiest of them has made LEAD calls (LEAD > 0), else after SECONDS seconds
+ * (SECONDS > 0), else at "q" or the end of stdin; then the program prints
+ * "count <k> <calls>" for each thread, then "done", and exits 0. A signal ends it
+ * the default way.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -48,8 +49,9 @@ int main(int argc, char **argv)
 {
     long nthreads = argc > 1 ? strtol(argv[1], NULL, 0) : 4;
     long seconds = argc > 2 ? strtol(argv[2], NULL, 0) : 0;
-    if (nthreads < 1 || nthreads > MAX_THREADS || seconds < 0) {
-        fprintf(stderr, "usage: %s THREADS(1-%d) SECONDS\n", argv[0], MAX_THREADS);
+    long lead = argc > 3 ? strtol(argv[3], NULL, 0) : 0;
+    if (nthreads < 1 || nthreads > MAX_THREADS || seconds < 0 || lead < 0) {
+        fprintf(stderr, "usage: %s THREADS(1-%d) SECONDS [LEAD]\n", argv[0], MAX_THREADS);
         return 2;
     }
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -66,7 +68,17 @@ int main(int argc, char **argv)
         usleep(1000);
     }
     printf("ready\n");
-    if (seconds > 0) {
+    if (lead > 0) {
+        for (;;) {
+            uint64_t most = 0;
+            for (long k = 0; k < nthreads; k++)
+                if (calls[k] > most)
+                    most = calls[k];
+            if (most >= (uint64_t)lead)
+                break;
+            usleep(1000);
+        }
+    } else if (seconds > 0) {
         sleep((unsigned)seconds);
     } else {
         char c;
