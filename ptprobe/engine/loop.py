@@ -51,7 +51,8 @@ class EventLoop:
         self.claim: Callable[[int, int], Optional[Thread]] = lambda tid, status: None
         self.release: Callable[[Process], None] = lambda process: None
         self.all_gone: Callable[[], None] = lambda: None
-        self._backlog: Deque[Tuple[int, int]] = collections.deque()   # statuses kept by wait_thread
+        # statuses taken but not handled yet: kept by wait_thread, or a round of step()
+        self._backlog: Deque[Tuple[int, int]] = collections.deque()
         self._handlers: Dict[Type, Handler] = {
             SignalStop: self._on_signal,
             GroupStop: self._on_group_stop,
@@ -64,7 +65,15 @@ class EventLoop:
 
     # --- waiting and dispatching ---------------------------------------------------
     def step(self) -> None:
-        """Wait for one event and handle it."""
+        """Wait for one event and handle it.
+
+        Fairness: ``waitpid`` reports the stops of several threads in an order of the
+        kernel's (the newest tracee first), so a thread that stops again at once could
+        be served over and over while others wait. When more than one thread is traced,
+        a blocking wait is followed by a round that takes every stop pending then
+        (WNOHANG), and these are handled, in that order, before anything is waited
+        for again: every thread stopped at the start of a round is resumed in it.
+        A single thread costs no extra call."""
         if self._backlog:
             tid, status = self._backlog.popleft()
         else:
@@ -73,10 +82,25 @@ class EventLoop:
             except ChildProcessError:
                 self.all_gone()
                 return
+            if len(self.threads) > 1:
+                self._gather()
         fast = self.fast
         if fast is not None and fast(tid, status):
             return
         self.dispatch(tid, status)
+
+    def _gather(self) -> None:
+        """Keep, in order, every status already pending (one round, see :meth:`step`)."""
+        backlog = self._backlog
+        nohang = linux.wait_any_nohang
+        while True:
+            try:
+                got, status = nohang()
+            except ChildProcessError:
+                return
+            if not got:
+                return
+            backlog.append((got, status))
 
     def dispatch(self, tid: int, status: int) -> None:
         """Handle one (tid, status) that ``waitpid`` returned."""
