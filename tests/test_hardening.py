@@ -6,22 +6,27 @@ killed), it does not stall the suite. Long stress loops run only with their
 environment variable set (the counts quoted in the closing note):
 
 * ``PTPROBE_HARD_CTRLC=N``: Ctrl-C trials on multi-threaded programs (default 10);
+* ``PTPROBE_HARD_FILTERS=N``: attach trials per foreign seccomp filter kind (default 1).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from typing import Iterator, List
 
 import pytest
 
-from conftest import build
-from helpers import (GUARD, REPO, Hammer, Lines, fast_build, load_bias, proc_status, read_mem, repo_env,
-                     run_traced, symbol)
+from conftest import NOBODY, build, unprivileged_python
+from helpers import (GUARD, REPO, Hammer, Lines, RecordingObserver, Target, fast_build, load_bias, proc_status,
+                     read_mem, repo_env, run_traced, symbol, watchdog)
+
+import ptprobe
 
 
 def env_count(name: str, default: int) -> int:
@@ -117,6 +122,157 @@ def test_run_with_a_fifo_as_probe_path_fails_at_once(tmp_path, kind):
     # nothing of the group is left (the program was killed before its own code ran)
     with pytest.raises(ProcessLookupError):
         os.killpg(cli.pid, 0)
+
+
+# --------------------------------------------------------------------------- 3. foreign filters at attach
+
+FILTER_TRIALS = env_count("PTPROBE_HARD_FILTERS", 1)
+#: the three kinds of the issue: kill the process for unknown numbers (systemd), a strict
+#: allow-list (anything else kills), an error for unknown numbers (a container's)
+FILTER_KINDS = ["kill512", "allowlist", "errno"]
+
+
+def seccomp_target(kind: str, prefix=()) -> Target:
+    """hard_seccomp KIND start: its filter installed, a worker thread calling hit() and
+    hit_insn() until "q"."""
+    return Target([hard_build("hard_seccomp.c"), kind, "start"], prefix=prefix, ready="ready")
+
+
+def finish_alive(target: Target) -> int:
+    """The program was not killed: still running, untraced; it ends normally at "q".
+    Returns the calls it made."""
+    assert target.proc.poll() is None, f"the program died: {target.proc.returncode}"
+    for task in os.listdir(f"/proc/{target.pid}/task"):
+        assert proc_status(int(task))["TracerPid"] == "0"
+    assert target.finish() == 0
+    (line,) = [x for x in target.out.lines if x.startswith("calls ")]
+    return int(line.split()[1])
+
+
+@pytest.mark.parametrize("slots", ["return", "seed"])
+@pytest.mark.parametrize("kind", FILTER_KINDS)
+def test_attach_to_a_program_with_its_own_filter(kind, slots):
+    """Item 3: ptprobe reads the program's filter (root: PTRACE_SECCOMP_GET_FILTER)
+    and makes no system call it would kill the program for: the slots' syscall
+    (every kind here answers it with death or an error: int3 instead), nor, under the
+    allow-list, memfd_create or mmap (no page: the non-NOP instruction is stepped in
+    place). Every hit is counted; the program lives on and ends normally."""
+    binary = hard_build("hard_seccomp.c")
+    for trial in range(FILTER_TRIALS):
+        target = seccomp_target(kind)
+        observer = RecordingObserver()
+        try:
+            with watchdog(GUARD, [target.pid]):
+                with ptprobe.attach(target.pid, slots=slots, observer=observer) as session:
+                    nop = session.probe(f"uprobe:{binary}:hit")
+                    insn = session.probe(f"uprobe:{binary}:hit_insn+5")
+                    while nop.hits < 200 and session.returncode is None:
+                        session.wait(timeout=0.05)
+                    assert session.returncode is None, f"trial {trial}: the program died ({session.returncode})"
+                    session.detach()
+            assert [s.mechanism for s in nop.sites] == ["int3"]
+            assert [s.mechanism for s in insn.sites] == ["int3"]
+            assert "slots' system call" in nop.sites[0].fallback_reason
+            if kind == "allowlist":
+                assert insn.sites[0].xol is None            # stepped in place: no page was mapped
+                assert any("maps no page" in n for n in observer.notices), observer.notices
+            else:
+                assert insn.sites[0].xol is not None
+            assert nop.hits >= 200 and abs(insn.hits - nop.hits) <= 1
+            assert proc_status(target.pid)["Seccomp_filters"] == "1"   # nothing of ptprobe's added
+            assert finish_alive(target) >= nop.hits
+        finally:
+            target.kill()
+
+
+def test_cli_attach_says_why_sites_use_int3():
+    """The command line shows the reason once, one line each, and exits 0."""
+    binary = hard_build("hard_seccomp.c")
+    target = seccomp_target("kill512")
+    try:
+        res = subprocess.run([sys.executable, "-m", "ptprobe", "attach", str(target.pid), "-q",
+                              "--duration", "0.3", "-p", f"uprobe:{binary}:hit"],
+                             capture_output=True, text=True, timeout=GUARD, env=repo_env(), cwd=str(REPO))
+        assert res.returncode == 0, res.stderr
+        assert (f"ptprobe: process {target.pid}: its seccomp filter would answer the slots' system call "
+                "by killing the process: jmp sites use int3") in res.stderr.splitlines(), res.stderr
+        finish_alive(target)
+    finally:
+        target.kill()
+
+
+@pytest.fixture(scope="module")
+def nobody_seccomp():
+    """hard_seccomp where user nobody can run it."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv")
+    top = tempfile.mkdtemp(prefix="ptprobe-nobody-hard-", dir="/tmp")
+    try:
+        os.chmod(top, 0o755)
+        path = os.path.join(top, "hard_seccomp")
+        shutil.copy(hard_build("hard_seccomp.c"), path)
+        os.chmod(path, 0o755)
+        yield top, path
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.mark.parametrize("kind", ["kill512", "none"])
+def test_unprivileged_attach_cannot_read_the_filter(nobody_seccomp, kind):
+    """As an ordinary user ptprobe may not read a filter (that needs CAP_SYS_ADMIN):
+    it then makes no system call at all in that process, and says why. Without a
+    filter of the program's, nothing changes (slots, with consent)."""
+    top, binary = nobody_seccomp
+    python, env = unprivileged_python()
+    env["HOME"] = top
+    env.pop("PYTHONHOME", None)
+    target = Target([binary, kind, "start"], prefix=NOBODY, ready="ready")
+    try:
+        res = subprocess.run(NOBODY + [python, "-m", "ptprobe", "attach", str(target.pid), "-q",
+                                       "--allow-no-new-privs", "--duration", "0.3",
+                                       "-p", f"uprobe:{binary}:hit", "-p", f"uprobe:{binary}:hit_insn+5"],
+                             capture_output=True, text=True, env=env, cwd=top, timeout=GUARD)
+        assert res.returncode == 0, res.stderr
+        if kind == "none":
+            assert f"ptprobe: uprobe:{binary}:hit: " in res.stderr and "(1 jmp)" in res.stderr, res.stderr
+        else:
+            assert "may not read" in res.stderr and "(1 jmp)" not in res.stderr, res.stderr
+            assert proc_status(target.pid)["Seccomp_filters"] == "1"
+        finish_alive(target)
+    finally:
+        target.kill()
+
+
+# --------------------------------------------------------------------------- 4. a filter installed in run
+
+@pytest.mark.parametrize("slots", ["return", "seed"])
+@pytest.mark.parametrize("kind", ["errno", "kill512", "trap512", "allowlist"])
+def test_run_program_installs_its_own_filter(kind, slots):
+    """Item 4: the program installs its filter after 3,000 calls of each probed
+    function, then makes 3,000 more. ptprobe's filter stops the install; the sites
+    move to int3 before the new filter takes effect: no hit is lost (an error filter
+    used to swallow every later slot hit), nobody dies (seed slots of SIGSEGV, kill
+    filters of SIGSYS), and the move is reported."""
+    binary = hard_build("hard_seccomp.c")
+    status, out, (nop, insn), observer = run_traced(
+        [binary, kind, "later", "3000"], [(f"uprobe:{binary}:hit", None), (f"uprobe:{binary}:hit_insn+5", None)],
+        slots=slots)
+    assert status == 0, out
+    assert "calls 6000" in out, out
+    assert nop.hits == 6000 and insn.hits == 6000
+    assert [s.mechanism for s in nop.sites] == ["int3"]
+    assert any("installs a seccomp filter" in n and "uses int3 from now on" in n for n in observer.notices), \
+        observer.notices
+
+
+def test_run_program_installs_a_harmless_filter():
+    """A filter that lets the slots' syscall through changes nothing: the sites stay jmp."""
+    binary = hard_build("hard_seccomp.c")
+    status, out, (nop,), observer = run_traced([binary, "harmless", "later", "3000"],
+                                               [(f"uprobe:{binary}:hit", None)])
+    assert status == 0 and "calls 6000" in out, out
+    assert nop.hits == 6000 and [s.mechanism for s in nop.sites] == ["jmp"]
+    assert not observer.notices
 
 
 # --------------------------------------------------------------------------- 5. fairness
