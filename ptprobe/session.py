@@ -26,6 +26,7 @@ import threading
 from typing import Dict, List, Optional, Sequence, Union
 
 from . import linux
+from .engine.filters import FilterWatch
 from .engine.hits import Hits
 from .engine.lifecycle import Lifecycle
 from .engine.loop import EventLoop
@@ -69,10 +70,14 @@ class Session:
         self.observer = observer or Observer()
         self.placement = Placement({True: "single", False: "off"}.get(colocate, colocate))  # type: ignore[arg-type]
         self._owner = threading.get_ident()
+        # in run mode ptprobe's filter also stops the program's own filter installs
         patcher_options = dict(slots=slots, seccomp=seccomp, allow_no_new_privs=self.allow_no_new_privs,
-                               max_pages=max_trampoline_pages, notice=self.observer.notice)
+                               max_pages=max_trampoline_pages, notice=self.observer.notice,
+                               watch=mode == "run")
         self.loop = EventLoop()
         self.hits = Hits(self.loop, slot_kind=slots, on_handler_error=self._handler_error)
+        self.filter_watch = FilterWatch(self.loop, self.observer.notice)
+        self.hits.other_syscall = self.filter_watch.on_call
         self._probes = Probes(self.loop, notice=self.observer.notice, site_changed=self.hits.site_changed)
         self.lifecycle = Lifecycle(self.loop, mode=mode, follow=follow, placement=self.placement,
                                    notice=self.observer.notice,
@@ -215,6 +220,7 @@ class Session:
                 self.hits.drain_traps()
             except PtprobeError as exc:
                 problems.append(f"cannot stop every thread: {exc}")
+            self.filter_watch.check(list(self.loop.processes.values()))
             for proc in list(self.loop.processes.values()):
                 if proc.exited:
                     continue

@@ -243,6 +243,25 @@ def test_unprivileged_attach_cannot_read_the_filter(nobody_seccomp, kind):
         target.kill()
 
 
+def test_a_program_killed_while_ptprobe_works_in_it_never_hangs_ptprobe():
+    """Item 3, the last line: a program that dies while ptprobe arms a probe in it (here
+    SIGKILLed just before, its four threads busy) makes probe() return or raise a
+    ptprobe error, and wait() report the death; nothing waits for ever."""
+    binary = hard_build("hard_threads.c")
+    for trial in range(10):
+        pids: List[int] = []
+        with watchdog(GUARD, pids):
+            with ptprobe.run([binary, "4", "600"], observer=RecordingObserver()) as session:
+                pids.append(session.main_pid)
+                session.probe(f"uprobe:{binary}:hit")
+                session.wait(timeout=0.02 * (trial % 3))
+                os.kill(session.main_pid, signal.SIGKILL)
+                with contextlib.suppress(ptprobe.PtprobeError):
+                    # a non-NOP instruction: an out-of-line copy, a new page, remote system calls
+                    session.probe(f"uprobe:{binary}:main+5")
+                assert session.wait() == -signal.SIGKILL
+
+
 # --------------------------------------------------------------------------- 4. a filter installed in run
 
 @pytest.mark.parametrize("slots", ["return", "seed"])
