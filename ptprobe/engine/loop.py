@@ -31,6 +31,8 @@ from ..tracee import Process, Thread
 from .events import Event, GroupStop, OtherStop, SignalStop, STOP_SIGNALS, decode
 
 Handler = Callable[[Event], None]
+#: blocking waits without a round of pending stops after a round that found none
+_GATHER_SKIP = 7
 
 
 class EventLoop:
@@ -53,6 +55,7 @@ class EventLoop:
         self.all_gone: Callable[[], None] = lambda: None
         # statuses taken but not handled yet: kept by wait_thread, or a round of step()
         self._backlog: Deque[Tuple[int, int]] = collections.deque()
+        self._skip_gather = 0         # blocking waits left without a round (see step)
         self._handlers: Dict[Type, Handler] = {
             SignalStop: self._on_signal,
             GroupStop: self._on_group_stop,
@@ -73,7 +76,10 @@ class EventLoop:
         a blocking wait is followed by a round that takes every stop pending then
         (WNOHANG), and these are handled, in that order, before anything is waited
         for again: every thread stopped at the start of a round is resumed in it.
-        A single thread costs no extra call."""
+        A single thread costs no extra call; when a round finds nothing pending (one
+        thread hits, the others do not), the next _GATHER_SKIP blocking waits make
+        none (a WNOHANG waitpid costs about a fifth of a hit), so a thread is passed
+        over a few times at most."""
         if self._backlog:
             tid, status = self._backlog.popleft()
         else:
@@ -83,24 +89,30 @@ class EventLoop:
                 self.all_gone()
                 return
             if len(self.threads) > 1:
-                self._gather()
+                if self._skip_gather:
+                    self._skip_gather -= 1
+                elif not self._gather():
+                    self._skip_gather = _GATHER_SKIP
         fast = self.fast
         if fast is not None and fast(tid, status):
             return
         self.dispatch(tid, status)
 
-    def _gather(self) -> None:
-        """Keep, in order, every status already pending (one round, see :meth:`step`)."""
+    def _gather(self) -> bool:
+        """Keep, in order, every status already pending (one round, see :meth:`step`);
+        True if there was any."""
         backlog = self._backlog
         nohang = linux.wait_any_nohang
+        found = False
         while True:
             try:
                 got, status = nohang()
             except ChildProcessError:
-                return
+                return found
             if not got:
-                return
+                return found
             backlog.append((got, status))
+            found = True
 
     def dispatch(self, tid: int, status: int) -> None:
         """Handle one (tid, status) that ``waitpid`` returned."""
