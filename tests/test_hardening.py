@@ -284,6 +284,46 @@ def test_run_program_installs_its_own_filter(kind, slots):
         observer.notices
 
 
+def test_attach_after_run_handles_the_watch_of_the_run():
+    """The filter a run installed also stops the program's filter installs, and outlives
+    the run's session: a later attach reuses it (the record) and must handle those
+    stops too, not fail the program's seccomp() with EPROTO as a stray slot number."""
+    binary = hard_build("hard_seccomp.c")
+    cmd_r, cmd_w = os.pipe()
+    os.set_inheritable(cmd_r, True)
+    first = ptprobe.run([binary, "errno", "cmd", str(cmd_r)], observer=RecordingObserver())
+    pid = first.main_pid
+    try:
+        with watchdog(GUARD, [pid]):
+            os.close(cmd_r)
+            probe = first.probe(f"uprobe:{binary}:hit")
+            assert [s.mechanism for s in probe.sites] == ["jmp"]
+            while probe.hits < 100:
+                first.wait(timeout=0.05)
+            first.detach()                            # the program runs on, untraced
+            observer = RecordingObserver()
+            with ptprobe.attach(pid, observer=observer) as second:
+                again = second.probe(f"uprobe:{binary}:hit")
+                assert [s.mechanism for s in again.sites] == ["jmp"]     # the run's slot, reused
+                os.write(cmd_w, b"f")
+                while not any("installs a seccomp filter" in n for n in observer.notices):
+                    assert second.wait(timeout=0.05) is None
+                before = again.hits
+                while again.hits < before + 100:           # hits go on, through int3 now
+                    assert second.wait(timeout=0.05) is None
+                assert [s.mechanism for s in again.sites] == ["int3"]
+                second.detach()
+            os.write(cmd_w, b"q")
+            _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    finally:
+        os.close(cmd_w)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
 def test_run_program_installs_a_harmless_filter():
     """A filter that lets the slots' syscall through changes nothing: the sites stay jmp."""
     binary = hard_build("hard_seccomp.c")

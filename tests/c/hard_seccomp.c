@@ -4,6 +4,9 @@
  *   hard_seccomp KIND start              install, print "ready", then a worker thread
  *                                        calls hit() and hit_insn() until "q" on stdin;
  *                                        print "calls N" (N calls of each) and exit 0
+ *   hard_seccomp KIND cmd FD             print "ready", a worker thread calls both until
+ *                                        "q" on file descriptor FD; "f" there installs the
+ *                                        filter (TSYNC) and prints "installed"
  *   hard_seccomp KIND later CALLS        call both CALLS times, install (from the main
  *                                        thread, TSYNC: the worker too), call both CALLS
  *                                        times more in a worker thread; print
@@ -152,6 +155,30 @@ int main(int argc, char **argv)
         return 2;
     }
     int later = strcmp(argv[2], "later") == 0;
+    if (strcmp(argv[2], "cmd") == 0) {
+        int fd = argc > 3 ? atoi(argv[3]) : 0;
+        char c;
+        if (pthread_create(&thread, NULL, worker, NULL) != 0)
+            return 4;
+        say("ready\n");
+        while (read(fd, &c, 1) == 1 && c != 'q') {
+            if (c != 'f')
+                continue;
+            if (install(argv[1]) != 0) {
+                snprintf(line, sizeof line, "install failed: errno %d\n", errno);
+                say(line);
+                stopping = 1;
+                pthread_join(thread, NULL);
+                return 3;
+            }
+            say("installed\n");
+        }
+        stopping = 1;
+        pthread_join(thread, NULL);
+        snprintf(line, sizeof line, "calls %llu\n", (unsigned long long)calls);
+        say(line);
+        return 0;
+    }
     if (later) {
         rounds = argc > 3 ? atol(argv[3]) : 1000;
         worker(NULL);           /* before the filter, on the main thread */
