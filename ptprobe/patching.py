@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tupl
 
 from . import arch, linux, procfs
 from .arch import PAGE_SIZE
-from .errors import FaultError, SitePatchedError, SyscallRefusedError, TracerError
+from .errors import FaultError, SitePatchedError, SyscallRefusedError
 from .objects import LoadedObject
 
 MEMFD_NAME = b"ptprobe\0"

@@ -265,13 +265,15 @@ class AddressSpace:
         programs: List[Program] = []
         try:
             for thread in list(self.owner.threads.values()):
-                if thread.exited or not thread.stopped:
+                if thread.exited:
                     continue
                 mode, count = procfs.seccomp_status(self.pid, thread.tid)
                 if mode != MODE_FILTER:
                     continue
                 if count is None:
                     raise FilterError("the kernel does not say how many seccomp filters it has")
+                if not thread.stopped:
+                    raise FilterError(f"thread {thread.tid} is not stopped")
                 for index in range(count):
                     program = Program.from_bytes(linux.get_seccomp_filter(thread.tid, index))
                     if program not in programs:

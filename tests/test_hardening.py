@@ -276,15 +276,17 @@ def test_run_program_installs_its_own_filter(kind, slots):
     used to swallow every later slot hit), nobody dies (seed slots of SIGSEGV, kill
     filters of SIGSYS), and the move is reported."""
     binary = hard_build("hard_seccomp.c")
-    status, out, (nop, insn), observer = run_traced(
-        [binary, kind, "later", "3000"], [(f"uprobe:{binary}:hit", None), (f"uprobe:{binary}:hit_insn+5", None)],
+    status, out, (nop, insn, combo), observer = run_traced(
+        [binary, kind, "later", "3000"], [(f"uprobe:{binary}:hit", None), (f"uprobe:{binary}:hit_insn+5", None),
+                                          (f"usdt:{binary}:hard:combo", None)],
         slots=slots)
     assert status == 0, out
     assert "calls 6000" in out, out
-    assert nop.hits == 6000 and insn.hits == 6000
-    assert [s.mechanism for s in nop.sites] == ["int3"]
-    assert any("installs a seccomp filter" in n and "uses int3 from now on" in n for n in observer.notices), \
-        observer.notices
+    assert nop.hits == 6000 and insn.hits == 6000 and combo.hits == 6000
+    assert [s.mechanism for s in nop.sites] == ["int3"] and [s.mechanism for s in combo.sites] == ["int3"]
+    assert any(n.startswith(f"process {nop.sites[0].pid} installs a seccomp filter (its seccomp filter would "
+                            "answer the slots' system call ") and n.endswith("its 2 jmp sites use int3 from now on")
+               for n in observer.notices), observer.notices
 
 
 def test_attach_after_run_handles_the_watch_of_the_run():

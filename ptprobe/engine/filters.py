@@ -127,20 +127,27 @@ class FilterWatch:
         moved = self.move_to_int3(space, reason)
         what = "enters seccomp strict mode" if strict else "installs a seccomp filter"
         if moved:
-            self.notice(f"process {process.pid} {what}: {reason}: its {moved} jmp site"
+            self.notice(f"process {process.pid} {what} ({reason}): its {moved} jmp site"
                         f"{'s use' if moved > 1 else ' uses'} int3 from now on")
 
     # --- moving sites -----------------------------------------------------------------------
     def move_to_int3(self, space: AddressSpace, reason: str) -> int:
         """Serve every jmp site of *space* by int3 (the world stopped); returns how many
         moved. A thread inside a slot, before its syscall, goes back to its site (it
-        takes the int3 there); one stopped at a self-returning slot's syscall has the
-        syscall cancelled (its resumption would run the new filter)."""
+        takes the int3 there), and so does one between a combo's nop1 and its jmp; one
+        stopped at a self-returning slot's syscall has the syscall cancelled (its
+        resumption would run the new filter)."""
         patcher = space.patcher
+        # a thread between the nop1 of a combo site and its jmp would skip the new int3
+        inside = {site.patch_at: site.address for site in patcher.sites.values()
+                  if site.mechanism == "jmp" and site.patch_at != site.address}
         moved = patcher.demote_slots(reason)
         for thread in self._threads_of(space):
             try:
                 raw = linux.get_regs(thread.tid)
+                if raw.rip in inside:
+                    linux.set_rip(thread.tid, inside[raw.rip])
+                    continue
                 frame = patcher.slot_frame_at(raw.rip)
                 if frame is None:
                     continue

@@ -19,7 +19,8 @@
  * as an unprivileged program must.
  *
  * hit() starts with a 5-byte NOP (built with -pg -mfentry -mnop-mcount); hit_insn's
- * second instruction (after the NOP) is an ordinary one, for int3 sites.
+ * second instruction (after the NOP) is an ordinary one, for int3 sites; the USDT
+ * probe hard:combo, passed with them, is a nop1+nop5 site.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -35,6 +36,8 @@
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#include "ptprobe_sdt.h"
 
 static volatile int stopping;
 static volatile uint64_t calls;
@@ -141,6 +144,7 @@ static void *worker(void *arg)
     for (long i = 0; rounds ? i < rounds : !stopping; i++) {
         x = hit(x);
         x = hit_insn(x);
+        PTPROBE_SDT_PROBE_NOP(PTPROBE_SDT_NOP_1_5, hard, combo, x);
         calls++;
     }
     return (void *)(uintptr_t)x;
