@@ -45,7 +45,7 @@ FLAG_FILTER_FAILED = 2
 FLAG_FILTER_WATCH = 4      # the filter also stops the program's seccomp()/prctl(PR_SET_SECCOMP)
 # page kinds; 1 was the seed page of 16-byte slots with no way back (not reused: its
 # sites read as patched by someone else)
-_KINDS = {"seed": 4, "return": 2, "xol": 3}
+_KINDS = {"seed": 6, "return": 2, "xol": 3}
 _KIND_NAMES = {v: k for k, v in _KINDS.items()}
 _STRIDE = {"seed": arch.SEED_SLOT_STRIDE, "return": arch.RETURN_SLOT_SIZE, "xol": arch.XOL_ENTRY_SIZE}
 _MMAP_MIN = 0x10000
