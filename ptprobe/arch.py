@@ -10,7 +10,8 @@ Main pieces (see docs/design.md):
   capstone and never guess instruction boundaries.
 * :func:`classify_site` -- recognise the nop5 / nop1+nop5 / nop1+nop10 jump sites.
 * :func:`seed_slot_code`, :func:`return_slot_code` -- the code of the two slot kinds,
-  assembled by keystone from readable Intel-syntax source.
+  assembled by keystone from readable Intel-syntax source; :func:`seed_slot_code_at`
+  and :func:`seed_restore_code`, a seed slot's way back when nobody finishes it.
 * :func:`seed_slot_frame` -- how far a thread inside a seed slot has got (for detach).
 * :func:`displaced_code` -- an out-of-line (XOL) copy of a displaced instruction.
 * :func:`jmp_rel32`, :func:`rel32_reachable`, :func:`page_in_reach` -- rel32 reach.
@@ -36,6 +37,10 @@ __all__ = [
     "NOP5",
     "NOP10",
     "SEED_SLOT_SIZE",
+    "SEED_SLOT_STRIDE",
+    "SEED_RESTORE_OFFSET",
+    "SEED_PAGE_SLOTS",
+    "SEED_RESTORE_SOURCE",
     "RETURN_SLOT_SIZE",
     "RETURN_SLOT_JMP_OFFSET",
     "SLOT_SAVED_REGISTERS",
@@ -71,6 +76,8 @@ __all__ = [
     "page_in_reach",
     "assemble",
     "seed_slot_code",
+    "seed_slot_code_at",
+    "seed_restore_code",
     "return_slot_code",
     "seed_slot_frame",
     "slot_index",
@@ -113,6 +120,30 @@ SEED_SLOT_SOURCE: str = (
     "mov eax, {nr:#x}\n"
     "syscall\n"
 )
+#: Seed slots lie SEED_SLOT_STRIDE bytes apart: after the 16 bytes of the slot, a way
+#: back for a syscall that returns because nobody finished the slot (the tracer was
+#: killed, or a seccomp filter of the program's answered with an error):
+#: ``call`` the page's restore routine, then ``jmp rel32`` to the site's resume address.
+SEED_SLOT_STRIDE: int = 32
+#: A seed page's restore routine sits in its last SEED_SLOT_STRIDE bytes, after
+#: SEED_PAGE_SLOTS slots. Called from slot + 16 (the return address on top of the slot
+#: frame), it reloads rax, r11 and rcx from the frame and returns over it: ``ret``
+#: pops the return address and the frame (three registers, then the red zone), so
+#: rsp is the program's again, the flags untouched, and the thread goes on at the
+#: slot's ``jmp`` back to its site. Everything it reads lies at or above rsp (a signal
+#: arriving meanwhile cannot overwrite it), and the call and ret pair up (a CET shadow
+#: stack stays in step).
+SEED_RESTORE_OFFSET: int = 4096 - SEED_SLOT_STRIDE
+SEED_PAGE_SLOTS: int = SEED_RESTORE_OFFSET // SEED_SLOT_STRIDE
+SEED_RESTORE_SOURCE: str = (
+    "mov rax, qword ptr [rsp + 0x8]\n"
+    "mov r11, qword ptr [rsp + 0x10]\n"
+    "mov rcx, qword ptr [rsp + 0x18]\n"
+    "ret 0x98\n"  # the return address, then SLOT_FRAME_SIZE bytes of frame
+)
+#: Offset of the ``jmp rel32`` back to the site in a seed slot (after ``call rel32``).
+SEED_SLOT_JMP_OFFSET: int = 21
+
 #: Source of the way back of a self-returning slot (before its final ``jmp rel32``).
 #: ``lea`` rather than ``add``: the flags survive.
 RETURN_SLOT_TAIL_SOURCE: str = (
@@ -549,6 +580,27 @@ def seed_slot_code(nr: int = SLOT_SYSCALL_NR) -> bytes:
     if len(code) != SEED_SLOT_SIZE:  # pragma: no cover - keystone picked another encoding
         raise ValueError(f"seed slot assembled to {len(code)} bytes, not {SEED_SLOT_SIZE}")
     return code
+
+
+def seed_slot_code_at(slot_address: int, resume_address: int, nr: int = SLOT_SYSCALL_NR) -> bytes:
+    """The SEED_SLOT_STRIDE bytes of the seed slot at ``slot_address`` (in a seed page)
+    serving a site that resumes at ``resume_address``: the 16 bytes of
+    :func:`seed_slot_code`, ``call`` the page's restore routine, ``jmp rel32`` to the
+    resume address, padded with int3. The tracer finishes a hit at the syscall and
+    never lets the thread run past it; the rest is for a syscall that returns."""
+    restore = (slot_address & ~(PAGE_SIZE - 1)) + SEED_RESTORE_OFFSET
+    code = (seed_slot_code(nr) + _rel32_insn(b"\xe8", slot_address + SEED_SLOT_SIZE, restore)
+            + jmp_rel32(slot_address + SEED_SLOT_JMP_OFFSET, resume_address))
+    return code.ljust(SEED_SLOT_STRIDE, bytes([INT3]))
+
+
+def seed_restore_code() -> bytes:
+    """The SEED_SLOT_STRIDE bytes at SEED_RESTORE_OFFSET of a seed page (see
+    SEED_RESTORE_SOURCE), padded with int3."""
+    code = _cached_assemble("restore", SEED_RESTORE_SOURCE, 0)
+    if len(code) > SEED_SLOT_STRIDE:  # pragma: no cover
+        raise ValueError(f"seed restore routine assembled to {len(code)} bytes")
+    return code.ljust(SEED_SLOT_STRIDE, bytes([INT3]))
 
 
 def return_slot_code(slot_address: int, resume_address: int, nr: int = SLOT_SYSCALL_NR) -> bytes:

@@ -120,6 +120,17 @@ class TracerError(PtprobeError, RuntimeError):
     exit_code = 11
 
 
+class SyscallRefusedError(TracerError):
+    """A system call ptprobe will not make inside a process: a seccomp filter of the
+    process would kill it for it (or its filters cannot be read)."""
+
+    def __init__(self, message: str, pid: int, nr: int, reason: str) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.nr = nr
+        self.reason = reason
+
+
 class HandlerError(PtprobeError, RuntimeError):
     """A user handler raised; carries the probe name and the original exception."""
 

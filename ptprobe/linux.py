@@ -17,6 +17,7 @@ import ctypes
 import errno as _errno
 import functools
 import os
+import struct
 
 from ptrace.binding import func as _pt
 from ptrace.binding.linux_struct import siginfo as _siginfo
@@ -40,6 +41,7 @@ PTRACE_GETSIGINFO = 0x4202
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_LISTEN = 0x4208
+PTRACE_SECCOMP_GET_FILTER = 0x420C
 
 # --- ptrace options ----------------------------------------------------------
 PTRACE_O_TRACESYSGOOD = 0x1
@@ -81,9 +83,18 @@ SYS_tgkill = 234
 SYS_kcmp = 312
 SYS_getpid = 39
 KCMP_VM = 1
+#: names of the system calls ptprobe makes inside a tracee (for messages)
+SYSCALL_NAMES = {SYS_mmap: "mmap", SYS_munmap: "munmap", SYS_close: "close", SYS_prctl: "prctl",
+                 SYS_ftruncate: "ftruncate", SYS_seccomp: "seccomp", SYS_memfd_create: "memfd_create"}
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_SECCOMP = 22
+SECCOMP_SET_MODE_STRICT = 0
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_FILTER_FLAG_TSYNC = 1
+#: system calls that install seccomp filters, in the other ABIs a 64-bit process can use
+X32_SYSCALL_BIT = 0x40000000
+SYS_I386_prctl = 172
+SYS_I386_seccomp = 354
 PROT_READ = 1
 PROT_WRITE = 2
 PROT_EXEC = 4
@@ -219,6 +230,21 @@ def get_fpregs(tid: int) -> FpRegisters:
 
 def set_fpregs(tid: int, regs: FpRegisters) -> None:
     _ptrace(PTRACE_SETFPREGS, tid, 0, ctypes.addressof(regs), "write fp registers")
+
+
+def get_seccomp_filter(tid: int, index: int) -> bytes:
+    """The classic BPF program of seccomp filter *index* of thread *tid* (0: the
+    newest), as ``sock_filter`` bytes (PTRACE_SECCOMP_GET_FILTER; needs CAP_SYS_ADMIN
+    and a tracer outside seccomp: TracePermissionError otherwise). TracerError when
+    there is no such filter or it cannot be dumped."""
+    count = _ptrace(PTRACE_SECCOMP_GET_FILTER, tid, index, 0, "read seccomp filter")
+    if not 0 < count <= BPF_MAXINSNS:
+        raise TracerError(f"read seccomp filter {index} of {tid}: {count} instructions")
+    program = (SockFilter * count)()
+    got = _ptrace(PTRACE_SECCOMP_GET_FILTER, tid, index, ctypes.addressof(program), "read seccomp filter")
+    if got != count:
+        raise TracerError(f"read seccomp filter {index} of {tid}: changed while read")
+    return bytes(program)
 
 
 def get_event_msg(tid: int) -> int:
@@ -409,28 +435,77 @@ class SockFilter(ctypes.Structure):
     _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint32)]
 
 
-# offsets into ``struct seccomp_data`` and the BPF/seccomp numbers the filter uses
+#: ``struct seccomp_data``, what a seccomp filter reads: nr, arch, instruction_pointer,
+#: args[6]; and the offsets of its fields
+SECCOMP_DATA = struct.Struct("<iIQ6Q")
 SECCOMP_DATA_NR = 0
 SECCOMP_DATA_ARCH = 4
+SECCOMP_DATA_IP = 8
+SECCOMP_DATA_ARGS = 16
 AUDIT_ARCH_X86_64 = 0xC000003E
+AUDIT_ARCH_I386 = 0x40000003
+# seccomp return values: the action in the high 16 bits (SECCOMP_RET_ACTION_FULL)
+SECCOMP_RET_KILL_PROCESS = 0x80000000
+SECCOMP_RET_KILL_THREAD = 0x00000000
+SECCOMP_RET_TRAP = 0x00030000
+SECCOMP_RET_ERRNO = 0x00050000
+SECCOMP_RET_USER_NOTIF = 0x7FC00000
 SECCOMP_RET_TRACE = 0x7FF00000
+SECCOMP_RET_LOG = 0x7FFC0000
 SECCOMP_RET_ALLOW = 0x7FFF0000
+SECCOMP_RET_ACTION_FULL = 0xFFFF0000
+SECCOMP_RET_DATA = 0x0000FFFF
+BPF_MAXINSNS = 4096
 BPF_LD_W_ABS = 0x20          # BPF_LD | BPF_W | BPF_ABS
 BPF_JEQ_K = 0x15             # BPF_JMP | BPF_JEQ | BPF_K
 BPF_RET_K = 0x06             # BPF_RET | BPF_K
 
 
-def seccomp_trace_filter(nr: int) -> bytes:
-    """A BPF program: ``SECCOMP_RET_TRACE`` for x86-64 syscall *nr*, allow everything else."""
-    program = (SockFilter * 6)(
-        SockFilter(BPF_LD_W_ABS, 0, 0, SECCOMP_DATA_ARCH),
-        SockFilter(BPF_JEQ_K, 0, 3, AUDIT_ARCH_X86_64),   # other arch: allow
-        SockFilter(BPF_LD_W_ABS, 0, 0, SECCOMP_DATA_NR),
-        SockFilter(BPF_JEQ_K, 0, 1, nr),
-        SockFilter(BPF_RET_K, 0, 0, SECCOMP_RET_TRACE),
-        SockFilter(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
-    )
-    return bytes(program)
+def seccomp_trace_filter(nr: int, watch: bool = False) -> bytes:
+    """A BPF program: ``SECCOMP_RET_TRACE`` for x86-64 syscall *nr*, allow everything
+    else. With *watch*, also ``SECCOMP_RET_TRACE`` for the calls that install a
+    seccomp filter or strict mode, in every ABI: ``seccomp(SECCOMP_SET_MODE_STRICT or
+    SECCOMP_SET_MODE_FILTER, ...)`` and ``prctl(PR_SET_SECCOMP, ...)`` (the low 32 bits
+    of the first argument, which is all the kernel reads of it)."""
+    ld, jeq, ret = BPF_LD_W_ABS, BPF_JEQ_K, BPF_RET_K
+    if not watch:
+        program = [
+            (ld, 0, 0, SECCOMP_DATA_ARCH),
+            (jeq, 0, 3, AUDIT_ARCH_X86_64),       # other arch: allow
+            (ld, 0, 0, SECCOMP_DATA_NR),
+            (jeq, 0, 1, nr),
+            (ret, 0, 0, SECCOMP_RET_TRACE),
+            (ret, 0, 0, SECCOMP_RET_ALLOW),
+        ]
+    else:
+        trace, allow = 17, 18
+
+        def to(target: int, at: int) -> int:        # a jump offset from instruction *at*
+            return target - at - 1
+
+        seccomp_op, prctl_op, i386 = 12, 15, 8
+        program = [
+            (ld, 0, 0, SECCOMP_DATA_ARCH),                                        # 0
+            (jeq, 0, to(i386, 1), AUDIT_ARCH_X86_64),                             # 1
+            (ld, 0, 0, SECCOMP_DATA_NR),                                          # 2
+            (jeq, to(trace, 3), 0, nr),                                           # 3: the slot
+            (jeq, to(seccomp_op, 4), 0, SYS_seccomp),                             # 4
+            (jeq, to(seccomp_op, 5), 0, SYS_seccomp | X32_SYSCALL_BIT),           # 5
+            (jeq, to(prctl_op, 6), 0, SYS_prctl),                                 # 6
+            (jeq, to(prctl_op, 7), to(allow, 7), SYS_prctl | X32_SYSCALL_BIT),    # 7
+            (jeq, 0, to(allow, 8), AUDIT_ARCH_I386),                              # 8: i386
+            (ld, 0, 0, SECCOMP_DATA_NR),                                          # 9
+            (jeq, to(seccomp_op, 10), 0, SYS_I386_seccomp),                       # 10
+            (jeq, to(prctl_op, 11), to(allow, 11), SYS_I386_prctl),               # 11
+            (ld, 0, 0, SECCOMP_DATA_ARGS),                                        # 12: seccomp(op, ...)
+            (jeq, to(trace, 13), 0, SECCOMP_SET_MODE_STRICT),                     # 13
+            (jeq, to(trace, 14), to(allow, 14), SECCOMP_SET_MODE_FILTER),         # 14
+            (ld, 0, 0, SECCOMP_DATA_ARGS),                                        # 15: prctl(option, ...)
+            (jeq, to(trace, 16), to(allow, 16), PR_SET_SECCOMP),                  # 16
+            (ret, 0, 0, SECCOMP_RET_TRACE),                                       # 17
+            (ret, 0, 0, SECCOMP_RET_ALLOW),                                       # 18
+        ]
+    return bytes((SockFilter * len(program))(*(SockFilter(*insn) for insn in program)))
 
 
 class RDebug(ctypes.Structure):

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tupl
 
 from . import arch, codegen, linux, procfs
 from .arch import PAGE_SIZE
-from .errors import FaultError, SitePatchedError, TracerError
+from .errors import FaultError, SitePatchedError, SyscallRefusedError
 from .objects import LoadedObject
 
 MEMFD_NAME = b"ptprobe\0"
@@ -42,15 +42,16 @@ _SLOTS_AT = 8192
 _SLOTS_MAX = (RECORD_SIZE - 8192) // _ENTRY.size
 FLAG_FILTER = 1
 FLAG_FILTER_FAILED = 2
-_KINDS = {"seed": 1, "return": 2, "xol": 3, "count": 4, "stub": 5}
+FLAG_FILTER_WATCH = 4      # the filter also stops the program's seccomp()/prctl(PR_SET_SECCOMP)
+# page kinds; 1 was the seed page of 16-byte slots with no way back (not reused: its
+# sites read as patched by someone else)
+_KINDS = {"seed": 6, "return": 2, "xol": 3, "count": 4, "stub": 5}
 _KIND_NAMES = {v: k for k, v in _KINDS.items()}
-_STRIDE = {"seed": arch.SEED_SLOT_SIZE, "return": arch.RETURN_SLOT_SIZE, "xol": arch.XOL_ENTRY_SIZE,
+_STRIDE = {"seed": arch.SEED_SLOT_STRIDE, "return": arch.RETURN_SLOT_SIZE, "xol": arch.XOL_ENTRY_SIZE,
            "count": codegen.COUNT_SLOT_SIZE, "stub": 64}
 #: pages whose slots stop the thread (a stop in them is a hit); the others hold
 #: out-of-line copies (xol), counting slots (count) or recording stubs (stub)
 STOP_KINDS = ("seed", "return")
-#: pages filled from the start, not cut into equal slots
-_BUMP_KINDS = ("xol", "stub")
 _MMAP_MIN = 0x10000
 _TRAMPOLINE_MARK = 1                   # "instruction address" of a return trampoline in the record
 _REACH = 0x7FFF0000
@@ -63,6 +64,7 @@ class Target(Protocol):
     mem: linux.Memory
     filter_state: str
     syscall_gadget: Optional[int]
+    own_filter: Optional[bytes]
 
     @property
     def pid(self) -> int: ...
@@ -81,6 +83,10 @@ class Target(Protocol):
 
     def syscall(self, nr: int, *args: int, thread: Any = None) -> Tuple[int, bool]: ...
 
+    def slot_verdict(self, extra: Optional[bytes] = None) -> Tuple[bool, str]: ...
+
+    def filter_installed(self, program: bytes, watched: bool) -> None: ...
+
 
 @dataclass
 class Page:
@@ -97,7 +103,7 @@ class Page:
 
     @property
     def capacity(self) -> int:
-        return PAGE_SIZE // self.stride
+        return arch.SEED_PAGE_SLOTS if self.kind == "seed" else PAGE_SIZE // self.stride
 
 
 @dataclass(eq=False)
@@ -156,11 +162,13 @@ class Patcher:
 
     def __init__(self, space: Target, *, slots: str = "return", seccomp: bool = True,
                  allow_no_new_privs: bool = True, max_pages: int = 64,
-                 notice: Callable[[str], None] = lambda text: None, find_record: bool = True) -> None:
+                 notice: Callable[[str], None] = lambda text: None, find_record: bool = True,
+                 watch: bool = False) -> None:
         if slots not in ("return", "seed"):
             raise ValueError("slots must be 'return' or 'seed'")
         self.options: Dict[str, Any] = dict(slots=slots, seccomp=seccomp, allow_no_new_privs=allow_no_new_privs,
-                                            max_pages=max_pages, notice=notice)
+                                            max_pages=max_pages, notice=notice, watch=watch)
+        self.watch = watch                        # our filter also stops the program's own filter installs
         self.space = space
         self.slot_kind = slots
         self.use_seccomp = seccomp
@@ -183,6 +191,10 @@ class Patcher:
         self._record_flags = 0
         self._slot_records = 0                    # entries in the record's slot table
         self._nnp_hint_given = False
+        self._refusals_told: set = set()          # refusals already reported
+        self._last_refusal: Optional[str] = None   # the last system call not made, and why
+        self.slot_refusal = ""                    # why slots cannot be used in this process
+        self._filter_checked = False              # an installed filter (an earlier attach's) re-judged
         if find_record:
             self._load_record()
 
@@ -203,6 +215,7 @@ class Patcher:
                 self._slot_records = min(n_slots, _SLOTS_MAX)
                 if flags & FLAG_FILTER and nr == arch.SLOT_SYSCALL_NR:
                     self.space.filter_state = "installed"
+                    self.space.own_filter = self._recorded_filter(m.start)
                 elif flags & FLAG_FILTER_FAILED:
                     self.space.filter_state = "failed"
                 table = self.space.mem.read(m.start + _PAGES_AT, _ENTRY.size * min(n_pages, _PAGES_MAX))
@@ -231,6 +244,18 @@ class Patcher:
                         self.slot_owner[(page.kind, resume)] = slot
                 return
 
+    def _recorded_filter(self, record: int) -> Optional[bytes]:
+        """The program of ptprobe's filter as the record holds it (None if unreadable)."""
+        try:
+            fprog = linux.SockFprog.from_buffer_copy(self.space.mem.read(record + _FPROG_AT,
+                                                                        ctypes.sizeof(linux.SockFprog)))
+            size = fprog.len * ctypes.sizeof(linux.SockFilter)
+            if fprog.filter != record + _FILTER_AT or not 0 < size <= _PAGES_AT - _FILTER_AT:
+                return None
+            return self.space.mem.read(record + _FILTER_AT, size)
+        except FaultError:
+            return None
+
     def _write_header(self) -> None:
         assert self.record is not None
         n_pages = len(self.pages)
@@ -250,41 +275,66 @@ class Patcher:
 
     # --- mapping pages ----------------------------------------------------------
     def _memfd_map(self, address: int, size: int, prot: int, fixed: bool) -> Optional[int]:
-        """Map *size* bytes of a new ``ptprobe`` memfd; None when it cannot be placed."""
+        """Map *size* bytes of a new ``ptprobe`` memfd (or, without one, anonymous
+        memory); None when it cannot be placed, or a seccomp filter of the process
+        forbids the system calls (see :meth:`_refused`)."""
         space = self.space
         thread = space.stopped_thread()
         name_at = space.scratch_address(thread, len(MEMFD_NAME))
         space.mem.write(name_at, MEMFD_NAME)
-        fd, _ = space.syscall(linux.SYS_memfd_create, name_at, linux.MFD_CLOEXEC, thread=thread)
         flags = linux.MAP_PRIVATE | (linux.MAP_FIXED_NOREPLACE if fixed else 0)
-        if fd < 0:
-            result, _ = space.syscall(linux.SYS_mmap, address, size, prot, flags | linux.MAP_ANONYMOUS,
-                                     (1 << 64) - 1, 0, thread=thread)
+        fd = self._call(linux.SYS_memfd_create, name_at, linux.MFD_CLOEXEC, thread=thread)
+        if fd is None or fd < 0:
+            result = self._call(linux.SYS_mmap, address, size, prot, flags | linux.MAP_ANONYMOUS,
+                                (1 << 64) - 1, 0, thread=thread)
         else:
             try:
-                res, _ = space.syscall(linux.SYS_ftruncate, fd, size, thread=thread)
-                result = res if res < 0 else space.syscall(linux.SYS_mmap, address, size, prot, flags, fd, 0,
-                                                          thread=thread)[0]
+                res = self._call(linux.SYS_ftruncate, fd, size, thread=thread)
+                result = res if res is None or res < 0 else self._call(linux.SYS_mmap, address, size, prot, flags,
+                                                                       fd, 0, thread=thread)
             finally:
-                space.syscall(linux.SYS_close, fd, thread=thread)
+                self._call(linux.SYS_close, fd, thread=thread)
         space.invalidate_maps()
-        if result < 0 and result > -4096:
+        if result is None:
+            self._refused("ptprobe maps no page there: sites use int3, and instructions it would run "
+                          "out of line are stepped in place")
+            return None
+        if -4096 < result < 0:
             return None
         if fixed and result != address:
-            space.syscall(linux.SYS_munmap, result, size, thread=thread)
+            self._call(linux.SYS_munmap, result, size, thread=thread)
             return None
         return result
 
-    def _ensure_record(self) -> None:
-        if self.record is not None:
+    def _call(self, nr: int, *args: int, thread: Any) -> Optional[int]:
+        """A remote system call's result; None when it was not made because a seccomp
+        filter of the process forbids it (kept in :attr:`_last_refusal`)."""
+        try:
+            return self.space.syscall(nr, *args, thread=thread)[0]
+        except SyscallRefusedError as exc:
+            self._last_refusal = f"{linux.SYSCALL_NAMES.get(exc.nr, hex(exc.nr))}: {exc.reason}"
+            return None
+
+    def _refused(self, what: str) -> None:
+        """Say once that *what* was not done for the last refused system call."""
+        refusal = self._last_refusal
+        if refusal is None or (what, refusal) in self._refusals_told:
             return
+        self._refusals_told.add((what, refusal))
+        self.notice(f"process {self.space.pid}: {what} ({refusal})")
+
+    def _ensure_record(self) -> bool:
+        """Map the record if there is none yet; False when it cannot be."""
+        if self.record is not None:
+            return True
         address = self._memfd_map(0, RECORD_SIZE, linux.PROT_READ, fixed=False)
         if address is None:
-            raise TracerError(f"cannot map ptprobe's record in process {self.space.pid}")
+            return False
         self.record = address
         self._record_flags = 0
         self._slot_records = 0
         self._write_header()
+        return True
 
     def _candidates(self, near: Tuple[int, int], below_only: bool) -> Iterable[int]:
         """Free page addresses near the range *near*, nearest first."""
@@ -322,9 +372,9 @@ class Patcher:
     def _new_page(self, kind: str, near_obj: Optional[LoadedObject], addresses: List[int]) -> Optional[Page]:
         if kind != "xol" and sum(1 for p in self.pages.values() if p.kind != "xol") >= self.max_pages:
             return None
-        if len(self.pages) >= _PAGES_MAX:
+        if len(self.pages) >= _PAGES_MAX or not self._ensure_record():
             return None
-        self._ensure_record()
+        assert self.record is not None
         if near_obj is not None:
             near = (near_obj.start, near_obj.end)
             # the main executable: never above it, where brk grows
@@ -339,10 +389,9 @@ class Patcher:
             if address is None:
                 continue
             page = Page(address, kind)
+            self.space.mem.write(address, b"\xcc" * PAGE_SIZE)
             if kind == "seed":
-                self.space.mem.write(address, arch.seed_slot_code() * page.capacity)
-            else:
-                self.space.mem.write(address, b"\xcc" * PAGE_SIZE)
+                self.space.mem.write(address + arch.SEED_RESTORE_OFFSET, arch.seed_restore_code())
             self.pages[address] = page
             index = len(self.pages) - 1
             self.space.mem.write(self.record + _PAGES_AT + _ENTRY.size * index, _ENTRY.pack(address, _KINDS[kind]))
@@ -383,6 +432,8 @@ class Patcher:
         slot = page.address + index * page.stride
         if page.kind == "return":
             self.space.mem.write(slot, arch.return_slot_code(slot, resume))
+        else:
+            self.space.mem.write(slot, arch.seed_slot_code_at(slot, resume))
         self.slot_owner[(page.kind, resume)] = slot
         self._remember_slot(slot, resume)
         return slot
@@ -511,6 +562,12 @@ class Patcher:
         space = self.space
         if not self.use_seccomp:
             return False
+        if space.filter_state == "installed" and not self._filter_checked:
+            # an earlier attach's filter: the process may have installed filters of its own since
+            self._filter_checked = True
+            served, why = space.slot_verdict()
+            if not served:
+                return self._slots_refused(why)
         if space.filter_state != "none":
             return space.filter_state == "installed"
         status = procfs.read_status(space.pid)
@@ -522,27 +579,44 @@ class Patcher:
                     self.notice("process %d lacks CAP_SYS_ADMIN: using int3; --allow-no-new-privs enables "
                                 "the faster jmp slots (sets the irrevocable no_new_privs flag)" % space.pid)
                 return False
-        self._ensure_record()
+        # judge the process's own filters first: nothing is made that they would kill it for,
+        # and no filter is installed that they would overrule
+        program = linux.seccomp_trace_filter(arch.SLOT_SYSCALL_NR, watch=self.watch)
+        served, why = space.slot_verdict(program)
+        if not served:
+            return self._slots_refused(why)
+        self._filter_checked = True
+        if not self._ensure_record():
+            return self._filter_failed()
         assert self.record is not None
         thread = space.stopped_thread()
         if not nnp and not procfs.has_cap_sys_admin(space.pid):
-            res, _ = space.syscall(linux.SYS_prctl, linux.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, thread=thread)
+            res = self._call(linux.SYS_prctl, linux.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, thread=thread)
+            if res is None:
+                self._refused("no seccomp filter of ptprobe's: jmp sites use int3")
+                return self._filter_failed()
             if res != 0:
                 self.notice(f"cannot set no_new_privs in process {space.pid}: using int3")
                 return self._filter_failed()
-        program = linux.seccomp_trace_filter(arch.SLOT_SYSCALL_NR)
         space.mem.write(self.record + _FILTER_AT, program)
         fprog = linux.SockFprog(len(program) // ctypes.sizeof(linux.SockFilter), self.record + _FILTER_AT)
         space.mem.write(self.record + _FPROG_AT, bytes(fprog))
-        res, _ = space.syscall(linux.SYS_seccomp, linux.SECCOMP_SET_MODE_FILTER,
-                              linux.SECCOMP_FILTER_FLAG_TSYNC, self.record + _FPROG_AT, thread=thread)
+        res = self._call(linux.SYS_seccomp, linux.SECCOMP_SET_MODE_FILTER,
+                         linux.SECCOMP_FILTER_FLAG_TSYNC, self.record + _FPROG_AT, thread=thread)
+        if res is None:
+            self._refused("no seccomp filter of ptprobe's: jmp sites use int3")
+            return self._filter_failed()
         if res != 0:
             why = f"thread {res} could not be synchronised" if res > 0 else f"error {-res}"
             self.notice(f"cannot install the seccomp filter in process {space.pid} ({why}): using int3")
             return self._filter_failed()
-        self._record_flags |= FLAG_FILTER
+        self._record_flags |= FLAG_FILTER | (FLAG_FILTER_WATCH if self.watch else 0)
         self._write_header()
-        _, stopped = space.syscall(arch.SLOT_SYSCALL_NR, thread=thread)
+        space.filter_installed(program, self.watch)
+        try:
+            _, stopped = space.syscall(arch.SLOT_SYSCALL_NR, thread=thread)
+        except SyscallRefusedError:
+            stopped = False
         if not stopped:
             self.notice(f"another seccomp filter in process {space.pid} overrules ptprobe's: using int3")
             self._record_flags |= FLAG_FILTER_FAILED
@@ -551,6 +625,13 @@ class Patcher:
             return False
         space.filter_state = "installed"
         return True
+
+    def _slots_refused(self, why: str) -> bool:
+        """Slots cannot be used in this process (a filter of its own stands in the way)."""
+        if not self.slot_refusal:
+            self.notice(f"process {self.space.pid}: {why}: jmp sites use int3")
+        self.slot_refusal = why
+        return self._filter_failed()
 
     def _filter_failed(self) -> bool:
         self.space.filter_state = "failed"
@@ -613,7 +694,7 @@ class Patcher:
             if not self.use_seccomp:
                 pass
             elif space.filter_state != "installed":
-                site.fallback_reason = "no seccomp filter"
+                site.fallback_reason = self.slot_refusal or "no seccomp filter"
             elif any((kind, resume) in self.slot_owner for kind in STOP_KINDS):
                 site.fallback_reason = "its slot, from an earlier attach, is of the other kind"
             else:
@@ -669,11 +750,39 @@ class Patcher:
         if site.mechanism == "int3":
             self.int3_sites.pop(site.address + 1, None)
             self.retired[site.address + 1] = site
-        elif site.slot is not None:
+        if site.slot is not None and self.slot_sites.get(site.slot + arch.SEED_SLOT_SIZE) is site:
             self.slot_sites.pop(site.slot + arch.SEED_SLOT_SIZE, None)
         if site.stub_stop is not None:
             # a thread stopped at the stub's syscall after this must still be recognised
             self.retired_stubs[site.stub_stop] = site
+
+    def demote_slots(self, reason: str) -> List[Site]:
+        """Serve every jmp site by int3 from now on, because the slots' system call
+        would no longer stop for ptprobe (*reason*); returns the sites moved. Each
+        gets its NOP back, then an int3 on its first byte (emulated: the thread goes
+        on after the NOP). A site keeps its slot: a thread that stops in it still
+        counts as a hit there, finished by hand. Every thread must be stopped."""
+        moved = []
+        mem = self.space.mem
+        for site in list(self.sites.values()):
+            if site.mechanism != "jmp" or site.covered_by is not None:
+                continue
+            if site.armed:
+                mem.write(site.patch_at, site.original)
+            first = mem.read(site.address, 1)
+            if site.armed:
+                mem.write(site.address, b"\xcc")
+                self.int3_sites[site.address + 1] = site
+                self.retired.pop(site.address + 1, None)
+            site.mechanism, site.patch_at, site.original, site.patched = "int3", site.address, first, b"\xcc"
+            site.emulate, site.slot_kind, site.fallback_reason = True, None, reason
+            site.action = "stop"                 # (a counting slot or stub is no longer reached)
+            for extra in site.chained:
+                extra.mechanism = "int3"
+            moved.append(site)
+        self.slot_refusal = reason
+        self.space.filter_state = "failed"
+        return moved
 
     def disarm_all(self) -> List[Site]:
         """Disarm every site; return those whose bytes could not be written back."""
@@ -710,7 +819,7 @@ class Patcher:
             offset = (rip - page.address) % page.stride
             slot = rip - offset
             if offset > arch.SEED_SLOT_SIZE:
-                return None   # in a self-returning slot's tail: it finishes by itself
+                return None   # in a slot's way back (or a seed page's restore routine): it finishes by itself
         resume = page.owners.get((slot - page.address) // page.stride)
         if resume is None:
             return None

@@ -164,6 +164,19 @@ def parent_of(pid: int) -> int:
         return 0
 
 
+def seccomp_status(pid: int, tid: Optional[int] = None) -> Tuple[int, Optional[int]]:
+    """(seccomp mode, number of filters) of process *pid* (or its thread *tid*):
+    ``Seccomp:`` (0 none, 1 strict, 2 filter) and ``Seccomp_filters:`` (None on a
+    kernel without that line)."""
+    status = read_status(pid, tid)
+    try:
+        mode = int(status.get("Seccomp", "0"))
+        count = int(status["Seccomp_filters"]) if "Seccomp_filters" in status else None
+    except ValueError:
+        return 2, None          # not understood: filters of an unknown number
+    return mode, count
+
+
 def has_cap_sys_admin(pid: int) -> bool:
     caps = int(read_status(pid).get("CapEff", "0"), 16)
     return bool(caps & (1 << CAP_SYS_ADMIN))

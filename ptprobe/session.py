@@ -26,6 +26,7 @@ import threading
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from . import linux
+from .engine.filters import FilterWatch
 from .engine.hits import Hits
 from .engine.lifecycle import Lifecycle
 from .engine.loop import EventLoop
@@ -74,11 +75,15 @@ class Session:
         self.observer = observer or Observer()
         self.placement = Placement({True: "single", False: "off"}.get(colocate, colocate))  # type: ignore[arg-type]
         self._owner = threading.get_ident()
+        # in run mode ptprobe's filter also stops the program's own filter installs
         patcher_options = dict(slots=slots, seccomp=seccomp, allow_no_new_privs=self.allow_no_new_privs,
-                               max_pages=max_trampoline_pages, notice=self.observer.notice)
+                               max_pages=max_trampoline_pages, notice=self.observer.notice,
+                               watch=mode == "run")
         self.in_program = in_program
         self.loop = EventLoop()
         self.hits = Hits(self.loop, slot_kind=slots, on_handler_error=self._handler_error)
+        self.filter_watch = FilterWatch(self.loop, self.observer.notice)
+        self.hits.other_syscall = self.filter_watch.on_call
         self.actions = Actions(ring_size=ring_size, lossless=not drop, notice=self.observer.notice,
                                on_handler_error=self._handler_error)
         self.hits.drain = self.actions.drain
@@ -299,6 +304,7 @@ class Session:
                 self.actions.freeze(list(self.loop.threads.values()))
             except PtprobeError as exc:
                 problems.append(f"cannot stop every thread: {exc}")
+            self.filter_watch.check(list(self.loop.processes.values()))
             for proc in list(self.loop.processes.values()):
                 if proc.exited:
                     continue
@@ -344,12 +350,10 @@ class Session:
         if self.attached:
             self.detach()
         if self.mode == "run" and self.returncode is None and self.main_pid:
-            try:
-                _, status = os.waitpid(self.main_pid, 0)
+            status = self.loop.reap(self.main_pid)
+            if status is not None and self.returncode is None:
                 self.lifecycle.returncode = (os.WEXITSTATUS(status) if os.WIFEXITED(status)
                                              else -os.WTERMSIG(status))
-            except ChildProcessError:
-                pass
 
     def kill(self) -> None:
         """Kill the traced program (run mode) and reap it."""
@@ -380,15 +384,15 @@ class Session:
             except PtprobeError:
                 pass
             if self.main_pid and self.returncode is None:
-                _kill_and_reap(self.main_pid)
+                self._kill_and_reap()
 
-
-def _kill_and_reap(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    except (ProcessLookupError, ChildProcessError):
-        pass
+    def _kill_and_reap(self) -> None:
+        """SIGKILL the program (run mode) and reap it, whatever is still traced of it."""
+        try:
+            os.kill(self.main_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        self.loop.reap(self.main_pid)
 
 
 def run(argv: Sequence[str], *, env: Optional[Dict[str, str]] = None, **options) -> Session:
@@ -406,7 +410,7 @@ def run(argv: Sequence[str], *, env: Optional[Dict[str, str]] = None, **options)
         session._start(list(argv), env)
     except BaseException:
         if session.main_pid and session.returncode is None:
-            _kill_and_reap(session.main_pid)
+            session._kill_and_reap()
         raise
     return session
 

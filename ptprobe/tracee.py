@@ -21,13 +21,14 @@ import os
 import signal
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
-from . import linux, procfs
-from .errors import NoSuchProcessError, TracerError
+from . import arch, linux, procfs
+from .errors import NoSuchProcessError, PtprobeError, SyscallRefusedError, TracePermissionError, TracerError
 from .objects import Identity, LoadedObject, scan_objects
 from .arch import XOL_ENTRY_SIZE
 from .patching import Patcher
 from .retstack import ShadowStacks
 from .unwind import RegisterSource, Stack, Unwinder
+from .seccomp import MODE_FILTER, MODE_NONE, MODE_STRICT, FilterError, FilterStack, Program
 
 _FAULTS = (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE)
 _COMPLETING_EVENTS = (linux.PTRACE_EVENT_CLONE, linux.PTRACE_EVENT_FORK, linux.PTRACE_EVENT_VFORK,
@@ -146,6 +147,12 @@ class AddressSpace:
         self.unmapped: List[LoadedObject] = []      # objects seen unmapped, not yet handled
         self.syscall_gadget: Optional[int] = None   # `syscall; int3` in a ptprobe page
         self.filter_state = "none"                   # ptprobe's seccomp filter: none|installed|failed
+        # the seccomp filters of the owner's threads (read when first needed), whether
+        # every filter installed since was seen by ptprobe's watch, and ptprobe's own
+        # filter program once installed (also found in the record of an earlier attach)
+        self.filters: Optional[FilterStack] = None
+        self.filters_watched = False
+        self.own_filter: Optional[bytes] = None
         # what the probe layer armed here: (probe key, object identity), and
         # semaphore address -> our increments
         self.armed: Set[Tuple[int, Identity]] = set()
@@ -171,6 +178,9 @@ class AddressSpace:
         space.unmapped = []
         space.syscall_gadget = self.syscall_gadget
         space.filter_state = self.filter_state
+        space.filters = self.filters.copy() if self.filters is not None else None
+        space.filters_watched = self.filters_watched
+        space.own_filter = self.own_filter
         space.armed = set(self.armed)
         space.semaphores = dict(self.semaphores)
         space.returns = self.returns.fork()
@@ -187,6 +197,7 @@ class AddressSpace:
             self.mem.close()
         space = AddressSpace(process, self._patcher_options, self.wait_thread)
         space.filter_state = self.filter_state
+        space.filters, space.filters_watched, space.own_filter = self.filters, self.filters_watched, self.own_filter
         return space
 
     def close(self) -> None:
@@ -262,14 +273,111 @@ class AddressSpace:
         rsp = linux.get_regs(thread.tid).rsp
         return (rsp - 128 - 256 - size) & ~0xF
 
+    # --- seccomp filters of the process ------------------------------------------
+    def seccomp_filters(self) -> FilterStack:
+        """What is known of the seccomp filters of the owner's threads: read when first
+        needed (every thread stopped), and again when /proc shows a change ptprobe's
+        watch did not see (see :mod:`ptprobe.seccomp`)."""
+        counts = self._filter_counts()
+        stack = self.filters
+        if stack is not None and (self.filters_watched or stack.counts == counts):
+            return stack
+        self.filters = stack = self._read_filters(counts)
+        return stack
+
+    def _filter_counts(self) -> Tuple[Tuple[int, int], ...]:
+        """The distinct (mode, number of filters) of the owner's threads."""
+        seen = set()
+        for thread in list(self.owner.threads.values()):
+            if thread.exited:
+                continue
+            try:
+                mode, count = procfs.seccomp_status(self.pid, thread.tid)
+            except PtprobeError:
+                continue
+            seen.add((mode, -1 if count is None else count))
+        return tuple(sorted(seen))
+
+    def _read_filters(self, counts: Tuple[Tuple[int, int], ...]) -> FilterStack:
+        stack = FilterStack(counts=counts)
+        modes = {mode for mode, _ in counts}
+        if modes <= {MODE_NONE}:
+            return stack
+        if MODE_STRICT in modes:
+            stack.strict()
+            return stack
+        stack.mode = MODE_FILTER
+        programs: List[Program] = []
+        try:
+            for thread in list(self.owner.threads.values()):
+                if thread.exited:
+                    continue
+                mode, count = procfs.seccomp_status(self.pid, thread.tid)
+                if mode != MODE_FILTER:
+                    continue
+                if count is None:
+                    raise FilterError("the kernel does not say how many seccomp filters it has")
+                if not thread.stopped:
+                    raise FilterError(f"thread {thread.tid} is not stopped")
+                for index in range(count):
+                    program = Program.from_bytes(linux.get_seccomp_filter(thread.tid, index))
+                    if program not in programs:
+                        programs.append(program)
+        except TracePermissionError:
+            if self.own_filter is not None and counts == ((MODE_FILTER, 1),):
+                programs = [Program.from_bytes(self.own_filter)]     # its one filter is ptprobe's
+            else:
+                stack.programs = None
+                stack.why = ("it has seccomp filters ptprobe may not read "
+                             "(PTRACE_SECCOMP_GET_FILTER needs CAP_SYS_ADMIN)")
+                return stack
+        except (FilterError, TracerError, NoSuchProcessError) as exc:
+            stack.programs = None
+            stack.why = f"its seccomp filters cannot be read ({exc})"
+            return stack
+        stack.programs = programs
+        return stack
+
+    def slot_verdict(self, extra: Optional[bytes] = None) -> Tuple[bool, str]:
+        """(would the slots' system call stop for ptprobe here, why not), with the
+        filter program *extra* (ptprobe's own, not installed yet) added."""
+        stack = self.seccomp_filters()
+        if extra is not None:
+            stack = stack.copy()
+            stack.add(Program.from_bytes(extra))
+        return stack.slot_verdict(arch.SLOT_SYSCALL_NR)
+
+    def filter_installed(self, program: bytes, watched: bool) -> None:
+        """ptprobe's filter *program* is installed (in every thread); with *watched* it
+        stops every later filter install of the process for ptprobe to see."""
+        self.own_filter = program
+        stack = self.filters if self.filters is not None else self.seccomp_filters()
+        stack.add(Program.from_bytes(program))
+        stack.counts = self._filter_counts()
+        self.filters = stack
+        self.filters_watched = watched
+
+    def seccomp_refusal(self, nr: int, *args: int, thread: Optional[Thread] = None) -> Optional[str]:
+        """Why system call *nr* with *args* must not be made in this process (None: it
+        may), from the thread that :meth:`syscall` would use."""
+        thread = thread or self.stopped_thread()
+        at = self.syscall_gadget if self.syscall_gadget is not None else linux.get_rip(thread.tid)
+        return self.seccomp_filters().refusal(nr, args, at + 2)
+
     def syscall(self, nr: int, *args: int, thread: Optional[Thread] = None) -> Tuple[int, bool]:
         """Make the tracee run syscall *nr*; returns (result, saw_seccomp_stop).
 
         Every thread of the space must be stopped. The thread's registers are
         restored afterwards, with an interrupted syscall set up to restart;
-        signals that arrive meanwhile are kept and delivered later.
+        signals that arrive meanwhile are kept and delivered later. A system call
+        that a seccomp filter of the process would kill it for (or that cannot be
+        judged) is not made: :class:`SyscallRefusedError`.
         """
         thread = thread or self.stopped_thread()
+        why = self.seccomp_refusal(nr, *args, thread=thread)
+        if why is not None:
+            name = linux.SYSCALL_NAMES.get(nr, f"system call {nr:#x}")
+            raise SyscallRefusedError(f"{name} not made in process {self.pid}: {why}", self.pid, nr, why)
         tid = thread.tid
         saved = linux.get_regs(tid)
         restored = _prepare_restart(saved)

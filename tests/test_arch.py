@@ -75,6 +75,34 @@ def test_seed_slot_rejects_oversized_number() -> None:
         arch.seed_slot_code(1 << 32)
 
 
+def test_seed_slot_with_its_way_back_is_pinned() -> None:
+    """A seed slot in its page: the 16 bytes, ``call`` the page's restore routine,
+    ``jmp`` back to the site (for a syscall nobody finished), padded to the stride."""
+    page, resume = 0x7000_0000, 0x7000_9000
+    slot = page + 3 * arch.SEED_SLOT_STRIDE
+    code = arch.seed_slot_code_at(slot, resume)
+    restore = page + arch.SEED_RESTORE_OFFSET
+    call = b"\xe8" + struct.pack("<i", restore - (slot + 16 + 5))
+    jmp = b"\xe9" + struct.pack("<i", resume - (slot + 21 + 5))
+    assert code == h(SEED_HEX) + call + jmp + b"\xcc" * 6
+    assert (arch.SEED_SLOT_STRIDE, arch.SEED_RESTORE_OFFSET, arch.SEED_PAGE_SLOTS) == (32, 4064, 127)
+    listing = [arch.describe(i) for i in arch.iter_instructions(code[16:26], slot + 16)]
+    assert listing == [f"call {restore:#x}", f"jmp {resume:#x}"]
+
+
+def test_seed_restore_routine_is_pinned() -> None:
+    """mov rax/r11/rcx from the slot frame above the return address, then ``ret 0x98``:
+    the return address and the frame (SLOT_FRAME_SIZE) popped, rsp the program's."""
+    code = arch.seed_restore_code()
+    assert code == h("48 8b 44 24 08 4c 8b 5c 24 10 48 8b 4c 24 18 c2 98 00") + b"\xcc" * 14
+    assert arch.SLOT_FRAME_SIZE == 0x98
+    listing = [arch.describe(i) for i in arch.iter_instructions(code[:18], 0)]
+    assert listing == ["mov rax, qword ptr [rsp + 8]", "mov r11, qword ptr [rsp + 0x10]",
+                       "mov rcx, qword ptr [rsp + 0x18]", "ret 0x98"]
+    # the three registers in the order the slot pushed them (rax on top)
+    assert arch.SLOT_SAVED_REGISTERS == ("rax", "r11", "rcx")
+
+
 def test_return_slot_bytes_are_pinned() -> None:
     slot, resume = 0x10000, 0x20000
     code = arch.return_slot_code(slot, resume)

@@ -35,7 +35,7 @@ def _positive(entry, *keys):
 
 def test_top_level_keys(report):
     assert {"meta", "baseline", "c_limit", "python_limit", "ptprobe", "kernel", "ratios", "arming",
-            "errors"} <= set(report)
+            "fairness", "errors"} <= set(report)
     meta = report["meta"]
     assert meta["quick"] is True and meta["runs"] == 1
     assert meta["threads"] == [1, 2]
@@ -109,6 +109,16 @@ def test_arming(report):
         _positive(a, "arm_s", "disarm_s")
     assert cases["nop5_jmp"]["mechanisms"] == ["jmp"]
     assert cases["insn_int3"]["mechanisms"] == ["int3"]
+
+
+def test_fairness(report):
+    """The per-thread spread with 16 and 64 threads, untraced and through ptprobe (not
+    judged here: a timed figure, for the report)."""
+    seen = {(f["mechanism"], f["threads"]) for f in report["fairness"]}
+    assert {("native", 16), ("return", 16), ("native", 64), ("return", 64)} <= seen
+    for f in report["fairness"]:
+        _positive(f, "median", "max", "total")
+        assert 0 <= f["min"] <= f["median"] <= f["max"]
 
 
 def test_no_errors(report):

@@ -216,8 +216,8 @@ def test_300_sites_with_one_trampoline_page(slots, capfd):
     out = capfd.readouterr().out
     assert status == 0 and "many 3" in out, out
     mechanisms = [p.sites[0].mechanism for p in probes]
-    per_page = arch.PAGE_SIZE // (arch.SEED_SLOT_SIZE if slots == "seed" else arch.RETURN_SLOT_SIZE)
-    assert per_page == (256 if slots == "seed" else 64)
+    per_page = arch.SEED_PAGE_SLOTS if slots == "seed" else arch.PAGE_SIZE // arch.RETURN_SLOT_SIZE
+    assert per_page == (127 if slots == "seed" else 64)
     assert mechanisms.count("jmp") == per_page
     assert mechanisms.count("int3") == 300 - per_page
     jmp_sites = [p.sites[0] for p in probes if p.sites[0].mechanism == "jmp"]

@@ -19,7 +19,12 @@ What it measures (every number a median of --runs runs):
 * the kernel's own uprobes on the same sites (root only: tracefs is mounted if
   needed and unmounted again, the ptbench/* events are removed afterwards;
   hits counted with ``perf stat -e ptbench:SITE``, else from uprobe_profile);
-* arming and disarming 1,000 sites.
+* arming and disarming 1,000 sites;
+* fairness: 16 and 64 threads calling one probed nop5 for --fair-seconds (each
+  counting its calls), untraced and through ptprobe (self-returning slot, seed
+  slot, int3; ptprobe's default placement): the min, median and max of the calls
+  per thread, and min/median (the goal: at least 0.1). ``--fairness-only`` runs
+  just this part.
 
 Hit rates come from the target itself: it times its measured phase with the
 vDSO clock after a warm-up, so start-up and arming are not counted. Each
@@ -83,6 +88,8 @@ AUTO = "auto"        # ptprobe only: nothing imposed, ptprobe's own placement (c
 ALL = "all"          # ptprobe only: nothing imposed, colocate="all" (every thread pinned with ptprobe)
 OWN_PLACEMENTS = {AUTO: True, ALL: "all"}
 NOISY = 1.5          # the table marks a median whose runs spread more than this (max/min)
+FAIR_THREADS = [16, 64]
+FAIR_MECHANISMS = ["native", "return", "seed", "int3"]
 
 
 class BenchError(Exception):
@@ -225,6 +232,42 @@ def ptprobe_once(target: str, outfile: str, site: str, mechanism: str, handler: 
         raise BenchError(f"{site}/{mechanism}: {probe.hits} hits counted, expected {(n + warmup) * threads}")
     with open(outfile) as fh:
         return parse_line(fh.read())
+
+
+def fairness_once(target: str, outfile: str, mechanism: str, threads: int, seconds: int) -> Dict:
+    """*threads* threads call the nop5 site for *seconds*, untraced ("native") or
+    traced with *mechanism*; the spread of their calls."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(outfile)
+    argv = [target, "fair", str(seconds), str(threads), "0", outfile]
+    if mechanism == "native":
+        subprocess.run(argv, check=True, capture_output=True, timeout=seconds + 60)
+    else:
+        observer = QuietObserver()
+        with ptprobe.run(argv, slots="seed" if mechanism == "seed" else "return", seccomp=mechanism != "int3",
+                         observer=observer) as session:
+            session.probe(f"uprobe:{target}:site_nop5")
+            status = session.wait()
+        if status != 0:
+            raise BenchError(f"fairness {mechanism}/{threads}: target exited with {status}")
+    with open(outfile) as fh:
+        text = fh.read()
+    counts = [int(c) for token in text.split() if token.startswith("counts=") for c in token[7:].split(",")]
+    if len(counts) != threads:
+        raise BenchError(f"fairness {mechanism}/{threads}: no counts in {text!r}")
+    median = statistics.median(counts)
+    return dict(mechanism=mechanism, threads=threads, seconds=seconds, min=min(counts), median=median,
+                max=max(counts), min_over_median=min(counts) / median if median else 0.0, total=sum(counts))
+
+
+def run_fairness(target: str, outfile: str, seconds: int, mechanisms: List[str], result: Dict) -> None:
+    for threads in FAIR_THREADS:
+        for mechanism in mechanisms:
+            log(f"fairness {mechanism} threads={threads} {seconds} s ...")
+            try:
+                result["fairness"].append(fairness_once(target, outfile, mechanism, threads, seconds))
+            except (BenchError, ptprobe.PtprobeError, OSError, subprocess.SubprocessError) as exc:
+                result["errors"].append(f"fairness {mechanism}/{threads}: {exc}")
 
 
 # --------------------------------------------------------------------------- kernel uprobes
@@ -413,14 +456,19 @@ def run_benchmark(args) -> Dict:
                    "placement_auto_over_default": [], "placement_all_over_default": [],
                    "python_over_c": [], "ptprobe_over_python": []},
         "arming": [],
+        "fairness": [],
         "errors": [],
     }
+    fair_mechanisms = FAIR_MECHANISMS[:2] if args.quick else FAIR_MECHANISMS
 
     workdir = Path(tempfile.mkdtemp(prefix="ptprobe-bench-"))
     kernel = KernelUprobes()
     try:
         target, tracer = build(workdir)
         outfile = str(workdir / "out.txt")
+        if args.fairness_only:
+            run_fairness(target, outfile, args.fair_seconds, fair_mechanisms, result)
+            return result
 
         # -- baselines
         log("baselines ...")
@@ -523,6 +571,9 @@ def run_benchmark(args) -> Dict:
                 "arm_s": statistics.median(s["arm_s"] for s in samples),
                 "disarm_s": statistics.median(s["disarm_s"] for s in samples),
             })
+
+        # -- fairness
+        run_fairness(target, outfile, args.fair_seconds, fair_mechanisms, result)
     finally:
         kernel.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -681,6 +732,7 @@ def format_table(result: Dict) -> str:
             add(f"  {a['what']:<58} arm {a['arm_s']:6.3f} s  detach {a['disarm_s']:6.3f} s  "
                 f"({'/'.join(a['mechanisms'])})")
         add("")
+    lines.extend(format_fairness(result))
     if result.get("in_program"):
         import bench_inprogram
         add(bench_inprogram.format_report(result["in_program"]))
@@ -693,13 +745,32 @@ def format_table(result: Dict) -> str:
     return "\n".join(lines)
 
 
+def format_fairness(result: Dict) -> List[str]:
+    """The fairness block of the table (nothing when it was not measured)."""
+    if not result.get("fairness"):
+        return []
+    lines = ["Fairness: calls per thread, threads calling one probed nop5 (ptprobe's default placement)",
+             f"  {'':<22}{'threads':>8}{'seconds':>8}{'min':>12}{'median':>12}{'max':>12}{'min/median':>12}"]
+    for f in result["fairness"]:
+        what = "untraced" if f["mechanism"] == "native" else (
+            "int3" if f["mechanism"] == "int3" else f"jmp/{f['mechanism']}")
+        lines.append(f"  {what:<22}{f['threads']:>8}{f['seconds']:>8}{f['min']:>12}{f['median']:>12.0f}"
+                     f"{f['max']:>12}{f['min_over_median']:>12.3f}")
+    return lines + [""]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     parser.add_argument("--runs", type=int, default=None, help="runs per case, median reported (default 5)")
     parser.add_argument("--hits", type=int, default=None, help="measured hits per thread (default 10000)")
     parser.add_argument("--quick", action="store_true", help="tiny counts and one run (for CI)")
+    parser.add_argument("--fair-seconds", type=int, default=None,
+                        help="seconds of each fairness run (default 10, --quick 1)")
+    parser.add_argument("--fairness-only", action="store_true", help="measure only the per-thread fairness")
     args = parser.parse_args(argv)
+    if args.fair_seconds is None:
+        args.fair_seconds = 1 if args.quick else 10
     if args.runs is None:
         args.runs = 1 if args.quick else 5
     if args.hits is None:
@@ -716,6 +787,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         print()
+    elif args.fairness_only:
+        print("\n".join(format_fairness(result) + [f"  {e}" for e in result["errors"]]))
     else:
         print(format_table(result))
     return 0

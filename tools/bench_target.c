@@ -26,6 +26,10 @@
  *     usdt_nop1_5  site_usdt_nop1_5: 90 0f 1f 44 00 00             (jmp over note+1)
  *     usdt_nop1_10 site_usdt_nop1_10: 90 66 2e 0f 1f 84 00 00 00 00 00
  *     syscall      no site: syscall(SYS_getpgid, 0) per iteration
+ *     fair         no timing: THREADS threads (up to 64) call site_nop5 until N
+ *                  seconds have passed, each counting its calls, then the target
+ *                  writes "mode=fair threads=T seconds=N counts=C1,C2,..." (the
+ *                  per-thread progress tools/bench.py reports as fairness)
  *     many         no loop: the binary holds many_nop5_0 .. many_nop5_999 (nop5
  *                  sites) and many_insn_0 .. many_insn_999 (mov %rdi,%rax, a
  *                  non-NOP instruction: int3 out of line), and usdt_many: 1000
@@ -177,6 +181,48 @@ static void *worker(void *arg)
     return NULL;
 }
 
+static volatile int fair_stop;
+static volatile long fair_counts[64];
+
+static void *fair_worker(void *arg)
+{
+    long k = (long)arg;
+    while (!fair_stop) {
+        bench_nop5();
+        fair_counts[k]++;
+    }
+    return NULL;
+}
+
+static int run_fair(long seconds, int threads, const char *outfile)
+{
+    pthread_t tids[64];
+    if (threads < 1 || threads > 64 || seconds < 0) {
+        fprintf(stderr, "fair: 1 to 64 threads\n");
+        return 2;
+    }
+    for (long k = 0; k < threads; k++)
+        if (pthread_create(&tids[k], NULL, fair_worker, (void *)k) != 0) {
+            perror("pthread_create");
+            return 1;
+        }
+    sleep((unsigned)seconds);
+    fair_stop = 1;
+    for (int k = 0; k < threads; k++)
+        pthread_join(tids[k], NULL);
+    FILE *out = strcmp(outfile, "-") == 0 ? stdout : fopen(outfile, "w");
+    if (out == NULL) {
+        perror(outfile);
+        return 1;
+    }
+    fprintf(out, "mode=fair threads=%d seconds=%ld counts=", threads, seconds);
+    for (int k = 0; k < threads; k++)
+        fprintf(out, "%s%ld", k ? "," : "", fair_counts[k]);
+    fprintf(out, "\n");
+    fclose(out);
+    return 0;
+}
+
 static int run_many(long n)
 {
     /* every function is ".byte/insn; ret": 6 bytes (nop5) or 4 bytes (mov) apart */
@@ -206,6 +252,8 @@ int main(int argc, char **argv)
     const char *outfile = argc > 5 ? argv[5] : "-";
     if (strcmp(mode, "many") == 0)
         return run_many(iterations);
+    if (strcmp(mode, "fair") == 0)
+        return run_fair(iterations, threads, outfile);
     for (const struct mode *m = modes; m->name; m++)
         if (strcmp(m->name, mode) == 0)
             site_fn = m->fn;

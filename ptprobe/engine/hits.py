@@ -71,6 +71,9 @@ class Hits:
         self.action_stop: Callable[[Thread, linux.Registers], bool] = lambda thread, raw: False
         #: return probes: entries of sites they watch, the return trampoline's stops
         self.returns = Returns(loop, on_handler_error=on_handler_error)
+        #: a seccomp stop for a system call that is not the slots' (the session wires
+        #: the program's own filter installs here: see engine/filters.py)
+        self.other_syscall: Optional[Callable[[Thread, linux.Registers], None]] = None
         loop.subscribe(SlotStop, self._on_slot_stop)
         loop.subscribe(Trap, self._on_trap)
 
@@ -271,6 +274,9 @@ class Hits:
         space = thread.process.space
         patcher = space.patcher
         raw = linux.get_regs(tid)
+        if raw.orig_rax != arch.SLOT_SYSCALL_NR and self.other_syscall is not None:
+            self.other_syscall(thread, raw)
+            return
         site = patcher.slot_sites.get(raw.rip)
         if site is None and raw.rip == patcher.return_stop:
             self.returns.returned(thread, raw)

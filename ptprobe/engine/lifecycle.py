@@ -110,7 +110,7 @@ class Lifecycle:
             linux.seize(pid, self.options)
         except PtprobeError:
             os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+            self.loop.reap(pid)
             raise
         finally:
             os.write(go_w, b"g")
@@ -357,7 +357,10 @@ class Lifecycle:
         try:
             linux.detach(thread.tid, thread.signal_to_deliver())
         except NoSuchProcessError:
-            if procfs.tracer_of(thread.process.pid, thread.tid) == os.getpid():
+            # only SIGKILL (its group exiting) takes a thread out of a ptrace-stop: its
+            # exit is on the way; one still in the stop was not let go
+            if (procfs.thread_state(thread.process.pid, thread.tid) == "t"
+                    and procfs.tracer_of(thread.process.pid, thread.tid) == os.getpid()):
                 return f"thread {thread.tid} could not be detached"
         except TracerError as exc:
             return f"thread {thread.tid}: {exc}"

@@ -32,6 +32,8 @@ from .events import Event, GroupStop, OtherStop, SignalStop, STOP_SIGNALS, decod
 
 Handler = Callable[[Event], None]
 _IDLE_POLL_MS = 20          # how long the loop sleeps between idle calls at the most
+#: blocking waits without a round of pending stops after a round that found none
+_GATHER_SKIP = 7
 
 
 class EventLoop:
@@ -59,7 +61,9 @@ class EventLoop:
         #: SIGCHLD (a signalfd) between calls
         self.idle: Optional[Callable[[], int]] = None
         self._child_signals = -1
-        self._backlog: Deque[Tuple[int, int]] = collections.deque()   # statuses kept by wait_thread
+        # statuses taken but not handled yet: kept by wait_thread, or a round of step()
+        self._backlog: Deque[Tuple[int, int]] = collections.deque()
+        self._skip_gather = 0         # blocking waits left without a round (see step)
         self._handlers: Dict[Type, Handler] = {
             SignalStop: self._on_signal,
             GroupStop: self._on_group_stop,
@@ -72,7 +76,18 @@ class EventLoop:
 
     # --- waiting and dispatching ---------------------------------------------------
     def step(self) -> None:
-        """Wait for one event and handle it."""
+        """Wait for one event and handle it.
+
+        Fairness: ``waitpid`` reports the stops of several threads in an order of the
+        kernel's (the newest tracee first), so a thread that stops again at once could
+        be served over and over while others wait. When more than one thread is traced,
+        a blocking wait is followed by a round that takes every stop pending then
+        (WNOHANG), and these are handled, in that order, before anything is waited
+        for again: every thread stopped at the start of a round is resumed in it.
+        A single thread costs no extra call; when a round finds nothing pending (one
+        thread hits, the others do not), the next _GATHER_SKIP blocking waits make
+        none (a WNOHANG waitpid costs about a fifth of a hit), so a thread is passed
+        over a few times at most."""
         if self._backlog:
             tid, status = self._backlog.popleft()
         else:
@@ -87,6 +102,11 @@ class EventLoop:
             except ChildProcessError:
                 self.all_gone()
                 return
+            if len(self.threads) > 1:
+                if self._skip_gather:
+                    self._skip_gather -= 1
+                elif not self._gather():
+                    self._skip_gather = _GATHER_SKIP
         fast = self.fast
         if fast is not None and fast(tid, status):
             return
@@ -109,6 +129,22 @@ class EventLoop:
         if self._child_signals >= 0:
             os.close(self._child_signals)
             self._child_signals = -1
+
+    def _gather(self) -> bool:
+        """Keep, in order, every status already pending (one round, see :meth:`step`);
+        True if there was any."""
+        backlog = self._backlog
+        nohang = linux.wait_any_nohang
+        found = False
+        while True:
+            try:
+                got, status = nohang()
+            except ChildProcessError:
+                return found
+            if not got:
+                return found
+            backlog.append((got, status))
+            found = True
 
     def dispatch(self, tid: int, status: int) -> None:
         """Handle one (tid, status) that ``waitpid`` returned."""
@@ -285,6 +321,40 @@ class EventLoop:
             if got == tid:
                 return status
             self._backlog.append((got, status))
+
+    def reap(self, pid: int) -> Optional[int]:
+        """Wait for the exit status of process *pid*, a child of this thread whose
+        threads may still be traced (None if there is no such child left).
+
+        Never waits on *pid* alone: the leader of a killed thread group is reported
+        only after its other threads are reaped, and those may be traced by us. So
+        this waits for any child and takes what comes: the kept statuses first, the
+        exits of registered threads are dispatched, a thread still traced that stops
+        is let go with its signal, and the exit of a child that is not traced goes to
+        :attr:`foreign_exits`."""
+        ours = {tid for proc in self.processes.values() for tid in proc.threads} | set(self.processes)
+        while True:
+            if self._backlog:
+                got, status = self._backlog.popleft()
+            else:
+                try:
+                    got, status = linux.wait_any()
+                except ChildProcessError:
+                    return None
+            if got == pid and not os.WIFSTOPPED(status):
+                thread = self.threads.get(got)
+                if thread is not None:
+                    self.dispatch(got, status)
+                return status
+            if got in self.threads:
+                self.dispatch(got, status)
+            elif os.WIFSTOPPED(status):
+                ours.add(got)
+                sig = os.WSTOPSIG(status) if status >> 16 == 0 else 0
+                with contextlib.suppress(PtprobeError):
+                    linux.detach(got, sig)
+            elif got not in ours:
+                self.foreign_exits[got] = status
 
     # --- Ctrl-C ----------------------------------------------------------------------------
     @contextlib.contextmanager
