@@ -365,11 +365,12 @@ EXIT_RECORD = 32               # header, time, thread, frames lost (skipped by l
 
 
 def _reserve_source(size: int, layout: RingLayout, lossless: bool, nr: int, header: str,
-                    done: str, prefix: str) -> List[str]:
+                    done: str, prefix: str, thread: Optional[str] = None) -> List[str]:
     """Reserve *size* bytes in the ring (rax, rcx, rdx, r11 are free), leaving the
-    record's address in rcx with its pending header written; *header* is an
-    immediate or a register. A full ring stops (lossless) or drops, then goes to
-    *done*. Labels get *prefix*."""
+    record's address in rcx with its pending header, time and thread written;
+    *header* is an immediate or a register; *thread*, a register already holding
+    the thread pointer (else rdfsbase reads it again). A full ring stops (lossless)
+    or drops, then goes to *done*. Labels get *prefix*."""
     pending = (f"{int(header, 0) | HEADER_PENDING:#x}" if header.startswith("0x") else None)
     lines = [
         f"{prefix}retry:",
@@ -399,8 +400,11 @@ def _reserve_source(size: int, layout: RingLayout, lossless: bool, nr: int, head
     else:
         lines += [f"mov rax, {header}", f"bts rax, {HEADER_PENDING.bit_length() - 1:#x}",
                   "mov qword ptr [rcx], rax"]
-    lines += ["rdtsc", "shl rdx, 0x20", "or rax, rdx", "mov qword ptr [rcx + 0x8], rax",
-              "rdfsbase rax", "mov qword ptr [rcx + 0x10], rax"]
+    lines += ["rdtsc", "shl rdx, 0x20", "or rax, rdx", "mov qword ptr [rcx + 0x8], rax"]
+    if thread is None:
+        lines += ["rdfsbase rax", "mov qword ptr [rcx + 0x10], rax"]
+    else:
+        lines.append(f"mov qword ptr [rcx + 0x10], {thread}")
     return lines
 
 
@@ -428,7 +432,7 @@ def _find_shadow(graph: GraphLayout, missing: str, prefix: str) -> List[str]:
     ]
 
 
-_ENTRY_SAVED = ("r11", "rdi", "rsi", "rdx", "rcx", "rax")       # pushed in reverse: rax first
+_ENTRY_SAVED = ("r8", "r11", "rdi", "rsi", "rdx", "rcx", "rax")       # pushed in reverse: rax first
 
 
 def graph_entry_source(entry_header: int, exit_header: int, layout: RingLayout, graph: GraphLayout,
@@ -442,6 +446,7 @@ def graph_entry_source(entry_header: int, exit_header: int, layout: RingLayout, 
     lines = ["lea rsp, [rsp - 0x80]"] + [f"push {r}" for r in reversed(_ENTRY_SAVED)]
     lines += ["e_lookup:"] + _find_shadow(graph, "e_miss", "e_")
     lines += [
+        "mov r8, rax",                                        # the thread pointer, for the record
         "mov rdx, qword ptr [rsi]",
         # frames whose slot lies at or below this call's are dead (a longjmp skipped
         # their returns): dropped here, so that the depth recorded is the true one
@@ -480,9 +485,10 @@ def graph_entry_source(entry_header: int, exit_header: int, layout: RingLayout, 
         "je e_lookup",
         "e_nohijack:",
         "mov rdi, -1",
+        "rdfsbase r8",
         "e_record:",
     ]
-    lines += _reserve_source(ENTRY_RECORD, layout, lossless, nr, f"{entry_header:#x}", "e_done", "e_")
+    lines += _reserve_source(ENTRY_RECORD, layout, lossless, nr, f"{entry_header:#x}", "e_done", "e_", "r8")
     lines += ["mov qword ptr [rcx + 0x18], rdi", f"mov qword ptr [rcx], {entry_header:#x}", "e_done:"]
     lines += [f"pop {r}" for r in _ENTRY_SAVED]
     lines.append("lea rsp, [rsp + 0x80]")            # then: jmp resume (appended, rel32)
@@ -519,10 +525,11 @@ def graph_exit_source(layout: RingLayout, graph: GraphLayout, *, lossless: bool 
         "jmp x_pop",
         "x_matched:",
         "mov qword ptr [rsi], rdx",
+        "mov rsi, rax",                          # the thread pointer, for the record
         "mov r10, qword ptr [r9]",
         "mov r9, qword ptr [r9 + 0x10]",
     ]
-    lines += _reserve_source(EXIT_RECORD, layout, lossless, nr, "r9", "x_done", "x_")
+    lines += _reserve_source(EXIT_RECORD, layout, lossless, nr, "r9", "x_done", "x_", "rsi")
     lines += ["mov qword ptr [rcx + 0x18], r8", "mov qword ptr [rcx], r9", "x_done:",
               "pop rdx", "pop rax", "jmp r10",
               "x_broken:", f"mov eax, {nr:#x}", "syscall", "ud2"]
