@@ -9,14 +9,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
+import time
 
 import pytest
 
+import ptprobe
 from conftest import NOBODY, build
-from helpers import (SUMMARY, code_in_memory, decode, ptprobe_cli, read_mem, reaped_pid, runtime_address,
-                     summaries, symbol, unprivileged, write_mem)
+from helpers import (GUARD, SUMMARY, Lines, Target, code_in_memory, decode, proc_status, ptprobe_cli,
+                     ptprobe_popen, read_mem, reaped_pid, runtime_address, stop_popen, summaries, symbol,
+                     tracer_pid, unprivileged, watchdog, write_mem)
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:
@@ -30,6 +34,25 @@ def error_line(result: subprocess.CompletedProcess) -> str:
 @pytest.fixture
 def simple() -> str:
     return build("core_simple.c", "-O1", "-fno-pie", "-no-pie")
+
+
+@pytest.fixture
+def cli_target() -> str:
+    """tests/c/cli_target.c (-fno-builtin: its strlen() calls reach libc)."""
+    return build("cli_target.c", "-O1", "-fno-builtin", "-ldl")
+
+
+def until(predicate, what: str, timeout: float = GUARD) -> None:
+    """Poll *predicate* (a /proc or memory read) until it holds; fail after *timeout*
+    seconds. The short sleep only spares the CPU: nothing depends on its length."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"never saw {what}"
+        time.sleep(0.005)
+
+
+def state(pid: int) -> str:
+    return proc_status(pid)["State"][0]
 
 
 # ---------------------------------------------------------------------------- run
@@ -243,3 +266,24 @@ def test_attach_bad_pid_argument():
     result = ptprobe_cli("attach", "notapid", "-p", "uprobe:libc.so.6:getpid")
     assert result.returncode == 2
     error_line(result)
+
+
+# ---------------------------------------------------------------------------- bugs a new user hit
+
+def test_run_never_lets_the_program_run_after_a_refused_probe(tmp_path):
+    """`for i in $(seq 60); do ptprobe run -p uprobe:/etc/passwd:foo -- touch mk/ran_$i; done`
+    created 2 of 60 files: the program was let go before it was killed. The same loop
+    through the API, a file that is not ELF and a missing symbol in turn, tracer and
+    program on two CPUs (the race is likelier there)."""
+    touch = shutil.which("touch")
+    assert touch is not None
+    pids = []
+    with watchdog(GUARD, pids):
+        for i in range(60):
+            spec = "uprobe:/etc/passwd:foo" if i % 2 else f"uprobe:{touch}:no_such_symbol"
+            with pytest.raises((ptprobe.ObjectFileError, ptprobe.SymbolNotFoundError)):
+                with ptprobe.run([touch, str(tmp_path / f"ran_{i}")], colocate=False) as session:
+                    pids.append(session.main_pid)
+                    session.probe(spec)
+            assert session.returncode == -signal.SIGKILL
+    assert sorted(os.listdir(tmp_path)) == []
