@@ -287,3 +287,36 @@ def test_run_never_lets_the_program_run_after_a_refused_probe(tmp_path):
                     session.probe(spec)
             assert session.returncode == -signal.SIGKILL
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_attach_to_a_stopped_process(cli_target):
+    """A process stopped by SIGSTOP (state T): attach used to hang or fail, ignoring
+    --duration and signals. Attaching works, the process stays stopped as it was, and
+    runs into its probes once continued."""
+    target = Target([cli_target, "loop"])
+    spec = f"uprobe:{cli_target}:cli_last"
+    cli = None
+    try:
+        site = runtime_address(target.pid, cli_target, symbol(cli_target, "cli_last")[0])
+        os.kill(target.pid, signal.SIGSTOP)
+        until(lambda: state(target.pid) == "T", "the stop")
+        # with a limit: detaches at its end, and the process is still stopped
+        result = ptprobe_cli("attach", str(target.pid), "-q", "-p", spec, "--duration", "0.3", timeout=GUARD)
+        assert result.returncode == 0, result.stderr
+        assert summaries(result.stderr)[spec] == (0, "1 int3"), result.stderr
+        assert state(target.pid) == "T" and tracer_pid(target.pid) == 0
+        # continued while attached: hits; a signal ends the attach
+        cli = ptprobe_popen("attach", str(target.pid), "-p", spec)
+        until(lambda: read_mem(target.pid, site, 1) == b"\xcc", "the probe armed")
+        assert state(target.pid) in "Tt"
+        os.kill(target.pid, signal.SIGCONT)
+        Lines(cli.stdout).wait_for(lambda ls: any(line.startswith("cli_last") for line in ls), "a hit")
+        cli.send_signal(signal.SIGINT)
+        assert cli.wait(timeout=GUARD) == 0
+        found = summaries(cli.stderr.read().decode())
+        assert found[spec][0] > 0
+        target.assert_alive_untraced_and_original(("cli_last", "cli_ints"))
+    finally:
+        if cli is not None:
+            stop_popen(cli)
+        target.kill()
