@@ -320,3 +320,33 @@ def test_attach_to_a_stopped_process(cli_target):
         if cli is not None:
             stop_popen(cli)
         target.kill()
+
+
+def test_run_a_second_signal_after_the_detach_ends_the_wait(cli_target):
+    """A signal makes `run` detach and wait for the program, which runs on; once
+    detached, ptprobe used to ignore every further SIGTERM and wait for ever. The second
+    signal ends the wait: ptprobe exits (by that signal), the program runs on untraced."""
+    spec = f"uprobe:{cli_target}:cli_last"
+    cli = ptprobe_popen("run", "-q", "-p", spec, "--", cli_target, "loop")
+    pid = 0
+    try:
+        out = Lines(cli.stdout)
+        (ready,) = [x for x in out.wait_for(lambda ls: any(x.startswith("ready ") for x in ls), "the program")
+                    if x.startswith("ready ")]
+        pid = int(ready.split()[1])
+        assert tracer_pid(pid) == cli.pid
+        cli.send_signal(signal.SIGTERM)
+        until(lambda: tracer_pid(pid) == 0, "the detach")
+        assert cli.poll() is None               # waiting for the program, which runs on
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(timeout=GUARD) == -signal.SIGTERM
+        err = cli.stderr.read().decode()
+        assert summaries(err)[spec][0] > 0, err
+        assert "Traceback" not in err
+        assert state(pid) in "RS" and tracer_pid(pid) == 0
+        memory, original = code_in_memory(pid, cli_target, "cli_last")
+        assert memory == original
+    finally:
+        stop_popen(cli)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
