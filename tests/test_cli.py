@@ -350,3 +350,40 @@ def test_run_a_second_signal_after_the_detach_ends_the_wait(cli_target):
         stop_popen(cli)
         if pid:
             os.kill(pid, signal.SIGKILL)
+
+
+def test_closed_output_ends_tracing_quietly(cli_target):
+    """`ptprobe run ... | head -2` wrote a BrokenPipeError line per hit and traced on.
+    A closed output ends tracing quietly: ptprobe detaches, the program runs on to its
+    end untraced (here it then writes to the closed pipe itself and dies by SIGPIPE,
+    as it would without ptprobe), and ptprobe exits with the program's status."""
+    rounds = 20000
+    spec = f"uprobe:{cli_target}:cli_ints"
+    cli = ptprobe_popen("run", "-o", "/dev/stdout", "-p", spec, "--", cli_target, "calls", str(rounds))
+    try:
+        assert cli.stdout.readline() and cli.stdout.readline()      # head -2
+        cli.stdout.close()
+        assert cli.wait(timeout=GUARD) == -signal.SIGPIPE
+        err = cli.stderr.read().decode()
+        assert "Error" not in err and len(err.splitlines()) <= 2, err[:2000]
+        hits, _ = summaries(err)[spec]
+        assert 2 <= hits < rounds
+    finally:
+        stop_popen(cli)
+
+
+def test_closed_output_ends_attach_quietly(cli_target):
+    target = Target([cli_target, "loop"])
+    spec = f"uprobe:{cli_target}:cli_ints"
+    cli = ptprobe_popen("attach", str(target.pid), "-p", spec)
+    try:
+        assert cli.stdout.readline() and cli.stdout.readline()
+        cli.stdout.close()
+        assert cli.wait(timeout=GUARD) == 0
+        err = cli.stderr.read().decode()
+        assert "Error" not in err and len(err.splitlines()) <= 2, err[:2000]
+        assert summaries(err)[spec][0] >= 2
+        target.assert_alive_untraced_and_original(("cli_ints", "cli_last"))
+    finally:
+        stop_popen(cli)
+        target.kill()
