@@ -13,6 +13,7 @@ from typing import IO, Dict, List, Optional, Sequence
 import ptprobe
 from ptprobe import render
 from ptprobe.errors import ProbeSpecError, PtprobeError
+from ptprobe.output import Output
 
 EXIT_USAGE = 2
 _U64 = (1 << 64) - 1
@@ -48,7 +49,7 @@ class _CliObserver(ptprobe.Observer):
 
 
 class _Printer:
-    def __init__(self, out: IO[str], as_json: bool, fmt: Optional[str], stack: bool = False,
+    def __init__(self, out: Output, as_json: bool, fmt: Optional[str], stack: bool = False,
                  timestamps: bool = False) -> None:
         self.out = out
         self.as_json = as_json
@@ -57,6 +58,8 @@ class _Printer:
         self.timestamps = timestamps
 
     def __call__(self, hit: ptprobe.Hit) -> None:
+        if self.out.closed:
+            return
         args = list(hit.args)
         if self.as_json:
             record = {"probe": hit.probe.name, "name": hit.name, "pid": hit.pid, "tid": hit.tid,
@@ -265,23 +268,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     err = sys.stderr
     observer = _CliObserver(err)
-    out: IO[str] = sys.stdout
+    stream: IO[str] = sys.stdout
     problem = _check_format(args.format) if getattr(args, "format", None) is not None else None
     if problem is not None:
         print(f"ptprobe: {problem}", file=err)
         return EXIT_USAGE
     if getattr(args, "output", None):
         try:
-            out = open(args.output, "w")
+            stream = open(args.output, "w")
         except OSError as exc:
             print(f"ptprobe: cannot open {args.output}: {exc.strerror}", file=err)
             return EXIT_USAGE
     if getattr(args, "max_trampoline_pages", 0) < 0:
         print("ptprobe: --max-trampoline-pages must be >= 0", file=err)
         return EXIT_USAGE
+    session: Optional[ptprobe.Session] = None
+
+    def output_closed() -> None:
+        # a reader that went away, or a write error: tracing ends (detach; run lets
+        # the program go on)
+        if session is not None:
+            session.request_stop()
+
+    out = Output(stream, getattr(args, "output", None) or "stdout", on_close=output_closed)
     if args.command == "list":
         try:
-            return _list(args, out)
+            return _list(args, stream)
         except PtprobeError as exc:
             print(f"ptprobe: {exc}", file=err)
             return exc.exit_code
@@ -295,7 +307,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ProbeSpecError as exc:
         print(f"ptprobe: {exc}", file=err)
         return exc.exit_code
-    session: Optional[ptprobe.Session] = None
     probes: List[ptprobe.Probe] = []
     latency: List[ptprobe.Probe] = []
     stop_signal: List[int] = []
@@ -327,7 +338,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 probes.append(session.probe(spec, printer))
             for spec in latency_specs:
                 latency.append(session.probe(spec))
-            if stop_signal:
+            if stop_signal or out.closed:
                 session.detach()
             elif args.command == "attach":
                 status = session.wait(timeout=args.duration)
@@ -341,6 +352,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for probe in latency:
             out.write("\n".join(render.latency_report(probe)) + "\n")
         out.flush()
+        if out.problem:
+            print(f"ptprobe: {out.problem}", file=err)
         _summary(session, probes + latency, err)
         if args.command == "run":
             status = session.returncode if session.returncode is not None else 0
@@ -353,13 +366,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if session is not None and probes:
             _summary(session, probes, err)
         return exc.exit_code
-    except BrokenPipeError:
-        return 1
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        if out is not sys.stdout:
-            out.close()
+        out.close()
 
 
 def _die_by(sig: int) -> None:

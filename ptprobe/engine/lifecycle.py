@@ -93,6 +93,10 @@ class Lifecycle:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child
             try:
+                # Python ignores SIGPIPE and SIGXFSZ, and an ignored signal stays
+                # ignored across exec: give the program the defaults it would have
+                for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+                    signal.signal(sig, signal.SIG_DFL)
                 os.close(go_w)
                 os.close(err_r)
                 os.read(go_r, 1)
