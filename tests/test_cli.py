@@ -330,7 +330,7 @@ def test_run_a_second_signal_after_the_detach_ends_the_wait(cli_target):
     cli = ptprobe_popen("run", "-q", "-p", spec, "--", cli_target, "loop")
     pid = 0
     try:
-        out = Lines(cli.stdout)
+        out, err = Lines(cli.stdout), Lines(cli.stderr)
         (ready,) = [x for x in out.wait_for(lambda ls: any(x.startswith("ready ") for x in ls), "the program")
                     if x.startswith("ready ")]
         pid = int(ready.split()[1])
@@ -340,9 +340,10 @@ def test_run_a_second_signal_after_the_detach_ends_the_wait(cli_target):
         assert cli.poll() is None               # waiting for the program, which runs on
         cli.send_signal(signal.SIGTERM)
         assert cli.wait(timeout=GUARD) == -signal.SIGTERM
-        err = cli.stderr.read().decode()
-        assert summaries(err)[spec][0] > 0, err
-        assert "Traceback" not in err
+        # (the program holds the pipes open: no end of output to wait for)
+        text = "\n".join(err.wait_for(lambda ls: summaries("\n".join(ls)), "the summary"))
+        assert summaries(text)[spec][0] > 0, text
+        assert "Traceback" not in text
         assert state(pid) in "RS" and tracer_pid(pid) == 0
         memory, original = code_in_memory(pid, cli_target, "cli_last")
         assert memory == original
