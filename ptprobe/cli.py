@@ -310,12 +310,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     probes: List[ptprobe.Probe] = []
     latency: List[ptprobe.Probe] = []
     stop_signal: List[int] = []
+    waiting = [False]           # run mode, detached: waiting for the program
 
     def on_signal(signum: int, _frame: object) -> None:
         stop_signal.append(signum)
+        if waiting[0]:
+            raise _Abandon(signum)
         if session is not None:
             session.request_stop()
 
+    summarised = False
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         if args.command == "run":
@@ -349,27 +353,48 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             else:
                 session.wait()
                 session.detach()
-        for probe in latency:
-            out.write("\n".join(render.latency_report(probe)) + "\n")
-        out.flush()
-        if out.problem:
-            print(f"ptprobe: {out.problem}", file=err)
-        _summary(session, probes + latency, err)
+            for probe in latency:
+                out.write("\n".join(render.latency_report(probe)) + "\n")
+            out.flush()
+            if out.problem:
+                print(f"ptprobe: {out.problem}", file=err)
+            _summary(session, probes + latency, err)
+            summarised = True
+            if args.command == "run" and session.returncode is None:
+                # detached: the program runs on, and run exits with its status; a
+                # signal now (a second one) ends the wait, and the program runs on alone
+                if len(stop_signal) > 1:
+                    raise _Abandon(stop_signal[-1])
+                waiting[0] = True
+                session.wait()
+                waiting[0] = False
         if args.command == "run":
             status = session.returncode if session.returncode is not None else 0
             if status < 0:
                 _die_by(-status)
             return status
         return 0
+    except _Abandon as abandon:
+        waiting[0] = False
+        _die_by(abandon.signum)
+        return 128 + abandon.signum
     except PtprobeError as exc:
         print(f"ptprobe: {exc}", file=err)
-        if session is not None and probes:
+        if session is not None and probes and not summarised:
             _summary(session, probes, err)
         return exc.exit_code
     finally:
         for s, h in old.items():
             signal.signal(s, h)
         out.close()
+
+
+class _Abandon(Exception):
+    """A signal while run waits for the program it detached from: stop waiting."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _die_by(sig: int) -> None:

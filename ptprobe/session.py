@@ -21,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import threading
+import time
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from . import linux
@@ -242,10 +244,13 @@ class Session:
         :attr:`subprocess.Popen.returncode` (exit code, or minus the signal).
         With *timeout* (seconds; main thread only), return None if it is
         still running then; the probes stay armed. Ctrl-C (KeyboardInterrupt)
-        is raised once the loop is in a consistent state."""
+        is raised once the loop is in a consistent state. In run mode after
+        :meth:`detach`, it waits for the program, which runs on untraced."""
         self._check_thread()
         if self.returncode is None and self.attached:
             self._wait(timeout)
+        elif self.returncode is None and self.mode == "run" and self.main_pid and not self.lifecycle.status_lost:
+            self._wait_untraced(timeout)
         if self.returncode is None and self.lifecycle.status_lost:
             raise TracerError(f"the exit status of process {self.main_pid} was collected by another "
                               "waitpid() of this program")
@@ -277,6 +282,20 @@ class Session:
             if timeout is not None:
                 signal.setitimer(signal.ITIMER_REAL, 0, 0)
                 signal.signal(signal.SIGALRM, old)
+
+    def _wait_untraced(self, timeout: Optional[float]) -> None:
+        """Run mode after a detach: the program runs on untraced; wait for its exit as
+        :meth:`subprocess.Popen.wait` does (a signal handler that raises ends it)."""
+        pid = self.main_pid
+        if timeout is not None and not _exited(pid):
+            _wait_for_exit(pid, timeout)
+            if not _exited(pid):
+                return
+        status = self.loop.reap(pid)
+        if status is None:
+            self.lifecycle.status_lost = True
+        elif self.returncode is None:
+            self.lifecycle.returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
 
     def request_stop(self) -> None:
         """Make :meth:`wait` return soon. Call it from the session's thread, or
@@ -350,10 +369,7 @@ class Session:
         if self.attached:
             self.detach()
         if self.mode == "run" and self.returncode is None and self.main_pid:
-            status = self.loop.reap(self.main_pid)
-            if status is not None and self.returncode is None:
-                self.lifecycle.returncode = (os.WEXITSTATUS(status) if os.WIFEXITED(status)
-                                             else -os.WTERMSIG(status))
+            self._wait_untraced(None)
 
     def kill(self) -> None:
         """Kill the traced program (run mode) and reap it."""
@@ -368,8 +384,10 @@ class Session:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None and self.mode == "run" and self.returncode is None:
-            # the program must not run on after a failure: kill it while it is still held
-            self._kill_program()
+            if self.attached:
+                # the program must not run on after a failure: kill it while it is still held
+                self._kill_program()
+            # once detached, the program was let go on purpose: neither killed nor waited for
             return
         self.close()
 
@@ -393,6 +411,29 @@ class Session:
         except ProcessLookupError:
             return
         self.loop.reap(self.main_pid)
+
+def _wait_for_exit(pid: int, timeout: float) -> None:
+    """Block until child *pid* has exited (not reaped) or *timeout* seconds passed."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not _exited(pid):
+            time.sleep(0.01)
+        return
+    try:
+        select.select([fd], [], [], max(timeout, 0))
+    finally:
+        os.close(fd)
+
+
+def _exited(pid: int) -> bool:
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
 
 
 def run(argv: Sequence[str], *, env: Optional[Dict[str, str]] = None, **options) -> Session:
