@@ -12,12 +12,13 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 
 import pytest
 
 import ptprobe
-from conftest import NOBODY, build
+from conftest import NOBODY, build, unprivileged_python
 from helpers import (GUARD, SUMMARY, Lines, Target, code_in_memory, decode, proc_status, ptprobe_cli,
                      ptprobe_popen, read_mem, reaped_pid, runtime_address, stop_popen, summaries, symbol,
                      tracer_pid, unprivileged, watchdog, write_mem)
@@ -388,3 +389,192 @@ def test_closed_output_ends_attach_quietly(cli_target):
     finally:
         stop_popen(cli)
         target.kill()
+
+
+def _ifunc_marks(text: str) -> list:
+    return [line for line in text.splitlines() if line.startswith("ifunc-mark-")]
+
+
+def test_ifunc_probes_the_implementation(cli_target):
+    """libc's strlen is an IFUNC: its symbol is the resolver, which runs once. The
+    probe goes on the implementation the resolver chose in that process, and says
+    which: every call is seen, in run mode (armed before the program's own code)
+    and when attached."""
+    spec = "uprobe:libc:strlen"
+    result = ptprobe_cli("run", "-o", "-", "-f", "%s", "-p", spec, "--", cli_target, "calls", "5", timeout=GUARD)
+    assert result.returncode == 0, result.stderr
+    assert _ifunc_marks(result.stdout) == [f"ifunc-mark-{i}" for i in range(5)], result.stdout
+    assert re.search(r"^ptprobe: uprobe:libc:strlen: IFUNC strlen -> \S+ at 0x[0-9a-f]+$", result.stderr, re.M), \
+        result.stderr
+    target = Target([cli_target, "loop"])
+    cli = ptprobe_popen("attach", str(target.pid), "-f", "%s", "-p", "uprobe:libc.so.6:strlen")
+    try:
+        Lines(cli.stdout).wait_for(lambda ls: len(set(_ifunc_marks("\n".join(ls)))) >= 3, "three strlen() calls")
+        cli.send_signal(signal.SIGINT)
+        assert cli.wait(timeout=GUARD) == 0
+        target.assert_alive_untraced_and_original(("cli_last",))
+    finally:
+        stop_popen(cli)
+        target.kill()
+
+
+def test_format_floats_and_too_many_conversions(cli_target):
+    """-f %f printed integer registers for a uprobe, and a 7th conversion printed 0.
+    Floating conversions take xmm0.. (as the C ABI passes doubles), integer ones
+    rdi..; more integer conversions than a uprobe's six is a usage error before the
+    program runs."""
+    spec = f"uprobe:{cli_target}:cli_mixed"
+    result = ptprobe_cli("run", "-o", "-", "-f", "%f %d %hf %s", "-p", spec, "--", cli_target, "calls", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["2.500000 40 0.250000 mixed", "3.500000 41 0.250000 mixed", "done 2"]
+    # by position: %N$ is argument N of its kind (integer or floating)
+    result = ptprobe_cli("run", "-o", "-", "-f", "%2$s %1$f|%1$6.2f|%1$-4d|%1$d", "-p", spec, "--", cli_target,
+                         "calls", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["mixed 2.500000|  2.50|40  |40", "mixed 3.500000|  3.50|41  |41", "done 2"]
+    seven = ptprobe_cli("run", "-f", "%d " * 7, "-p", f"uprobe:{cli_target}:cli_ints", "--", cli_target, "calls", "1")
+    assert seven.returncode == 2 and "done" not in seven.stdout
+    assert "integer argument 7" in error_line(seven)
+
+
+def test_format_sizes_signs_strings_and_fields(cli_target):
+    """Widths and lengths; a uprobe's %d reads an int (as C's printf), %ld a long;
+    a USDT argument prints with the size and sign its spec declares; %s escapes
+    control characters and marks a string cut at the size limit; NULL is (null)."""
+    ints = f"uprobe:{cli_target}:cli_ints"
+    usdt = f"usdt:{cli_target}:cli:ints"
+    strs = f"uprobe:{cli_target}:cli_str"
+    result = ptprobe_cli("run", "-o", "-", "-p", ints, "-f", "%{name} %1$d %2$ld %3$u %4$hd %5$hhd %6$#lx "
+                         "%1$5d|%1$-5d|%1$05d|%1$x|%1$lx|%2$d", "--", cli_target, "calls", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == ("cli_ints -7 -100000000000 4000000000 -300 -5 0xdeadbeef00 "
+                                             "   -7|-7   |-0007|fffffff9|fffffff9|-1215752192")
+    sized = ptprobe_cli("run", "-o", "-", "-p", usdt, "-f", "%1$d %2$d %3$u %1$x %4$s", "--", cli_target, "calls", "1")
+    assert sized.stdout.splitlines()[0] == "-7 -100000000000 65000 fffffff9 usdt-str", sized.stdout
+    strings = ptprobe_cli("run", "-o", "-", "-s", "20", "-p", strs, "-f", "[%1$s] %2$ld [%1$.3s]", "--",
+                          cli_target, "calls", "1")
+    assert strings.stdout.splitlines()[:4] == [
+        "[plain] 0 [pla...]", "[tab\\there\\n] 0 [tab...]", f"[{'x' * 20}...] 0 [xxx...]", "[(null)] 0 [(null)]"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--duration", "nan"], "--duration"), (["--duration", "inf"], "--duration"),
+    (["--duration", "-1"], "--duration"), (["--duration", "0"], "--duration"),
+    (["-f", "abc %"], "lone %"), (["-f", "%{nope}"], "unknown field"),
+    (["--filter", "arg0 >"], "column"), (["--filter", "comm > 3"], "needs numbers"),
+    (["--agg", "hist()"], "hist()"), (["--interval", "1"], "--agg"), (["-s", "0"], "-s"),
+    (["--filter", "arg6 == 1"], "arg6"), (["--json", "-f", "%d %d %d %d %d %d %d"], "integer argument 7"),
+])
+def test_usage_errors(cli_target, argv, words):
+    """Each is one line, exit 2, before the program runs (never an internal error)."""
+    result = ptprobe_cli("run", *argv, "-p", f"uprobe:{cli_target}:cli_last", "--", cli_target, "calls", "1")
+    assert result.returncode == 2, result.stderr
+    assert words in error_line(result)
+    assert "done" not in result.stdout
+
+
+def test_output_choices(cli_target):
+    """-o - is stdout (no file named '-'); --json with -f carries the line and the
+    strings it read; -o /dev/full ends tracing with an error and exit 74; `list` takes
+    an object name as specs do."""
+    spec = f"uprobe:{cli_target}:cli_str"
+    dash = ptprobe_cli("run", "-o", "-", "-p", spec, "-f", "%s", "--", cli_target, "calls", "1")
+    assert dash.returncode == 0 and dash.stdout.splitlines()[0] == "plain"
+    assert not os.path.exists(os.path.join(os.path.dirname(os.path.dirname(__file__)), "-"))
+    both = ptprobe_cli("run", "-o", "-", "--json", "-s", "9", "-p", spec, "-f", "<%s>", "--", cli_target, "calls", "1")
+    records = [json.loads(line) for line in both.stdout.splitlines() if line.startswith("{")]
+    assert [r["text"] for r in records] == ["<plain>", "<tab\\there\\n>", "<xxxxxxxxx...>", "<(null)>"]
+    assert [r.get("strings") for r in records] == [{"arg0": "plain"}, {"arg0": "tab\there\n"},
+                                                   {"arg0": "x" * 9}, None]
+    assert records[2]["truncated"] == ["arg0"]
+    full = ptprobe_cli("run", "-o", "/dev/full", "-p", spec, "--", cli_target, "calls", "300")
+    assert full.returncode == 74, full.stderr
+    assert "internal error" not in full.stderr and "Traceback" not in full.stderr
+    assert re.search(r"^ptprobe: cannot write to /dev/full: No space left on device$", full.stderr, re.M), full.stderr
+    assert "done 300" in full.stdout            # the program went on
+    listed = ptprobe_cli("list", "libc", "--symbols", "strlen")
+    assert listed.returncode == 0, listed.stderr
+    assert re.search(r"\bstrlen\s+\(libc\.so\.6\)\s+\(IFUNC", listed.stdout), listed.stdout
+
+
+def test_name_that_matches_nothing(cli_target, tmp_path):
+    """In run mode every startup object is mapped: a name that matches none of them,
+    and no program or library on disk, is an error naming what is mapped (exit 6,
+    the program never runs). A name that is a program in PATH matches the file it
+    links to (as python3 -> python3.11)."""
+    result = ptprobe_cli("run", "-p", "uprobe:libnosuch:foo", "--", cli_target, "calls", "1")
+    assert result.returncode == 6, result.stderr
+    line = error_line(result)
+    assert "'libnosuch'" in line and "libc.so.6" in line and "cli_target" in line
+    assert "done" not in result.stdout
+    os.symlink(cli_target, tmp_path / "clialias")
+    env = ["env", f"PATH={tmp_path}:{os.environ.get('PATH', '/usr/bin:/bin')}"]
+    alias = ptprobe_cli("run", "-q", "-p", "uprobe:clialias:cli_last", "--", "clialias", "calls", "3", prefix=env)
+    assert alias.returncode == 0, alias.stderr
+    assert summaries(alias.stderr)["uprobe:clialias:cli_last"] == (3, "1 int3")
+
+
+@pytest.mark.parametrize("how", ["replaced", "deleted", "replaced-unprivileged"])
+def test_probe_an_object_replaced_on_disk(cli_target, how):
+    """A library replaced (or removed) on disk while mapped ("(deleted)" in maps, as
+    after a package upgrade) was "not loaded yet" with 0 hits. It is probed as
+    mapped: as root through /proc/PID/map_files/, as a user from its mapped bytes.
+    By name, and (replaced) by the path, which now holds another file."""
+    unprivileged_run = how.endswith("unprivileged")
+    directory = tempfile.mkdtemp(prefix="ptprobe-cli-lib-")
+    os.chmod(directory, 0o755)
+    lib = os.path.join(directory, "libclidel.so")
+    shutil.copy(build("cli_lib.c", "-O1", shared=True, output="libcli1.so"), lib)
+    os.chmod(lib, 0o755)
+    prefix = NOBODY if unprivileged_run else ()
+    target = Target([cli_target, "dl", lib], prefix=prefix)
+    cli = None
+    try:
+        if how == "deleted":
+            os.unlink(lib)
+        else:       # a different build of it under the same path (a new inode)
+            other = build("cli_lib.c", "-O0", "-fno-omit-frame-pointer", shared=True, output="libcli2.so")
+            shutil.copy(other, lib + ".new")
+            os.chmod(lib + ".new", 0o755)
+            os.replace(lib + ".new", lib)
+        with open(f"/proc/{target.pid}/maps") as fh:
+            assert f"{lib} (deleted)" in fh.read()
+        specs = ["uprobe:libclidel:cli_lib_fn"] + ([f"uprobe:{lib}:cli_lib_fn"] if how != "deleted" else [])
+        args = ["attach", str(target.pid), "-f", "%{probe} %d", *[a for s in specs for a in ("-p", s)]]
+        if unprivileged_run:
+            python, env = unprivileged_python()
+            cli = subprocess.Popen([*NOBODY, python, "-m", "ptprobe", *args], cwd="/", env=env,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        else:
+            cli = ptprobe_popen(*args)
+        hits = Lines(cli.stdout)
+        hits.wait_for(lambda ls: all(sum(x.startswith(s + " ") for x in ls) >= 3 for s in specs), "hits")
+        cli.send_signal(signal.SIGINT)
+        assert cli.wait(timeout=GUARD) == 0
+        err = cli.stderr.read().decode()
+        found = summaries(err)
+        assert all(found[s][0] >= 3 for s in specs), err
+        source = "its mapped bytes" if unprivileged_run else "/proc/PID/map_files"
+        assert f"{lib} was replaced or removed since process {target.pid} mapped it: probing the mapped one " \
+               f"(read from {source})" in err, err
+        # the arguments are right: cli_lib_fn(round), rounds counting up
+        rounds = [int(x.split()[1]) for x in hits.lines if x.startswith(specs[0] + " ")]
+        assert rounds == list(range(rounds[0], rounds[0] + len(rounds)))
+        target.assert_alive_untraced_and_original(("cli_last",))
+    finally:
+        if cli is not None:
+            stop_popen(cli)
+        target.kill()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_attach_duration_must_be_a_positive_number(loop_target):
+    """--duration nan, inf, -1: an internal error or accepted before; now a usage error
+    before anything is touched."""
+    for value in ("nan", "inf", "-1", "0", "abc"):
+        result = ptprobe_cli("attach", str(loop_target.pid), "--duration", value, "-p",
+                             f"uprobe:{loop_target.path}:work")
+        assert result.returncode == 2, (value, result.stderr)
+        assert "--duration" in error_line(result)
+        assert tracer_pid(loop_target.pid) == 0
+    loop_target.assert_alive_untraced_and_original(("work",))
