@@ -19,9 +19,11 @@ from .errors import NoSuchProcessError, TracePermissionError
 #: Fields of ``/proc/PID/stat`` after the ``(comm)`` field, counted from 0 there
 #: (the state is field 3 of proc(5), so index 0 here).
 STAT_STATE = 0
+STAT_PPID = 1
 STAT_PROCESSOR = 36          # field 39 of proc(5): the CPU the task last ran on
 
 CAP_SYS_ADMIN = 21
+_DELETED = " (deleted)"
 #: Signal bits of ``SigPnd``/``ShdPnd`` lines: signal n is bit n - 1.
 _SIGTRAP = 5
 
@@ -51,7 +53,24 @@ class Mapping:
     @property
     def is_file(self) -> bool:
         """A mapping of a file that still exists under its path."""
-        return self.path.startswith("/") and self.inode != 0 and not self.path.endswith(" (deleted)")
+        return self.path.startswith("/") and self.inode != 0 and not self.path.endswith(_DELETED)
+
+    @property
+    def deleted(self) -> bool:
+        """A mapping of a file removed or replaced since it was mapped ("PATH (deleted)")."""
+        return self.path.startswith("/") and self.inode != 0 and self.path.endswith(_DELETED)
+
+    @property
+    def file_path(self) -> str:
+        """The path of the mapped file, without the " (deleted)" of a deleted one."""
+        return self.path[:-len(_DELETED)] if self.deleted else self.path
+
+    @property
+    def map_file(self) -> str:
+        """Where this mapping's file can be opened even when deleted (needs
+        CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE): its /proc/PID/map_files/ entry,
+        relative to the process directory."""
+        return f"map_files/{self.start:x}-{self.end:x}"
 
 
 def _read(path: str, pid: int, what: str) -> str:

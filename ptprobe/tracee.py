@@ -215,7 +215,7 @@ class AddressSpace:
     def refresh_objects(self) -> List[LoadedObject]:
         """Re-read the maps; return the objects newly mapped (those no longer
         mapped go to :attr:`unmapped`)."""
-        now = scan_objects(self.maps(refresh=True), self.objects)
+        now = scan_objects(self.maps(refresh=True), self.objects, pid=self.pid, read_memory=self.mem.read)
         new = [obj for identity, obj in now.items() if identity not in self.objects]
         self.unmapped.extend(obj for identity, obj in self.objects.items() if identity not in now)
         self.objects = now
