@@ -25,14 +25,14 @@ import select
 import signal
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Set, Union
 
-from . import linux
+from . import linux, procfs
 from .engine.filters import FilterWatch
 from .engine.hits import Hits
 from .engine.lifecycle import Lifecycle
 from .engine.loop import EventLoop
-from .errors import PtprobeError, TracerError
+from .errors import NoSuchProcessError, PtprobeError, SymbolNotFoundError, TracePermissionError, TracerError
 from .calltrace import CallTrace
 from .datapages import DEFAULT_RING
 from .engine.records import Actions
@@ -206,8 +206,7 @@ class Session:
         with self.loop.interrupts_deferred(), stopped:
             armed = self._probes.arm_everywhere(probe, list(self.loop.processes.values()))
         if not armed:
-            self.observer.notice(f"{probe.name}: {probe.spec.path} is not loaded yet; "
-                                 "the probe is armed when it is")
+            self._not_armed(probe)
         return probe
 
     def record(self, spec: Union[str, ProbeSpec], handler: Optional[Callable[[Record], None]] = None) -> Probe:
@@ -237,6 +236,26 @@ class Session:
         probe = self._probes.add(spec, None, mode="graph")
         probe.calls = self.actions.calls
         return self._arm(probe)
+
+    def _not_armed(self, probe: Probe) -> None:
+        """*probe* matched no mapped object: an error when nothing it names can ever
+        be loaded (a missing file, a name found nowhere), else a notice (armed when
+        it is loaded)."""
+        spec = probe.spec
+        if probe.missing is not None:
+            self._probes.probes.remove(probe)
+            raise probe.missing
+        if not spec.is_path and not probe.aliases:
+            self._probes.probes.remove(probe)
+            mapped = sorted({os.path.basename(obj.path) for proc in self.loop.processes.values()
+                             for obj in proc.space.objects.values()})
+            where = f"process {self.main_pid}" if len(self.loop.processes) == 1 else "the traced processes"
+            raise SymbolNotFoundError(
+                f"{probe.name}: no object named {spec.path!r} is mapped in {where} (mapped: "
+                f"{', '.join(mapped[:12])}{', ...' if len(mapped) > 12 else ''}), and there is no such "
+                "program in PATH nor library in the loader's directories; give a path to a file "
+                "loaded later", spec.path)
+        self.observer.notice(f"{probe.name}: {spec.path} is not loaded yet; the probe is armed when it is")
 
     # --- waiting -------------------------------------------------------------------------------
     def wait(self, timeout: Optional[float] = None) -> Optional[int]:
