@@ -213,3 +213,55 @@ def file_identity(path: str) -> Tuple[int, int]:
     """(device, inode) of *path*, comparable with :attr:`Mapping.identity`."""
     st = os.stat(path)
     return (st.st_dev, st.st_ino)
+
+
+def iter_pids() -> Iterator[int]:
+    """The ids of the processes /proc lists now."""
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            yield int(name)
+
+
+def comm(pid: int) -> str:
+    """The process's name (``/proc/PID/comm``, at most 15 characters); "" when gone."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as fh:
+            return fh.read().rstrip(b"\n").decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def cmdline(pid: int) -> List[str]:
+    """The process's arguments (``/proc/PID/cmdline``); [] when gone or a kernel thread."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            raw = fh.read()
+    except OSError:
+        return []
+    return [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0")[:-1]] if raw else []
+
+
+def parents() -> Dict[int, int]:
+    """pid -> parent pid of every process /proc lists now."""
+    out = {}
+    for pid in iter_pids():
+        try:
+            fields = read_stat(pid)
+        except (NoSuchProcessError, TracePermissionError):
+            continue
+        if len(fields) > STAT_PPID:
+            out[pid] = int(fields[STAT_PPID])
+    return out
+
+
+def process_tree(pid: int) -> List[int]:
+    """*pid* and every process descending from it now, parents before children."""
+    children: Dict[int, List[int]] = {}
+    for child, parent in parents().items():
+        children.setdefault(parent, []).append(child)
+    out = [pid]
+    i = 0
+    while i < len(out):
+        out.extend(sorted(children.get(out[i], ())))
+        i += 1
+    return out

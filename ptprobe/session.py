@@ -187,11 +187,56 @@ class Session:
         if proc.pid in self.loop.processes:
             self.loop.stop_all()          # the loader's stop holds the world: stop the rest
 
-    def _attach(self, pid: int) -> None:
-        proc = self.lifecycle.seize(pid)
+    def _attach(self, pids: Sequence[int], tree: bool, strict: bool) -> None:
+        for pid in pids:
+            self._seize(pid, strict)
+            if tree:
+                self._seize_descendants(pid)
+        if not self.lifecycle.roots:
+            raise NoSuchProcessError(f"no process to attach to among {', '.join(map(str, pids))}",
+                                     pids[0] if pids else 0)
         self.loop.stop_world()
-        proc.space.refresh_objects()
-        self._probes.watch_loader(proc.space)
+        for proc in list(self.loop.processes.values()):
+            proc.space.refresh_objects()
+            self._probes.watch_loader(proc.space)
+
+    def _seize(self, pid: int, strict: bool) -> bool:
+        """Seize process *pid*; True if it is traced now. Not *strict*: a process that
+        is gone, or that ptprobe may not trace, is left out (the latter reported)."""
+        if pid in self.loop.processes or (pid != os.getpid() and procfs.tracer_of(pid) == os.getpid()):
+            return True            # already ours (a child forked since its parent was seized)
+        try:
+            self.lifecycle.seize(pid)
+        except (NoSuchProcessError, TracePermissionError) as exc:
+            if strict:
+                raise
+            if isinstance(exc, TracePermissionError):
+                self.observer.notice(f"process {pid} left alone: {exc}")
+            return False
+        return True
+
+    def _seize_descendants(self, pid: int) -> None:
+        """Seize every process descending from *pid* now. Children forked by a traced
+        process are traced from their start; listing again until nothing new shows
+        catches those forked by a descendant before it was seized."""
+        tried: Set[int] = {pid}
+        while True:
+            new = [p for p in procfs.process_tree(pid) if p not in tried]
+            if not new:
+                return
+            for child in new:
+                tried.add(child)
+                self._seize(child, strict=False)
+
+    @property
+    def roots(self) -> List[int]:
+        """The processes started or attached to (children they fork are traced too)."""
+        return list(self.lifecycle.roots)
+
+    @property
+    def exit_statuses(self) -> Dict[int, int]:
+        """pid -> exit status (minus the signal) of each traced process seen to exit."""
+        return dict(self.lifecycle.exits)
 
     # --- probes ----------------------------------------------------------------------------
     def probe(self, spec: Union[str, ProbeSpec], handler: Optional[Handler] = None) -> Probe:
@@ -291,7 +336,7 @@ class Session:
                         # sharing its CPU would slow both)
                         self.placement.engage(tids)
                     self.loop.resume_world()
-                    self.loop.run(until=lambda: self.returncode is not None)
+                    self.loop.run(until=self._ended)
                 finally:
                     self.placement.release()
                     self.actions.drain()
@@ -301,6 +346,13 @@ class Session:
             if timeout is not None:
                 signal.setitimer(signal.ITIMER_REAL, 0, 0)
                 signal.signal(signal.SIGALRM, old)
+
+    def _ended(self) -> bool:
+        """run: the program exited; attach: every process attached to exited."""
+        if self.mode == "run":
+            return self.returncode is not None
+        exits = self.lifecycle.exits
+        return all(pid in exits for pid in self.lifecycle.roots)
 
     def _wait_untraced(self, timeout: Optional[float]) -> None:
         """Run mode after a detach: the program runs on untraced; wait for its exit as
@@ -475,16 +527,23 @@ def run(argv: Sequence[str], *, env: Optional[Dict[str, str]] = None, **options)
     return session
 
 
-def attach(pid: int, **options) -> Session:
-    """Attach to the running process *pid* (all its threads); it stays
-    stopped until :meth:`Session.wait`.
+def attach(pid: Union[int, Sequence[int]], *, tree: bool = False, strict: bool = True, **options) -> Session:
+    """Attach to the running process *pid* (all its threads), or to each of a
+    list of processes; they stay stopped until :meth:`Session.wait`, which
+    returns when all of them have exited (with the first one's status).
+
+    ``tree=True`` attaches to every process descending from each of them too
+    (a server's existing workers). ``strict=False`` leaves out a process that
+    is gone or that ptprobe may not trace (the observer is told) instead of
+    failing, unless none is left; descendants are always taken that way.
 
     Options: as :func:`run`, plus ``allow_no_new_privs`` (needed for jmp slots
     when the process lacks CAP_SYS_ADMIN).
     """
+    pids = [pid] if isinstance(pid, int) else list(pid)
     session = Session(mode="attach", **options)
     try:
-        session._attach(pid)
+        session._attach(pids, tree, strict)
     except BaseException:
         session.detach() if session.attached else None
         raise
