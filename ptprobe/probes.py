@@ -256,8 +256,8 @@ def iter_locations(spec: ProbeSpec, elf: ElfFile) -> Iterator[Location]:
 
 def _pattern_locations(spec: ProbeSpec, elf: ElfFile) -> Iterator[Location]:
     """The functions of *elf* whose names match *spec*'s pattern, by address, each
-    address once; those that cannot be probed (no valid instruction there, not
-    in executable code) are left out."""
+    address once; those outside executable code are left out (and those without
+    a valid instruction, when they are armed)."""
     pattern = spec.symbol or "*"
     by_address: Dict[int, Symbol] = {}
     matched = 0
@@ -270,10 +270,8 @@ def _pattern_locations(spec: ProbeSpec, elf: ElfFile) -> Iterator[Location]:
     if not matched:
         raise SymbolNotFoundError(f"no function matches {pattern!r} in {elf.path}", pattern)
     for address in sorted(by_address):
-        if not elf.is_executable_address(address) or \
-                arch.decode(elf.read(address, 16, partial=True), address) is None:
-            continue
-        yield Location(address, None, by_address[address])
+        if elf.is_executable_address(address):
+            yield Location(address, None, by_address[address])
 
 
 def _function_entry(spec: ProbeSpec, elf: ElfFile) -> int:
@@ -484,6 +482,8 @@ class Probes:
             code = owner.elf.read(vaddr, 16, partial=True)
             insn = arch.decode(code, address)
             if insn is None:
+                if probe.spec.is_pattern:
+                    continue        # a function symbol on something that is not code
                 raise InstructionBoundaryError(f"no valid instruction at {address:#x}", address)
             sites.append(patcher.prepare(address, owner, code, insn, entry_nops=probe.spec.kind == "calls"))
             notes.append(note)
