@@ -106,8 +106,11 @@ def read_string(hit: Any, value: Any, limit: int) -> Tuple[bytes, bool]:
         raise EvalError("NULL", "")
     if address >= 1 << 63:          # never a user-space address
         raise EvalError(f"bad address {address:#x}", "")
+    read_str = getattr(hit, "read_str", None)
+    if read_str is None:            # a record of a hit: no memory to read from
+        raise EvalError("no string in a record", "")
     try:
-        text = hit.read_str(address, limit + 1, "latin-1")
+        text = read_str(address, limit + 1, "latin-1")
     except (PtprobeError, OverflowError, OSError):
         raise EvalError(f"bad address {address:#x}", "") from None
     data = text.encode("latin-1")
@@ -413,7 +416,9 @@ class _Parser:
             "comm": ("str", lambda h, c: c.comm(h.pid)),
             "name": ("str", lambda h, c: h.name),
             "probe": ("str", lambda h, c: getattr(h.probe, "name", h.probe)),
-            "stack": ("stack", lambda h, c: tuple(h.stack())),
+            # a stack as a key: (address, "symbol+off (object)") per frame, so that the
+            # same call chain is the same key (frames also hold a stack pointer)
+            "stack": ("stack", lambda h, c: tuple((f.address, str(f)) for f in h.stack())),
         }
         if name in simple:
             kind, fn = simple[name]

@@ -155,13 +155,13 @@ _CONVERSION = re.compile(r"""
     (?P<width>[0-9]{1,4})?
     (?:\.(?P<precision>[0-9]{0,5}))?
     (?P<length>hh|h|ll|l|q|L|j|z|t)?
-    (?P<conv>[diouxXcspfFeEgG%]|\{(?P<field>[A-Za-z_]+)\})
+    (?P<conv>[diouxXcspfFeEgGS%]|\{(?P<field>[A-Za-z_]+)\})
 """, re.VERBOSE | re.ASCII)
 
 _INTEGER = "diouxXc"
 _FLOATING = "fFeEgG"
 #: %{NAME} fields
-FIELDS = ("probe", "name", "pid", "tid", "comm", "time", "time_ns", "address", "args", "retval")
+FIELDS = ("probe", "name", "pid", "tid", "comm", "time", "time_ns", "address", "args", "retval", "stack")
 _LENGTH_BYTES = {"hh": 1, "h": 2, "l": 8, "ll": 8, "q": 8, "L": 8, "j": 8, "z": 8, "t": 8}
 #: integer argument registers and SSE argument registers of a uprobe (SysV ABI)
 UPROBE_INTEGER_ARGS = 6
@@ -247,6 +247,8 @@ class Format:
                 self.pieces.append("".join(literal))
                 literal = []
             field = m.group("field")
+            if conv == "S":
+                field = "stack"         # %S: the user stack, a line per frame after the text
             if field is not None and field not in FIELDS:
                 raise UsageError(f"-f: unknown field %{{{field}}} (fields: "
                                  f"{', '.join('%{' + f + '}' for f in FIELDS)})", text)
@@ -330,8 +332,9 @@ class Format:
 
     def _argument(self, c: Conversion, hit: Any, types: Optional[List[ArgType]]
                   ) -> Tuple[Any, Optional[int], int]:
-        """(value, its declared size or None, argument index)."""
-        args = hit.args
+        """(value, its declared size or None, argument index). A return hit's values
+        are its return value, then the arguments its function was entered with."""
+        args = [hit.retval, *hit.args] if getattr(hit, "is_return", False) else hit.args
         if types is not None:                     # USDT: the probe's own arguments
             index = c.position if c.position is not None else c.order
             if index >= len(args):
@@ -450,26 +453,35 @@ def _field(name: str, hit: Any, context: Context) -> str:
     if name == "retval":
         value = getattr(hit, "retval", None)
         return "?" if value is None else show_value(value)
+    if name == "stack":
+        return render.stack_text(hit)
     return " ".join(show_value(a) for a in hit.args)       # args
 
 
 # --------------------------------------------------------------------------- whole lines
 
 def default_line(hit: Any, context: Context) -> str:
-    """The line of a hit when no -f is given."""
+    """The line of a hit when no -f is given (a return hit: its value and duration)."""
     shown = " ".join(show_value(a) for a in hit.args)
+    if getattr(hit, "is_return", False):
+        return f"{hit.name}%return pid={hit.pid} tid={hit.tid} {render.return_text(hit)} args: {shown}"
     return f"{hit.name} pid={hit.pid} tid={hit.tid} address={hit.address:#x} args: {shown}"
 
 
-def json_record(hit: Any, context: Context, fmt: Optional[Format] = None) -> Dict[str, Any]:
-    """The --json object of a hit; with a -f format, also its line ("text") and the
+def json_record(hit: Any, context: Context, fmt: Optional[Format] = None, stack: bool = False) -> Dict[str, Any]:
+    """The --json object of a hit; a return hit's fields (retval, duration_ns ...);
+    with *stack* its frames; with a -f format, also its line ("text") and the
     strings its %s conversions read ("strings", by argument; "truncated" names
     those cut at the size limit)."""
     record: Dict[str, Any] = {
         "probe": getattr(hit.probe, "name", hit.probe), "name": hit.name, "pid": hit.pid, "tid": hit.tid,
         "comm": context.comm(hit.pid), "time_ns": context.time_ns(hit), "address": hit.address,
-        "args": [a if isinstance(a, (int, float)) else str(a) for a in hit.args],
+        "args": [_json_number(a) for a in hit.args],
     }
+    if getattr(hit, "is_return", False):
+        record.update(render.return_json(hit))
+    if stack:
+        record["stack"] = render.stack_json(hit)
     if fmt is not None:
         text, strings, cut = fmt.render_all(hit, context)
         record["text"] = text
@@ -478,3 +490,10 @@ def json_record(hit: Any, context: Context, fmt: Optional[Format] = None) -> Dic
         if cut:
             record["truncated"] = cut
     return record
+
+
+def _json_number(value: Any) -> Any:
+    """An argument as JSON has it: a number (a float that is not finite as text)."""
+    if isinstance(value, float) and (value != value or abs(value) == float("inf")):
+        return str(value)
+    return value if isinstance(value, (int, float)) else str(value)

@@ -6,6 +6,8 @@
  *   cli_target noterm       the same with SIGTERM ignored
  *   cli_target dl LIB       dlopen(LIB), then like loop; each round also calls the
  *                           library's cli_lib_fn(round)
+ *   cli_target tree N       forks N children, prints "children PID..." then "ready PID",
+ *                           and every process does rounds for ever (children silently)
  *
  * Round i (from 0) calls, in this order:
  *   cli_ints(-7, -100000000000 - i, 4000000000u, -300, -5, 0xdeadbeef00 + i)
@@ -90,6 +92,25 @@ int main(int argc, char **argv)
             fprintf(stderr, "dlopen: %s\n", dlerror());
             return 1;
         }
+    }
+    if (strcmp(mode, "tree") == 0) {
+        int n = argc > 2 ? atoi(argv[2]) : 2;
+        int quiet = 0;
+        printf("children");
+        for (int k = 0; k < n && !quiet; k++) {
+            pid_t child = fork();
+            if (child == 0)
+                quiet = 1;
+            else
+                printf(" %d", (int)child);
+        }
+        if (quiet) {
+            for (long i = 0;; i++) {
+                round_of_calls(i);
+                usleep(1000);
+            }
+        }
+        printf("\n");
     }
     printf("ready %d\n", (int)getpid());
     fflush(stdout);
