@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from .errors import UsageError
-from .filter import Context, EvalError, Expression, _Parser, parse_list
+from .filter import Context, EvalError, Expression, _Parser, escape, parse_list
 
 __all__ = ["Aggregation", "Histogram", "Stats", "FUNCTIONS"]
 
@@ -332,6 +332,8 @@ def _show_key(value: Any) -> str:
     if isinstance(value, tuple):        # a stack: one frame a line, as bpftrace prints ustack
         frames = "".join(f"\n        {_frame(f)}" for f in value)
         return f"{frames}\n"
+    if isinstance(value, str):          # one line: control characters escaped
+        return escape(value.encode("utf-8", "surrogateescape"))
     return _show(value)
 
 

@@ -117,6 +117,29 @@ def read_string(hit: Any, value: Any, limit: int) -> Tuple[bytes, bool]:
     return data[:limit], len(data) > limit
 
 
+def escape(data: bytes) -> str:
+    """*data* as text for one line: UTF-8 kept, control characters and bytes that
+    are not UTF-8 escaped (``\\n``, ``\\t``, ``\\r``, ``\\\\``, ``\\xNN``)."""
+    text = data.decode("utf-8", "surrogateescape")
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch in _NAMED_ESCAPES:
+            out.append(_NAMED_ESCAPES[ch])
+        elif 0xDC80 <= code <= 0xDCFF:             # a byte that is not UTF-8
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x20 or 0x7F <= code < 0xA0:
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+_NAMED_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
 # --------------------------------------------------------------------------- tokens
 
 _TOKEN = re.compile(r"""

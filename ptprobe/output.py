@@ -21,8 +21,9 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
+from . import render
 from .errors import UsageError
-from .filter import Context, EvalError, read_string
+from .filter import Context, EvalError, escape, read_string
 
 #: Seconds a written line may wait in the buffer of an output that is not a terminal.
 FLUSH_AFTER = 0.2
@@ -114,27 +115,6 @@ class Output:
 
 # --------------------------------------------------------------------------- strings
 
-def escape(data: bytes) -> str:
-    """*data* as text for one line: UTF-8 kept, control characters and bytes that
-    are not UTF-8 escaped (``\\n``, ``\\t``, ``\\r``, ``\\\\``, ``\\xNN``)."""
-    text = data.decode("utf-8", "surrogateescape")
-    out = []
-    for ch in text:
-        code = ord(ch)
-        if ch == "\\":
-            out.append("\\\\")
-        elif ch in _NAMED_ESCAPES:
-            out.append(_NAMED_ESCAPES[ch])
-        elif 0xDC80 <= code <= 0xDCFF:             # a byte that is not UTF-8
-            out.append(f"\\x{code - 0xDC00:02x}")
-        elif code < 0x20 or 0x7F <= code < 0xA0:
-            out.append(f"\\x{code:02x}")
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-_NAMED_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
 #: what follows a string cut at the size limit
 TRUNCATED = "..."
 
