@@ -6,9 +6,11 @@ PYTHONPATH pointing at it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -19,9 +21,9 @@ import pytest
 
 import ptprobe
 from conftest import NOBODY, build, unprivileged_python
-from helpers import (GUARD, SUMMARY, Lines, Target, code_in_memory, decode, proc_status, ptprobe_cli,
-                     ptprobe_popen, read_mem, reaped_pid, runtime_address, stop_popen, summaries, symbol,
-                     tracer_pid, unprivileged, watchdog, write_mem)
+from helpers import (GUARD, SUMMARY, Lines, RecordingObserver, Target, code_in_memory, decode, proc_status,
+                     ptprobe_cli, ptprobe_popen, read_mem, reaped_pid, runtime_address, stop_popen, summaries,
+                     symbol, tracer_pid, unprivileged, watchdog, write_mem)
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:
@@ -582,3 +584,159 @@ def test_attach_duration_must_be_a_positive_number(loop_target):
         assert "--duration" in error_line(result)
         assert tracer_pid(loop_target.pid) == 0
     loop_target.assert_alive_untraced_and_original(("work",))
+
+
+# ---------------------------------------------------------------------------- what the command line grew
+
+@pytest.mark.parametrize("how", ["name", "tree", "pids"])
+def test_attach_by_name_by_tree_and_several_pids(cli_target, tmp_path, how):
+    """A server and its existing workers (cli_target tree 3: a parent and three
+    children, all calling cli_last): by name (every process of that name), as a
+    tree from the parent, or as a list of pids. Each one's hits, and a line per
+    process at the end."""
+    name = f"ct{os.getpid() % 100000}{how[0]}"
+    program = str(tmp_path / name)
+    shutil.copy(cli_target, program)
+    target = Target([program, "tree", "3"])
+    children = [int(x) for x in next(line for line in target.out.lines if line.startswith("children ")).split()[1:]]
+    everyone = [target.pid] + children
+    spec = f"uprobe:{program}:cli_last"
+    where = {"name": [name], "tree": ["--tree", str(target.pid)],
+             "pids": [f"{children[0]},{children[1]}", str(children[2]), str(target.pid)]}[how]
+    cli = ptprobe_popen("attach", *where, "-f", "%{pid} %{comm}", "-p", spec)
+    try:
+        out = Lines(cli.stdout)
+        out.wait_for(lambda ls: {f"{pid} {name}" for pid in everyone} <= set(ls), "hits in every process")
+        cli.send_signal(signal.SIGINT)
+        assert cli.wait(timeout=GUARD) == 0
+        err = cli.stderr.read().decode()
+        assert f"ptprobe: attached to 4 processes: " in err, err
+        per_process = dict(re.findall(rf"^ptprobe: process (\d+) \({name}\): (\d+) hits?, detached$", err, re.M))
+        assert sorted(map(int, per_process)) == sorted(everyone), err
+        assert sum(map(int, per_process.values())) == summaries(err)[spec][0]
+        for pid in everyone:
+            assert tracer_pid(pid) == 0
+            assert code_in_memory(pid, program, "cli_last")[0] == code_in_memory(pid, program, "cli_last")[1]
+    finally:
+        stop_popen(cli)
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        target.kill()
+
+
+def test_filter_and_aggregations(cli_target):
+    """--filter keeps the hits where it holds; --agg counts, sums and draws
+    histograms as bpftrace does; per-hit lines only when -f asks. Exact over a known
+    run: 20 rounds of cli_str("plain"), cli_str("tab\\there\\n"), cli_str(x*100),
+    cli_str(NULL), cli_str's second argument being the round."""
+    spec = f"uprobe:{cli_target}:cli_str"
+    result = ptprobe_cli(
+        "run", "-o", "-", "-p", spec, "--filter", "arg0 != 0 && arg1 >= 10",
+        "--agg", "count() by str(arg0, 5)", "--agg", "rounds = sum(arg1)", "--agg", "hist(arg1)",
+        "--agg", "lhist(arg1, 0, 20, 5) by name", "--", cli_target, "calls", "20")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "@count[plain]: 10\n@count[tab\\th]: 10\n@count[xxxxx]: 10\n" in out, out
+    assert "@rounds: 435\n" in out                          # 3 * (10 + ... + 19)
+    rows = {line.split()[0] + (" " + line.split()[1] if line.startswith("[") and "," in line else ""):
+            int(line[16:24]) for line in out.splitlines() if line.startswith(("[", "("))}
+    assert rows["[8, 16)"] == 18 and rows["[16, 32)"] == 12          # hist: 10..15, 16..19, three each
+    assert "@lhist[cli_str]:\n[10, 15)              15 |" in out and "[15, 20)              15 |" in out, out
+    assert summaries(result.stderr)[spec] == (80, "1 int3")
+    assert "ptprobe: --filter: 30 of 80 hits passed" in result.stderr
+    assert not any(line.startswith("cli_str ") for line in out.splitlines())       # no per-hit lines
+
+
+def test_aggregation_through_the_api(cli_target):
+    """The same as data from Python: an Aggregation is a handler."""
+    agg = ptprobe.Aggregation("count() by str(arg0)")
+    keep = ptprobe.Filter("arg0 != 0")
+    pids = []
+    with watchdog(GUARD, pids):
+        with ptprobe.run([cli_target, "calls", "4"], observer=RecordingObserver()) as session:
+            pids.append(session.main_pid)
+            session.probe(f"uprobe:{cli_target}:cli_str", lambda hit: keep.matches(hit) and agg.add(hit))
+            assert session.wait() == 0
+    assert agg.data() == {("plain",): 4, ("tab\there\n",): 4, ("x" * 64,): 4}
+    assert keep.rejected == 4
+
+
+def test_symbol_patterns_and_list(cli_target):
+    """uprobe:PATH:cli_* arms every cli_ function, each hit counted exactly; list
+    shows what a spec pattern arms (as bpftrace -l), filters USDT probes and symbols
+    by pattern, and takes an object name."""
+    result = ptprobe_cli("run", "-q", "-p", f"uprobe:{cli_target}:cli_*", "--", cli_target, "calls", "7")
+    assert result.returncode == 0, result.stderr
+    assert summaries(result.stderr)[f"uprobe:{cli_target}:cli_*"] == (7 * 7, "4 int3")   # ints, 4 str, mixed, last
+    listed = ptprobe_cli("list", f"uprobe:{cli_target}:cli_[im]*")
+    assert listed.stdout.splitlines() == [f"uprobe:{cli_target}:cli_ints", f"uprobe:{cli_target}:cli_mixed"]
+    usdt = ptprobe_cli("list", cli_target, "cli:i*")
+    assert "cli:ints" in usdt.stdout and "args: -4@" in usdt.stdout
+    assert "no USDT probes matching" in ptprobe_cli("list", cli_target, "nosuch:*").stdout
+    symbols = ptprobe_cli("list", cli_target, "--symbols", "cli_s*")
+    assert [line.split()[2] for line in symbols.stdout.splitlines() if line.startswith("  0x")] == ["cli_str"]
+    old_style = ptprobe_cli("list", "--symbols", cli_target)        # --symbols before PATH still works
+    assert old_style.returncode == 0 and "cli_mixed" in old_style.stdout
+    nothing = ptprobe_cli("list", f"uprobe:{cli_target}:nosuch*")
+    assert nothing.returncode == 6 and "nothing matches" in error_line(nothing)
+
+
+def _read_until(fd: int, seen: bytearray, wanted: bytes, timeout: float = GUARD) -> None:
+    """Read the terminal *fd* into *seen* until *wanted* shows (or the timeout, or its end)."""
+    deadline = time.monotonic() + timeout
+    while wanted not in seen and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.5)[0]:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            seen += data
+
+
+def test_live_status_on_a_terminal(cli_target):
+    """On a terminal, while hits do not go to it (here: aggregating), a status line
+    shows hits and hits per second per probe, redrawn in place; -q turns it off."""
+    import pty
+    for quiet in (False, True):
+        master, slave = pty.openpty()
+        cli = ptprobe_popen("run", *(["-q"] if quiet else []), "--agg", "count()", "-p",
+                            f"uprobe:{cli_target}:cli_last", "--", cli_target, "loop", stderr=slave)
+        os.close(slave)
+        seen = bytearray()
+        pid = 0
+        try:
+            out = Lines(cli.stdout)
+            lines = out.wait_for(lambda ls: any(x.startswith("ready ") for x in ls), "the program")
+            pid = int(next(x for x in lines if x.startswith("ready ")).split()[1])
+            if quiet:       # 1500 rounds of at least 1 ms: the status would have been drawn
+                out.wait_for(lambda ls: "progress 1500" in ls, "1500 rounds")
+            else:
+                _read_until(master, seen, b"/s)")
+            cli.send_signal(signal.SIGTERM)
+            _read_until(master, seen, b" hits (")
+        finally:
+            stop_popen(cli)
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+            os.close(master)
+        if quiet:
+            assert b"/s)" not in seen and b"\x1b[K" not in seen, bytes(seen)
+        else:
+            assert re.search(rb"\rptprobe \d+s: cli_last [\d,]+ \([\d,]+/s\)\x1b\[K", seen), bytes(seen)
+        assert re.search(rb"ptprobe: uprobe:\S+:cli_last: \d+ hits \(1 int3\)", seen), bytes(seen)
+
+
+def test_help_topics_and_man_page():
+    for topic in ("specs", "format", "filter", "agg", "output", "attach", "list", "exit", "examples"):
+        result = ptprobe_cli("help", topic)
+        assert result.returncode == 0 and result.stdout.startswith(f"{topic} - "), (topic, result.stderr)
+    assert "topics (ptprobe help TOPIC)" in ptprobe_cli("--help").stdout
+    assert ptprobe_cli("help", "nosuch").returncode == 2
+    man = ptprobe_cli("help", "--man")
+    assert man.returncode == 0 and man.stdout.startswith(".TH PTPROBE 1")
+    for section in ("SYNOPSIS", "RUN", "ATTACH", "FORMAT", "FILTER", "AGG", "EXIT STATUS"):
+        assert f"\n.SH {section}\n" in man.stdout, section
+    assert "\\-\\-filter" in man.stdout
