@@ -12,5 +12,5 @@ trap 'rm -rf "$work"' EXIT
 # compiled and linked apart so that the program does not write gmon.out.
 gcc -O1 -g -pg -mfentry -mnop-mcount -fno-pie -c -o "$work/demo.o" examples/demo.c
 gcc -no-pie -o "$work/demo" "$work/demo.o"
-"$PTPROBE_PYTHON" -m ptprobe run -p "uprobe:$work/demo:compute" \
-    -f 'compute(qty=%d, price=%d)' -- "$work/demo" "$@"
+cd "$work"
+"$PTPROBE_PYTHON" -m ptprobe run -p uprobe:./demo:compute -f 'compute(qty=%d, price=%d)' -- ./demo "$@"
