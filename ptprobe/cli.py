@@ -25,7 +25,7 @@ from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Tuple
 import ptprobe
 from ptprobe import discover, manual, render
 from ptprobe.aggregate import Aggregation
-from ptprobe.errors import NoSuchProcessError, ProbeSpecError, PtprobeError, UsageError
+from ptprobe.errors import NoSuchProcessError, ProbeSpecError, PtprobeError, SymbolNotFoundError, UsageError
 from ptprobe.filter import STRING_SIZE, Context, Filter
 from ptprobe.output import Format, Output, UPROBE_INTEGER_ARGS, default_line, json_record
 
@@ -432,6 +432,16 @@ class _Tracer:
     def arm(self, session: ptprobe.Session) -> None:
         handler = self.on_hit if self.settings.needs_handler else None
         for spec in self.settings.specs:
+            mapped = session.mapped_names()
+            if not spec.is_path and not any(discover.name_matches(name, spec.path) for name in mapped) \
+                    and not discover.names_a_file(spec.path):
+                # a typo, most likely: nothing mapped answers to that name and no program
+                # or library on disk does (a plugin loaded later is given by its path)
+                raise SymbolNotFoundError(
+                    f"{spec.text}: nothing matches {spec.path!r}: it is not mapped (mapped: "
+                    f"{', '.join(mapped[:12])}{', ...' if len(mapped) > 12 else ''}) and there is no such "
+                    "program in PATH nor library in the loader's directories; for a file loaded later, "
+                    "give its path", spec.path)
             probe = session.probe(spec, handler)
             self.probes.append(probe)
             _check_arguments(probe, self.settings)

@@ -94,6 +94,18 @@ def find_object(name: str) -> str:
     return path
 
 
+def name_matches(basename: str, name: str) -> bool:
+    """Whether an object whose file is called *basename* answers to the name *name*
+    of a spec (``libc.so.6`` to ``libc``, ``libc.so`` and ``libc.so.6``)."""
+    return search.name_matches(basename, name)
+
+
+def names_a_file(name: str) -> bool:
+    """Whether the object name *name* means a file on disk: a program in PATH or a
+    library in the dynamic loader's directories (as a spec's name may)."""
+    return search.find_program(name) is not None or bool(search.find_libraries(name))
+
+
 def looks_like_object(text: str) -> bool:
     """Whether *text* names a file or an object rather than being a pattern."""
     return not any(ch in text for ch in "*?[") and search.find_object(text) is not None

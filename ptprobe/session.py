@@ -32,7 +32,7 @@ from .engine.filters import FilterWatch
 from .engine.hits import Hits
 from .engine.lifecycle import Lifecycle
 from .engine.loop import EventLoop
-from .errors import NoSuchProcessError, PtprobeError, SymbolNotFoundError, TracePermissionError, TracerError
+from .errors import NoSuchProcessError, PtprobeError, TracePermissionError, TracerError
 from .calltrace import CallTrace
 from .datapages import DEFAULT_RING
 from .engine.records import Actions
@@ -283,24 +283,27 @@ class Session:
         return self._arm(probe)
 
     def _not_armed(self, probe: Probe) -> None:
-        """*probe* matched no mapped object: an error when nothing it names can ever
-        be loaded (a missing file, a name found nowhere), else a notice (armed when
-        it is loaded)."""
+        """*probe* matched no mapped object: an error when its file is missing (and
+        no process maps it deleted), else a notice that says what is mapped (it is
+        armed when a matching object is loaded)."""
         spec = probe.spec
         if probe.missing is not None:
             self._probes.probes.remove(probe)
             raise probe.missing
-        if not spec.is_path and not probe.aliases:
-            self._probes.probes.remove(probe)
-            mapped = sorted({os.path.basename(obj.path) for proc in self.loop.processes.values()
-                             for obj in proc.space.objects.values()})
-            where = f"process {self.main_pid}" if len(self.loop.processes) == 1 else "the traced processes"
-            raise SymbolNotFoundError(
-                f"{probe.name}: no object named {spec.path!r} is mapped in {where} (mapped: "
-                f"{', '.join(mapped[:12])}{', ...' if len(mapped) > 12 else ''}), and there is no such "
-                "program in PATH nor library in the loader's directories; give a path to a file "
-                "loaded later", spec.path)
-        self.observer.notice(f"{probe.name}: {spec.path} is not loaded yet; the probe is armed when it is")
+        if spec.is_path:
+            self.observer.notice(f"{probe.name}: {spec.path} is not loaded yet; the probe is armed when it is")
+            return
+        mapped = self.mapped_names()
+        where = f"process {self.main_pid}" if len(self.loop.processes) == 1 else "the traced processes"
+        on_disk = "" if probe.aliases else ", nor found on disk"
+        self.observer.notice(f"{probe.name}: no object named {spec.path!r} is mapped in {where}{on_disk} "
+                             f"(mapped: {', '.join(mapped[:12])}{', ...' if len(mapped) > 12 else ''}); "
+                             "the probe is armed if one is loaded")
+
+    def mapped_names(self) -> List[str]:
+        """The names of the ELF objects mapped in the traced processes."""
+        return sorted({os.path.basename(obj.path) for proc in self.loop.processes.values()
+                       for obj in proc.space.objects.values()})
 
     # --- waiting -------------------------------------------------------------------------------
     def wait(self, timeout: Optional[float] = None) -> Optional[int]:
