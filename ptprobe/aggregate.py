@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import UsageError
 from .filter import Context, EvalError, Expression, _Parser, escape, parse_list
@@ -40,7 +40,8 @@ _MAX_LHIST_BUCKETS = 1000
 Key = Tuple[Any, ...]
 
 
-class Stats(NamedTuple):
+@dataclass(frozen=True)
+class Stats:
     """What ``stats()`` keeps for one key."""
 
     count: int

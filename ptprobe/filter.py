@@ -387,7 +387,8 @@ class _Parser:
                         raise TypeError("~ needs an integer")
                     return ~value
             else:
-                fn = f
+                def fn(h: Any, c: Context) -> Any:
+                    return f(h, c)
             return Expression(self.text, "num", fn, operand.arguments)
         return self.primary()
 

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ptprobe import Aggregation, Filter
+from ptprobe.aggregate import Stats
 from ptprobe.errors import UsageError
 from ptprobe.filter import Context, EvalError, parse_expression
 from ptprobe.output import Format, escape, json_record
@@ -133,7 +134,7 @@ def test_count_sum_avg_by_key() -> None:
     assert feed("min(arg0) by tid", hits).data() == {(1,): 5, (2,): 3}
     assert feed("max(arg0) by tid", hits).data() == {(1,): 10, (2,): 8}
     stats = feed("stats(arg0) by tid", hits)
-    assert stats.data()[(2,)] == (3, 15, 5, 3, 8)
+    assert stats.data()[(2,)] == Stats(count=3, total=15, average=5, min=3, max=8)
     assert stats.render().splitlines()[0] == "@stats[1]: count 2, average 7, total 15"
 
 
