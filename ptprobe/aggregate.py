@@ -307,6 +307,23 @@ class Aggregation:
             lines.append(f"{self._head(key)}: {shown}")
         return "\n".join(lines)
 
+    def to_json(self) -> Dict[str, Any]:
+        """The aggregation as a JSON value: its name, text, and one entry per key
+        (``key`` a list; ``value`` a number, an object for stats, or ``buckets`` as
+        [low, high, count] lists, low or high null for the open-ended ones)."""
+        entries: List[Dict[str, Any]] = []
+        for key, value in sorted(self.data().items(), key=lambda item: _sort_key(item[0])):
+            shown: Dict[str, Any] = {"key": [_json_key(k) for k in key]}
+            if isinstance(value, Histogram):
+                shown["buckets"] = [list(b) for b in value.buckets()]
+            elif isinstance(value, Stats):
+                shown["value"] = {"count": value.count, "total": value.total, "average": value.average,
+                                  "min": value.min, "max": value.max}
+            else:
+                shown["value"] = value
+            entries.append(shown)
+        return {"aggregation": f"@{self.name}", "text": self.text, "data": entries}
+
     def _head(self, key: Key) -> str:
         if not key:
             return f"@{self.name}"
@@ -350,3 +367,9 @@ def _sort_number(value: Any) -> Any:
 
 def _sort_key(key: Key) -> Tuple[Any, ...]:
     return tuple((0, k, "") if isinstance(k, (int, float)) else (1, 0, str(k)) for k in key)
+
+
+def _json_key(value: Any) -> Any:
+    if isinstance(value, tuple):            # a stack: its frames' text
+        return [_frame(f) for f in value]
+    return value

@@ -121,8 +121,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="keep only the hits where EXPR holds: 'arg0 > 100 && tid == 1234' "
                        "(ptprobe help filter)")
         p.add_argument("--agg", action="append", default=[], metavar="AGG",
-                       help="aggregate instead of printing: 'count() by tid', 'hist(arg2)', "
-                       "'sum(arg1) by comm' (repeatable; ptprobe help agg)")
+                       help="aggregate instead of printing (hits are printed too if -f asks; with --json the "
+                       "aggregations are JSON): 'count() by tid', 'hist(arg2)', 'sum(arg1) by comm' (repeatable; "
+                       "ptprobe help agg)")
         p.add_argument("--interval", type=float, metavar="S",
                        help="print the aggregations every S seconds too")
         p.add_argument("-o", "--output", metavar="FILE",
@@ -259,9 +260,9 @@ class _Settings:
             raise UsageError("--interval prints aggregations: give one with --agg", "")
         self.json = args.json
         self.quiet = args.quiet
-        # a line per hit, unless aggregating (then only if -f or --json asks) or quiet
-        self.printing = not args.quiet and bool(self.specs) and \
-            (not self.aggregations or self.format is not None or args.json)
+        # a line per hit, unless aggregating (then only if -f asks) or quiet; with
+        # --agg, --json shapes the aggregations (and the hits' lines if -f asks)
+        self.printing = not args.quiet and bool(self.specs) and (not self.aggregations or self.format is not None)
         self.output = args.output
         self.no_status = args.no_status
         self.options: Dict[str, Any] = dict(
@@ -508,6 +509,12 @@ class _Tracer:
             return
         if self.out.line_buffered:
             self.console.clear()
+        if self.settings.json:              # one object per aggregation, as the hits are
+            when = {"time": time.strftime("%H:%M:%S")} if interval else {}
+            for agg in self.settings.aggregations:
+                self.out.write(json.dumps(dict(agg.to_json(), **when)) + "\n")
+            self.out.flush()
+            return
         text = "\n\n".join(agg.render() for agg in self.settings.aggregations)
         head = time.strftime("%H:%M:%S") + "\n" if interval else ""
         self.out.write(head + text + "\n" + ("\n" if interval else ""))

@@ -128,8 +128,10 @@ before the program runs: a mistake is an error with its column (exit 2).""")
 
 _topic("agg", "--agg AGG: counts, sums, histograms by key, printed as bpftrace does", """
 --agg (repeatable) aggregates the hits that pass --filter instead of printing
-them (add -f or --json to print them too), and prints the result at the end,
-and every --interval S seconds:
+them (add -f to print them too), and prints the result at the end, and
+every --interval S seconds (with --json: one JSON object per aggregation,
+its entries as {"key": [...], "value": ...} or {"key": [...], "buckets":
+[[low, high, count], ...]}):
 
   --agg 'count() by tid'                 hits per thread
   --agg 'bytes = sum(arg2) by comm'      a named sum per process name

@@ -302,6 +302,9 @@ class Format:
             except EvalError as exc:
                 out.append(f"<{exc.message}>")
                 continue
+            except AttributeError:          # a record of a hit: no registers to read
+                out.append("<not recorded>")
+                continue
             if piece.conv == "s":
                 out.append(self._string(piece, hit, context, value, index, strings, cut))
             elif piece.floating:
