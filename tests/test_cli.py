@@ -740,3 +740,26 @@ def test_help_topics_and_man_page():
     for section in ("SYNOPSIS", "RUN", "ATTACH", "FORMAT", "FILTER", "AGG", "EXIT STATUS"):
         assert f"\n.SH {section}\n" in man.stdout, section
     assert "\\-\\-filter" in man.stdout
+
+
+def test_aggregations_every_interval_and_as_json(cli_target):
+    """--interval prints the aggregations while tracing (here before --duration ends
+    it: the interval comes first on ptprobe's own clock), then once more at the end;
+    --json prints each as a JSON object."""
+    target = Target([cli_target, "loop"])
+    try:
+        result = ptprobe_cli("attach", str(target.pid), "--interval", "0.2", "--duration", "1", "--agg",
+                             "count()", "-p", f"uprobe:{cli_target}:cli_last", timeout=GUARD)
+        assert result.returncode == 0, result.stderr
+        counts = [int(x) for x in re.findall(r"^@count: (\d+)$", result.stdout, re.M)]
+        assert len(counts) >= 2 and counts == sorted(counts), result.stdout
+        assert re.search(r"^\d\d:\d\d:\d\d\n@count: \d+$", result.stdout, re.M), result.stdout
+        assert counts[-1] == summaries(result.stderr)[f"uprobe:{cli_target}:cli_last"][0]
+        as_json = ptprobe_cli("attach", str(target.pid), "--json", "--duration", "0.3", "--agg", "count() by name",
+                              "--agg", "hist(arg0)", "-p", f"uprobe:{cli_target}:cli_last", timeout=GUARD)
+        (count, hist) = [json.loads(line) for line in as_json.stdout.splitlines()]
+        assert count["aggregation"] == "@count" and count["data"][0]["key"] == ["cli_last"]
+        assert count["data"][0]["value"] == sum(b[2] for b in hist["data"][0]["buckets"]) > 0
+        target.assert_alive_untraced_and_original(("cli_last",))
+    finally:
+        target.kill()
