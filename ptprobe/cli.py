@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 import traceback
-from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import IO, Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 import ptprobe
 from ptprobe import discover, manual, render
@@ -97,7 +97,7 @@ class _Observer(ptprobe.Observer):
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors ('ptprobe: ...', exit 2) instead of a usage block."""
 
-    def error(self, message: str) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (ptprobe {self.prog.split()[-1]} --help)"
                          if " " in self.prog else f"{message} (ptprobe --help)")
 

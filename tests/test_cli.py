@@ -610,7 +610,7 @@ def test_attach_by_name_by_tree_and_several_pids(cli_target, tmp_path, how):
         cli.send_signal(signal.SIGINT)
         assert cli.wait(timeout=GUARD) == 0
         err = cli.stderr.read().decode()
-        assert f"ptprobe: attached to 4 processes: " in err, err
+        assert "ptprobe: attached to 4 processes: " in err, err
         per_process = dict(re.findall(rf"^ptprobe: process (\d+) \({name}\): (\d+) hits?, detached$", err, re.M))
         assert sorted(map(int, per_process)) == sorted(everyone), err
         assert sum(map(int, per_process.values())) == summaries(err)[spec][0]
