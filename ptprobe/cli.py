@@ -252,9 +252,6 @@ class _Settings:
             names = [a.name for a in self.aggregations]
             if agg.name in names:
                 agg = Aggregation(text, self.context, name=f"{agg.name}{names.count(agg.name) + 1}")
-            if agg.uses_stack and not hasattr(ptprobe.Hit, "stack"):
-                raise UsageError(f"--agg {text!r}: stack keys need stack traces, which this ptprobe "
-                                 "does not have", text)
             self.aggregations.append(agg)
         if self.interval is not None and not self.aggregations:
             raise UsageError("--interval prints aggregations: give one with --agg", "")
