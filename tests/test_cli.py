@@ -342,6 +342,7 @@ def test_run_a_second_signal_after_the_detach_ends_the_wait(cli_target):
                     if x.startswith("ready ")]
         pid = int(ready.split()[1])
         assert tracer_pid(pid) == cli.pid
+        out.wait_for(lambda ls: "progress 100" in ls, "100 rounds, traced")
         cli.send_signal(signal.SIGTERM)
         until(lambda: tracer_pid(pid) == 0, "the detach")
         assert cli.poll() is None               # waiting for the program, which runs on
