@@ -10,6 +10,8 @@
 from .errors import (FaultError, HandlerError, InstructionBoundaryError, NoSuchProcessError,
                      ObjectFileError, ProbeSpecError, ProgramStartError, PtprobeError,
                      SitePatchedError, SymbolNotFoundError, TracePermissionError, TracerError)
+from .aggregate import Aggregation
+from .filter import Filter
 from .hit import Hit, Record, Regs, ReturnHit
 from .latency import Histogram
 from .patching import Site
@@ -21,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "run", "attach", "Session", "Probe", "Site", "Hit", "ReturnHit", "Record", "Histogram", "Regs", "Observer", "ProbeSpec", "parse_spec", "return_spec",
+    "Aggregation", "Filter",
     "PtprobeError", "ProbeSpecError", "NoSuchProcessError", "TracePermissionError", "ObjectFileError",
     "SymbolNotFoundError", "InstructionBoundaryError", "SitePatchedError", "ProgramStartError",
     "FaultError", "TracerError", "HandlerError", "__version__",

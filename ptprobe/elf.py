@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import io
 import os
 import stat
 import struct
@@ -28,9 +29,10 @@ from typing import BinaryIO, Dict, Iterator, List, NamedTuple, Optional, Tuple, 
 from .errors import ObjectFileError, SymbolNotFoundError
 from .usdt import UsdtError, parse_note_descriptor
 
-__all__ = ["Symbol", "Segment", "UsdtNote", "ElfFile"]
+__all__ = ["Symbol", "Segment", "UsdtNote", "Relocation", "ElfFile"]
 
 PT_LOAD = 1
+PT_DYNAMIC = 2
 PT_INTERP = 3
 PT_NOTE = 4
 PF_X = 1
@@ -67,10 +69,32 @@ _SHT_GNU_VERSYM = 0x6FFFFFFF
 
 _PN_XNUM = 0xFFFF               # e_phnum: the count is in section 0's sh_info
 
+# dynamic section tags
+_DT_NULL = 0
+_DT_PLTRELSZ = 2
+_DT_HASH = 4
+_DT_STRTAB = 5
+_DT_SYMTAB = 6
+_DT_RELA = 7
+_DT_RELASZ = 8
+_DT_STRSZ = 10
+_DT_JMPREL = 23
+_DT_GNU_HASH = 0x6FFFFEF5
+_DT_VERSYM = 0x6FFFFFF0
+_MAX_DYNAMIC_SYMBOLS = 1 << 20
+
+#: relocation types of x86-64 that ptprobe reads (to find where an IFUNC resolved to)
+R_X86_64_64 = 1
+R_X86_64_GLOB_DAT = 6
+R_X86_64_JUMP_SLOT = 7
+R_X86_64_IRELATIVE = 37
+
 _ELF64_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 _ELF64_PHDR = struct.Struct("<IIQQQQQQ")
 _ELF64_SHDR = struct.Struct("<IIQQQQIIQQ")
 _ELF64_SYM = struct.Struct("<IBBHQQ")
+_ELF64_DYN = struct.Struct("<qQ")
+_ELF64_RELA = struct.Struct("<QQq")
 # a safety net for decoding mistakes of ours; sizes and offsets are checked first
 _PARSE_ERRORS = (struct.error, ValueError, IndexError, KeyError, UnicodeDecodeError, OverflowError)
 
@@ -89,6 +113,18 @@ class Symbol:
     size: int
     kind: str
     ifunc: bool = False
+
+
+@dataclass(frozen=True)
+class Relocation:
+    """A dynamic relocation (``.rela.dyn``, ``.rela.plt``): the link-time address of
+    the word it writes (``offset``), its type (``R_X86_64_*``), the name of the
+    dynamic symbol it refers to ("" for none) and its addend."""
+
+    offset: int
+    type: int
+    symbol: str
+    addend: int
 
 
 @dataclass(frozen=True)
@@ -172,13 +208,20 @@ class ElfFile:
     build_id: Optional[str]
     segments: List[Segment]
 
-    def __init__(self, path: Union[str, bytes, "os.PathLike[str]"]) -> None:
+    def __init__(self, path: Union[str, bytes, "os.PathLike[str]"], *, image: Optional[bytes] = None) -> None:
+        """Open the file *path*; or, with *image*, read the ELF object from those
+        bytes (named *path*): an object rebuilt from a process's memory, whose
+        section headers may be missing (symbols then come from PT_DYNAMIC)."""
         try:
             self.path = os.fsdecode(path)
         except TypeError:
             raise ObjectFileError(f"{path!r}: not a file path", repr(path)) from None
         self._file: Optional[BinaryIO] = None
         self._size = 0
+        self._image = image
+        #: for an image: the load bias it was mapped with (dynamic entries the
+        #: dynamic loader relocated are taken back by it)
+        self.image_bias = 0
         self._symbols: Optional[List[_Entry]] = None
         self._by_name: Optional[Dict[str, _Entry]] = None
         self._funcs: Optional[List[_Entry]] = None
@@ -187,6 +230,10 @@ class ElfFile:
         self._notes: Optional[List[UsdtNote]] = None
         self._sections: List[_Section] = []
         self._note_segments: List[Tuple[int, int, int]] = []
+        self._dynamic_segment: Optional[Tuple[int, int]] = None       # (offset, size) of PT_DYNAMIC
+        self._dynamic: Optional[Dict[int, int]] = None
+        self._relocations: Optional[List[Relocation]] = None
+        self._relocations_by_name: Optional[Dict[str, List[Relocation]]] = None
         self._file = self._open()
         try:
             self._load_headers()
@@ -217,6 +264,10 @@ class ElfFile:
             raise self._error(f"is {_file_kind(mode)}, not an ELF file")
 
     def _open(self) -> BinaryIO:
+        if self._image is not None:
+            self._size = len(self._image)
+            self._check_ident(self._image[:_ELF64_EHDR.size])
+            return io.BytesIO(self._image)
         # stat first: a FIFO or a device is refused without opening it (opening a
         # FIFO for reading waits for a writer; opening a device can act on it)
         if "\0" in self.path:
@@ -284,6 +335,11 @@ class ElfFile:
         # section 0 holds the real counts when they do not fit in the header
         # (extended numbering: e_shnum 0, e_phnum PN_XNUM, e_shstrndx SHN_XINDEX)
         shnum = 0
+        if self._image is not None:
+            # an image of a mapped object: the section headers and the sections they
+            # describe beyond the loadable segments (.symtab, notes) are not mapped
+            e_shoff = 0
+            e_shstrndx = 0
         if e_shoff != 0:
             first = _ELF64_SHDR.unpack(self._table("section header table", e_shoff, 1, e_shentsize,
                                                    _ELF64_SHDR.size))
@@ -307,6 +363,8 @@ class ElfFile:
                 self.interpreter = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             elif p_type == PT_NOTE:
                 self._note_segments.append((p_offset, p_filesz, p_align))
+            elif p_type == PT_DYNAMIC and p_filesz:
+                self._dynamic_segment = (p_offset, p_filesz)
         self.segments.sort(key=lambda s: s.vaddr)
 
         shdrs = self._table("section header table", e_shoff, shnum, e_shentsize, _ELF64_SHDR.size)
@@ -450,10 +508,12 @@ class ElfFile:
     def _parse_symbols(self) -> List[_Entry]:
         entries: List[_Entry] = []
         seen: set = set()
+        tables = 0
         for wanted in (_SHT_SYMTAB, _SHT_DYNSYM):
             for index, sec in enumerate(self._sections):
                 if sec.type != wanted:
                     continue
+                tables += 1
                 for entry in self._parse_symbol_table(index, dynamic=wanted == _SHT_DYNSYM):
                     s = entry.symbol
                     key = (s.name, s.address, s.kind, entry.default_version)
@@ -461,9 +521,147 @@ class ElfFile:
                         continue
                     seen.add(key)
                     entries.append(entry)
+        if not tables:
+            # no section headers (an image of a mapped object): the dynamic symbols,
+            # through PT_DYNAMIC, as the dynamic loader finds them
+            data, strtab, versym = self._dynamic_symbol_table()
+            entries.extend(self._parse_symbol_bytes(data, strtab, versym))
         return entries
 
-    def _parse_symbol_table(self, index: int, dynamic: bool) -> Iterator[_Entry]:
+    # -- the dynamic section and relocations -----------------------------
+
+    def _load_dynamic(self) -> Dict[int, int]:
+        """Tag -> value of the PT_DYNAMIC entries (the first of each tag)."""
+        if self._dynamic is None:
+            out: Dict[int, int] = {}
+            if self._dynamic_segment is not None:
+                offset, size = self._dynamic_segment
+                size = min(size, max(self._size - offset, 0)) // _ELF64_DYN.size * _ELF64_DYN.size
+                data = self._read_file(offset, size, "PT_DYNAMIC") if size > 0 else b""
+                for tag, value in _ELF64_DYN.iter_unpack(data):
+                    if tag == _DT_NULL:
+                        break
+                    out.setdefault(tag, value)
+            self._dynamic = out
+        return self._dynamic
+
+    def _dynamic_address(self, value: int) -> Optional[int]:
+        """The link-time address a dynamic entry points at. In a mapped object the
+        dynamic loader may have relocated the entry (added the load bias): then
+        ``image_bias`` takes it back."""
+        if self.vaddr_to_offset(value) is not None:
+            return value
+        bias = getattr(self, "image_bias", 0)
+        if bias and self.vaddr_to_offset(value - bias) is not None:
+            return value - bias
+        return None
+
+    def _dynamic_bytes(self, tag: int, size: int, what: str) -> bytes:
+        value = self._load_dynamic().get(tag)
+        address = self._dynamic_address(value) if value is not None else None
+        if address is None or size <= 0:
+            return b""
+        return self.read(address, size, partial=True)
+
+    def _dynamic_symbol_count(self) -> int:
+        dyn = self._load_dynamic()
+        if _DT_HASH in dyn:
+            header = self._dynamic_bytes(_DT_HASH, 8, "DT_HASH")
+            if len(header) == 8:
+                return min(struct.unpack("<II", header)[1], _MAX_DYNAMIC_SYMBOLS)
+        if _DT_GNU_HASH in dyn:
+            head = self._dynamic_bytes(_DT_GNU_HASH, 16, "DT_GNU_HASH")
+            if len(head) < 16:
+                return 0
+            nbuckets, symoffset, bloom_size, _shift = struct.unpack("<IIII", head)
+            if nbuckets > _MAX_DYNAMIC_SYMBOLS or bloom_size > _MAX_DYNAMIC_SYMBOLS:
+                return 0
+            start = 16 + 8 * bloom_size
+            table = self._dynamic_bytes(_DT_GNU_HASH, start + 4 * nbuckets + 4 * _MAX_DYNAMIC_SYMBOLS // 64,
+                                        "DT_GNU_HASH")
+            if len(table) < start + 4 * nbuckets:
+                return 0
+            buckets = struct.unpack_from(f"<{nbuckets}I", table, start)
+            last = max(buckets, default=0)
+            if last < symoffset:
+                return symoffset
+            chains = start + 4 * nbuckets
+            index = last
+            while True:
+                at = chains + 4 * (index - symoffset)
+                if at + 4 > len(table) or index >= _MAX_DYNAMIC_SYMBOLS:
+                    return index
+                if struct.unpack_from("<I", table, at)[0] & 1:
+                    return index + 1
+                index += 1
+        return 0
+
+    def _dynamic_symbol_table(self) -> Tuple[bytes, bytes, Optional[bytes]]:
+        """(symbols, strings, versions) of the dynamic symbol table through PT_DYNAMIC."""
+        dyn = self._load_dynamic()
+        count = self._dynamic_symbol_count()
+        symbols = self._dynamic_bytes(_DT_SYMTAB, count * _ELF64_SYM.size, "DT_SYMTAB")
+        strings = self._dynamic_bytes(_DT_STRTAB, min(dyn.get(_DT_STRSZ, 0), self._size), "DT_STRTAB")
+        versym = self._dynamic_bytes(_DT_VERSYM, 2 * count, "DT_VERSYM") if _DT_VERSYM in dyn else None
+        return symbols, strings, versym
+
+    def _dynamic_symbol_names(self) -> List[str]:
+        """Names of the dynamic symbols by index (as relocations refer to them)."""
+        data: bytes = b""
+        strtab: bytes = b""
+        for index, sec in enumerate(self._sections):
+            if sec.type == _SHT_DYNSYM and 0 < sec.link < len(self._sections):
+                data, strtab = self._section_data(index), self._section_data(sec.link)
+                break
+        else:
+            data, strtab, _ = self._dynamic_symbol_table()
+        names = []
+        for st_name, *_rest in _ELF64_SYM.iter_unpack(data[:len(data) // _ELF64_SYM.size * _ELF64_SYM.size]):
+            end = strtab.find(b"\0", st_name) if st_name < len(strtab) else -1
+            name = strtab[st_name:end].decode("utf-8", "surrogateescape") if end >= 0 else ""
+            names.append(name.split("@", 1)[0])
+        return names
+
+    def iter_relocations(self) -> Iterator[Relocation]:
+        """The dynamic relocations (``DT_RELA`` and ``DT_JMPREL`` tables)."""
+        if self._relocations is None:
+            try:
+                self._relocations = self._parse_relocations()
+            except ObjectFileError:
+                raise
+            except _PARSE_ERRORS as exc:
+                raise self._error(f"corrupt relocations ({_one_line(exc)})") from None
+        return iter(self._relocations)
+
+    def relocations_of(self, symbol: str) -> List[Relocation]:
+        """The relocations that refer to the dynamic symbol *symbol* by name."""
+        if self._relocations_by_name is None:
+            index: Dict[str, List[Relocation]] = {}
+            for rel in self.iter_relocations():
+                if rel.symbol:
+                    index.setdefault(rel.symbol, []).append(rel)
+            self._relocations_by_name = index
+        return self._relocations_by_name.get(symbol, [])
+
+    def _parse_relocations(self) -> List[Relocation]:
+        dyn = self._load_dynamic()
+        names: Optional[List[str]] = None
+        out: List[Relocation] = []
+        for table, size_tag in ((_DT_RELA, _DT_RELASZ), (_DT_JMPREL, _DT_PLTRELSZ)):
+            size = min(dyn.get(size_tag, 0), self._size)
+            data = self._dynamic_bytes(table, size, "relocations") if table in dyn else b""
+            for r_offset, r_info, r_addend in _ELF64_RELA.iter_unpack(
+                    data[:len(data) // _ELF64_RELA.size * _ELF64_RELA.size]):
+                index = r_info >> 32
+                name = ""
+                if index:
+                    if names is None:
+                        names = self._dynamic_symbol_names()
+                    name = names[index] if index < len(names) else ""
+                out.append(Relocation(r_offset, r_info & 0xFFFFFFFF, name, r_addend))
+        return out
+
+    def _parse_symbol_table(self, index: int, dynamic: bool) -> Iterator[_Entry]:  # type: ignore[return]
         sec = self._sections[index]
         link = sec.link
         if not 0 < link < len(self._sections):
@@ -476,6 +674,9 @@ class ElfFile:
                 if vsec.type == _SHT_GNU_VERSYM and vsec.link == index:
                     versym = self._section_data(vindex)
                     break
+        return self._parse_symbol_bytes(data, strtab, versym)
+
+    def _parse_symbol_bytes(self, data: bytes, strtab: bytes, versym: Optional[bytes]) -> Iterator[_Entry]:
         count = len(data) // _ELF64_SYM.size
         for i, (st_name, st_info, _st_other, st_shndx, st_value, st_size) in enumerate(
                 _ELF64_SYM.iter_unpack(data[:count * _ELF64_SYM.size])):

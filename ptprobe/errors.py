@@ -140,3 +140,24 @@ class HandlerError(PtprobeError, RuntimeError):
         super().__init__(message)
         self.probe = probe
         self.error = error
+
+
+class UsageError(PtprobeError, ValueError):
+    """A command-line option or an expression (``--filter``, ``--agg``, ``-f``) that
+    cannot be used as given."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, text: str = "") -> None:
+        super().__init__(message)
+        self.text = text
+
+
+class OutputError(PtprobeError, OSError):
+    """The output cannot be written (a full disk, an I/O error)."""
+
+    exit_code = 74
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.path = path

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from .elf import ElfFile
-from .errors import ObjectFileError
+from .errors import ObjectFileError, PtprobeError
 from .procfs import Mapping
 
 Identity = Tuple[int, int]          # (device, inode)
+MemoryReader = Callable[[int, int], bytes]
+#: the largest object rebuilt from a process's memory
+_MAX_IMAGE = 1 << 30
 
 
 @dataclass
@@ -29,6 +32,11 @@ class LoadedObject:
     bias: int                       # run-time address = link-time address + bias
     start: int
     end: int
+    #: the file was removed or replaced since it was mapped; then ``source`` says
+    #: where the ELF data came from: "map_files" (the deleted file itself, through
+    #: /proc/PID/map_files/) or "memory" (the mapped bytes)
+    deleted: bool = False
+    source: str = "file"
 
     def runtime(self, vaddr: int) -> int:
         return vaddr + self.bias
@@ -71,15 +79,18 @@ def load_bias(elf: ElfFile, mappings: Iterable[Mapping]) -> Optional[int]:
     return None
 
 
-def scan_objects(maps: Iterable[Mapping], known: Optional[Dict[Identity, LoadedObject]] = None
+def scan_objects(maps: Iterable[Mapping], known: Optional[Dict[Identity, LoadedObject]] = None,
+                 pid: Optional[int] = None, read_memory: Optional[MemoryReader] = None
                  ) -> Dict[Identity, LoadedObject]:
     """The ELF objects with executable code among *maps*, by identity. Objects
     in *known* are kept as they are (not reopened); files that are not ELF are
-    skipped."""
+    skipped. With *pid* (and *read_memory*, to read the process), objects whose
+    file was removed or replaced since ("(deleted)") are included: opened through
+    /proc/PID/map_files/ where permitted, else rebuilt from their mapped bytes."""
     known = known or {}
     by_identity: Dict[Identity, List[Mapping]] = {}
     for m in maps:
-        if m.is_file:
+        if m.is_file or (m.deleted and pid is not None):
             by_identity.setdefault(m.identity, []).append(m)
     out: Dict[Identity, LoadedObject] = {}
     for identity, mappings in by_identity.items():
@@ -87,15 +98,48 @@ def scan_objects(maps: Iterable[Mapping], known: Optional[Dict[Identity, LoadedO
             continue
         obj = known.get(identity)
         if obj is None:
-            path = mappings[0].path
+            first = mappings[0]
+            source = "file"
             try:
-                elf = open_elf(path)
+                if first.deleted:
+                    assert pid is not None
+                    elf, source = _open_deleted(pid, mappings, read_memory)
+                else:
+                    elf = open_elf(first.path)
             except ObjectFileError:
                 continue
             bias = load_bias(elf, mappings)
             if bias is None:
                 continue
-            obj = LoadedObject(path, identity, elf, bias, min(m.start for m in mappings),
-                               max(m.end for m in mappings))
+            if source == "memory":
+                elf.image_bias = bias
+            obj = LoadedObject(first.file_path, identity, elf, bias, min(m.start for m in mappings),
+                               max(m.end for m in mappings), first.deleted, source)
         out[identity] = obj
     return out
+
+
+def _open_deleted(pid: int, mappings: List[Mapping], read_memory: Optional[MemoryReader]
+                  ) -> Tuple[ElfFile, str]:
+    """The ELF data of a mapped file that is gone from its path: the file itself
+    through /proc/PID/map_files/, or, where that is refused (it needs
+    CAP_SYS_ADMIN), an image rebuilt from the process's memory: each mapping's
+    bytes at its file offset (the headers, code, dynamic section and dynamic
+    symbols of an object are all mapped)."""
+    by_offset = sorted(mappings, key=lambda m: m.offset)
+    try:
+        return open_elf(f"/proc/{pid}/{by_offset[0].map_file}"), "map_files"
+    except ObjectFileError:
+        if read_memory is None:
+            raise
+    size = max(m.offset + m.end - m.start for m in by_offset)
+    if size > _MAX_IMAGE or by_offset[0].offset != 0:
+        raise ObjectFileError(f"{by_offset[0].file_path}: cannot rebuild it from memory", by_offset[0].path)
+    image = bytearray(size)
+    for m in by_offset:
+        try:
+            data = read_memory(m.start, m.end - m.start)
+        except PtprobeError:
+            continue
+        image[m.offset:m.offset + len(data)] = data
+    return ElfFile(by_offset[0].path, image=bytes(image)), "memory"

@@ -140,6 +140,7 @@ class Site:
     stub: Optional[int] = None                    # its recording stub (this session's)
     stub_stop: Optional[int] = None               # rip after the stub's syscall (ring full)
     returns: list = field(default_factory=list)   # return probes entered here (docs/design.md, "Return probes")
+    hits: int = 0                                 # hits of this site (in this address space)
 
     @property
     def pid(self) -> int:
@@ -838,7 +839,7 @@ class Patcher:
         new.slot_owner = dict(self.slot_owner)
         new.xol_owner = dict(self.xol_owner)
         new.sites = {address: replace(site, space=space, probes=list(site.probes),
-                             returns=list(site.returns))
+                             returns=list(site.returns), hits=0)
                      for address, site in self.sites.items()}
         for copy in new.sites.values():
             copy.chained = [new.sites[c.address] for c in copy.chained if c.address in new.sites]

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple, Union
 
-from . import arch, linux, procfs, usdt
-from .elf import ElfFile, UsdtNote
+from . import arch, linux, procfs, search, usdt
+from .elf import R_X86_64_64, R_X86_64_GLOB_DAT, R_X86_64_IRELATIVE, R_X86_64_JUMP_SLOT, ElfFile, Symbol, UsdtNote
 from .engine.loop import EventLoop
-from .errors import InstructionBoundaryError, ProbeSpecError, PtprobeError, SymbolNotFoundError, TracerError
+from .errors import (InstructionBoundaryError, ObjectFileError, ProbeSpecError, PtprobeError, SymbolNotFoundError,
+                     TracerError)
 from .engine.returns import check_shadow_stack
 from .hit import Hit, ReturnHit, Value
 from .latency import Histogram
@@ -65,6 +66,13 @@ class Probe:
         self.sites: List[Site] = []
         #: (device, inode) of the file a spec with a path names; None for object names
         self.identity: Optional[Tuple[int, int]] = None
+        #: the real path a spec's PATH names (a deleted object mapped from there matches)
+        self.realpath = ""
+        #: the file a spec's PATH names is missing: why (raised if nothing mapped matches)
+        self.missing: Optional[PtprobeError] = None
+        #: identities of the files an object name means (python3 -> python3.11, libssl
+        #: in the loader's directories), so that it matches them before they are mapped
+        self.aliases: Set[Tuple[int, int]] = set()
         self.usdt_args: Dict[int, List[usdt.UsdtArg]] = {}     # site address -> parsed USDT args
         self.semaphores: Dict[int, int] = {}                   # site address -> run-time semaphore
         #: a return probe: the durations of the calls it saw, per function name (nanoseconds)
@@ -133,6 +141,24 @@ class Probe:
         return usdt.evaluate(spec, hit.regs.get, hit.read, get_xmm=hit.xmm, resolve_symbol=resolve,
                              rip=hit.address)
 
+    def argument_types(self, address: int) -> Optional[List[Tuple[int, bool, bool]]]:
+        """(size in bytes, signed, floating) of each argument the USDT probe declares
+        at site *address*; None for a uprobe, whose arguments are registers."""
+        if self.spec.kind != "usdt":
+            return None
+        return [(arg.size, arg.signed, arg.is_float) for arg in self.usdt_args.get(address, ())]
+
+    def hits_by_process(self) -> Dict[int, int]:
+        """Hits per process id (of the processes it was armed in): the stops of its
+        sites there (for a return probe, the entries) and the hits counted inside
+        the program."""
+        out: Dict[int, int] = {}
+        inside, baseline = self.in_program, self._baseline
+        for site in self.sites:
+            hits = site.hits + inside(site) - baseline.get(id(site), 0)
+            out[site.pid] = out.get(site.pid, 0) + hits
+        return out
+
     def __repr__(self) -> str:
         return f"<Probe {self.name} hits={self.hits} sites={len(self.sites)}>"
 
@@ -166,12 +192,23 @@ def call_sites(elf: ElfFile, include: str = "*", exclude: Iterable[str] = ()) ->
     return sorted(sites), sorted(set(skipped))
 
 
-def iter_locations(spec: ProbeSpec, elf: ElfFile) -> Iterator[Tuple[int, Optional[UsdtNote]]]:
-    """(link-time address, USDT note or None) of each site of *spec* in *elf*;
-    raises on a missing symbol or an address that is not an instruction start."""
+class Location(NamedTuple):
+    """A site of a spec in an ELF file: its link-time address, and the USDT note
+    or the function symbol it comes from (an IFUNC symbol's address is its
+    resolver's: the implementation is found in each process)."""
+
+    address: int
+    note: Optional[UsdtNote] = None
+    symbol: Optional[Symbol] = None
+
+
+def iter_locations(spec: ProbeSpec, elf: ElfFile) -> Iterator[Location]:
+    """Each site of *spec* in *elf*; raises on a missing symbol or an address that
+    is not an instruction start. A symbol pattern gives every function that
+    matches and can be probed, each address once."""
     if spec.kind == "calls":
         for address in call_sites(elf, spec.symbol or "*", spec.exclude)[0]:
-            yield address, None
+            yield Location(address)
         return
     if spec.kind == "usdt":
         found = False
@@ -179,13 +216,18 @@ def iter_locations(spec: ProbeSpec, elf: ElfFile) -> Iterator[Tuple[int, Optiona
             if fnmatch.fnmatchcase(note.provider, spec.provider or "*") and \
                     fnmatch.fnmatchcase(note.name, spec.name or "*"):
                 found = True
-                yield note.address, note
+                yield Location(note.address, note)
         if not found:
             raise SymbolNotFoundError(f"no USDT probe {spec.provider}:{spec.name} in {elf.path}",
                                       f"{spec.provider}:{spec.name}")
         return
     if spec.kind == "uretprobe":
-        yield _function_entry(spec, elf), None
+        entry = _function_entry(spec, elf)
+        sym = elf.find_symbol(spec.symbol) if spec.symbol is not None else None
+        yield Location(entry, None, sym if sym is not None and sym.ifunc and sym.address == entry else None)
+        return
+    if spec.is_pattern:
+        yield from _pattern_locations(spec, elf)
         return
     if spec.symbol is not None:
         sym = elf.get_symbol(spec.symbol)
@@ -209,7 +251,27 @@ def iter_locations(spec: ProbeSpec, elf: ElfFile) -> Iterator[Tuple[int, Optiona
             raise InstructionBoundaryError(f"{address:#x} is not on an instruction boundary in {elf.path}", address)
     if arch.decode(elf.read(address, 16, partial=True), address) is None:
         raise InstructionBoundaryError(f"no valid instruction at {address:#x} in {elf.path}", address)
-    yield address, None
+    yield Location(address, None, sym if spec.symbol is not None and not spec.offset else None)
+
+
+def _pattern_locations(spec: ProbeSpec, elf: ElfFile) -> Iterator[Location]:
+    """The functions of *elf* whose names match *spec*'s pattern, by address, each
+    address once; those outside executable code are left out (and those without
+    a valid instruction, when they are armed)."""
+    pattern = spec.symbol or "*"
+    by_address: Dict[int, Symbol] = {}
+    matched = 0
+    for sym in elf.iter_symbols():
+        if sym.kind != "func" or not fnmatch.fnmatchcase(sym.name, pattern):
+            continue
+        matched += 1
+        best = elf.symbol_at(sym.address)
+        by_address.setdefault(sym.address, best if best is not None and best.address == sym.address else sym)
+    if not matched:
+        raise SymbolNotFoundError(f"no function matches {pattern!r} in {elf.path}", pattern)
+    for address in sorted(by_address):
+        if elf.is_executable_address(address):
+            yield Location(address, None, by_address[address])
 
 
 def _function_entry(spec: ProbeSpec, elf: ElfFile) -> int:
@@ -256,6 +318,33 @@ def _sweep_start(elf: ElfFile, address: int) -> Tuple[int, int]:
     return best.address, address - best.address + 16
 
 
+def resolve_ifunc(space: AddressSpace, obj: LoadedObject, sym: Symbol) -> Optional[int]:
+    """The run-time address of the implementation the resolver of the IFUNC *sym*
+    (of *obj*) chose in *space*, read from a GOT entry the dynamic loader filled:
+    an IRELATIVE relocation of *obj* itself whose addend is the resolver, or an
+    entry of any mapped object that imports *sym* by name. None while no entry
+    shows it (relocations not done yet, or only lazy PLT entries)."""
+    resolver = obj.runtime(sym.address)
+    slots: List[int] = [obj.runtime(rel.offset) for rel in obj.elf.iter_relocations()
+                        if rel.type == R_X86_64_IRELATIVE and rel.addend == sym.address]
+    for other in space.objects.values():
+        try:
+            slots.extend(other.runtime(rel.offset) for rel in other.elf.relocations_of(sym.name)
+                         if rel.type in (R_X86_64_GLOB_DAT, R_X86_64_JUMP_SLOT, R_X86_64_64))
+        except PtprobeError:
+            continue
+    for slot in slots:
+        try:
+            value = int.from_bytes(space.mem.read(slot, 8), "little")
+        except PtprobeError:
+            continue
+        # a resolved entry points into executable code of the defining object, not at
+        # the resolver (and not at a lazy PLT stub of the importing object)
+        if value != resolver and obj.contains(value) and obj.elf.is_executable_address(obj.link_time(value)):
+            return value
+    return None
+
+
 def _label(obj: LoadedObject, vaddr: int, note: Optional[UsdtNote]) -> str:
     """What a site shows as its name: ``provider:name``, ``symbol``, ``symbol+0x4``."""
     if note is not None:
@@ -267,13 +356,15 @@ def _label(obj: LoadedObject, vaddr: int, note: Optional[UsdtNote]) -> str:
 
 
 def matches(probe: Probe, obj: LoadedObject) -> bool:
-    """Does *probe*'s PATH name *obj* (by file identity, or by mapped name)?"""
+    """Does *probe*'s PATH name *obj*? A path: the same file (device and inode), or
+    a deleted object mapped from that path (the file was replaced or removed
+    since). A name: the mapped object's name, or a file the name means."""
     spec = probe.spec
-    if probe.identity is not None:
-        return obj.identity == probe.identity
-    base = os.path.basename(obj.path)
-    return base == spec.path or base.startswith(spec.path + ".so") or \
-        (spec.path == "ld.so" and base.startswith("ld-linux"))
+    if spec.is_path:
+        if probe.identity is not None and obj.identity == probe.identity:
+            return True
+        return obj.deleted and obj.path == probe.realpath
+    return search.name_matches(os.path.basename(obj.path), spec.path) or obj.identity in probe.aliases
 
 
 # --------------------------------------------------------------------------- the table
@@ -304,7 +395,14 @@ class Probes:
         probe.on_change = self.site_changed
         probe.in_program = self.in_program
         if parsed.is_path:
-            elf = open_elf(parsed.path)
+            probe.realpath = os.path.realpath(parsed.path)
+            try:
+                elf = open_elf(parsed.path)
+            except ObjectFileError as exc:
+                if os.path.lexists(parsed.path):
+                    raise
+                probe.missing = exc         # a deleted object mapped from there may still match
+                return probe
             try:
                 probe.identity = procfs.file_identity(parsed.path)
             except OSError as exc:
@@ -317,7 +415,14 @@ class Probes:
                         f"(build with -pg -mfentry -mnop-mcount, or -fpatchable-function-entry=5); "
                         f"{len(probe.unpatchable)} matching function(s) have none", parsed.symbol or "*")
             for _ in iter_locations(parsed, elf):
-                pass
+                if parsed.is_pattern:
+                    break       # one match is enough here: arming finds them all
+        else:
+            for path in filter(None, [search.find_program(parsed.path), *search.find_libraries(parsed.path)]):
+                try:
+                    probe.aliases.add(procfs.file_identity(path))
+                except OSError:
+                    continue
         return probe
 
     def all(self) -> List[Probe]:
@@ -336,6 +441,10 @@ class Probes:
             try:
                 self._arm_in_object(space, probe, obj)
                 armed = True
+                if obj.deleted and not probe.internal:
+                    how = "its mapped bytes" if obj.source == "memory" else "/proc/PID/map_files"
+                    self.notice(f"{probe.name}: {obj.path} was replaced or removed since process {space.pid} "
+                                f"mapped it: probing the mapped one (read from {how})")
             except PtprobeError as exc:
                 if raise_errors:
                     raise
@@ -348,19 +457,50 @@ class Probes:
             check_shadow_stack(space.pid, procfs.read_status(space.pid))
         sites: List[Site] = []
         notes: List[Optional[UsdtNote]] = []
-        for vaddr, note in iter_locations(probe.spec, obj.elf):
-            address = obj.runtime(vaddr)
-            code = obj.elf.read(vaddr, 16, partial=True)
+        labels: List[Optional[str]] = []
+        seen: Set[int] = set()
+        ifuncs: List[str] = []
+        for location in iter_locations(probe.spec, obj.elf):
+            vaddr, note, sym = location
+            owner, label = obj, None
+            if sym is not None and sym.ifunc and vaddr == sym.address:
+                chosen = resolve_ifunc(space, obj, sym)
+                if chosen is None:
+                    ifuncs.append(f"{sym.name} (not resolved yet in process {space.pid}: its resolver, "
+                                  "which runs once)")
+                else:
+                    owner = space.object_at(chosen) or obj
+                    vaddr, label = owner.link_time(chosen), sym.name
+                    impl = owner.elf.symbol_at(vaddr)
+                    shown = impl.name if impl is not None and impl.address == vaddr else \
+                        f"{owner.name}+{vaddr:#x}"
+                    ifuncs.append(f"{sym.name} -> {shown} at {chosen:#x}")
+            address = owner.runtime(vaddr)
+            if address in seen:
+                continue            # two IFUNCs resolved to one implementation (memcpy, memmove)
+            seen.add(address)
+            code = owner.elf.read(vaddr, 16, partial=True)
             insn = arch.decode(code, address)
             if insn is None:
+                if probe.spec.is_pattern:
+                    continue        # a function symbol on something that is not code
                 raise InstructionBoundaryError(f"no valid instruction at {address:#x}", address)
-            sites.append(patcher.prepare(address, obj, code, insn, entry_nops=probe.spec.kind == "calls"))
+            sites.append(patcher.prepare(address, owner, code, insn, entry_nops=probe.spec.kind == "calls"))
             notes.append(note)
+            labels.append(label)
         if probe.is_return and sites:
             patcher.return_trampoline(sites[0].address)
         patcher.write(sites)
         space.armed.add((id(probe), obj.identity))
-        for site, note in zip(sites, notes):
+        if ifuncs and not probe.internal:
+            if len(ifuncs) == 1:
+                self.notice(f"{probe.name}: IFUNC {ifuncs[0]}")
+            else:
+                self.notice(f"{probe.name}: {len(ifuncs)} IFUNC symbols probed where process {space.pid} "
+                            f"resolved them: {', '.join(ifuncs[:3])}{', ...' if len(ifuncs) > 3 else ''}")
+        for site, note, label in zip(sites, notes, labels):
+            if label and not site.label:
+                site.label = label
             site.internal = site.internal or probe.internal
             if not site.label:
                 site.label = _label(obj, obj.link_time(site.address), note)

@@ -19,9 +19,11 @@ from .errors import NoSuchProcessError, TracePermissionError
 #: Fields of ``/proc/PID/stat`` after the ``(comm)`` field, counted from 0 there
 #: (the state is field 3 of proc(5), so index 0 here).
 STAT_STATE = 0
+STAT_PPID = 1
 STAT_PROCESSOR = 36          # field 39 of proc(5): the CPU the task last ran on
 
 CAP_SYS_ADMIN = 21
+_DELETED = " (deleted)"
 #: Signal bits of ``SigPnd``/``ShdPnd`` lines: signal n is bit n - 1.
 _SIGTRAP = 5
 
@@ -51,7 +53,24 @@ class Mapping:
     @property
     def is_file(self) -> bool:
         """A mapping of a file that still exists under its path."""
-        return self.path.startswith("/") and self.inode != 0 and not self.path.endswith(" (deleted)")
+        return self.path.startswith("/") and self.inode != 0 and not self.path.endswith(_DELETED)
+
+    @property
+    def deleted(self) -> bool:
+        """A mapping of a file removed or replaced since it was mapped ("PATH (deleted)")."""
+        return self.path.startswith("/") and self.inode != 0 and self.path.endswith(_DELETED)
+
+    @property
+    def file_path(self) -> str:
+        """The path of the mapped file, without the " (deleted)" of a deleted one."""
+        return self.path[:-len(_DELETED)] if self.deleted else self.path
+
+    @property
+    def map_file(self) -> str:
+        """Where this mapping's file can be opened even when deleted (needs
+        CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE): its /proc/PID/map_files/ entry,
+        relative to the process directory."""
+        return f"map_files/{self.start:x}-{self.end:x}"
 
 
 def _read(path: str, pid: int, what: str) -> str:
@@ -194,3 +213,55 @@ def file_identity(path: str) -> Tuple[int, int]:
     """(device, inode) of *path*, comparable with :attr:`Mapping.identity`."""
     st = os.stat(path)
     return (st.st_dev, st.st_ino)
+
+
+def iter_pids() -> Iterator[int]:
+    """The ids of the processes /proc lists now."""
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            yield int(name)
+
+
+def comm(pid: int) -> str:
+    """The process's name (``/proc/PID/comm``, at most 15 characters); "" when gone."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as fh:
+            return fh.read().rstrip(b"\n").decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def cmdline(pid: int) -> List[str]:
+    """The process's arguments (``/proc/PID/cmdline``); [] when gone or a kernel thread."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            raw = fh.read()
+    except OSError:
+        return []
+    return [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0")[:-1]] if raw else []
+
+
+def parents() -> Dict[int, int]:
+    """pid -> parent pid of every process /proc lists now."""
+    out = {}
+    for pid in iter_pids():
+        try:
+            fields = read_stat(pid)
+        except (NoSuchProcessError, TracePermissionError):
+            continue
+        if len(fields) > STAT_PPID:
+            out[pid] = int(fields[STAT_PPID])
+    return out
+
+
+def process_tree(pid: int) -> List[int]:
+    """*pid* and every process descending from it now, parents before children."""
+    children: Dict[int, List[int]] = {}
+    for child, parent in parents().items():
+        children.setdefault(parent, []).append(child)
+    out = [pid]
+    i = 0
+    while i < len(out):
+        out.extend(sorted(children.get(out[i], ())))
+        i += 1
+    return out

@@ -21,16 +21,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import threading
-from typing import Callable, Dict, List, Optional, Sequence, Union
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Set, Union
 
-from . import linux
+from . import linux, procfs
 from .engine.filters import FilterWatch
 from .engine.hits import Hits
 from .engine.lifecycle import Lifecycle
 from .engine.loop import EventLoop
-from .errors import PtprobeError, TracerError
+from .errors import NoSuchProcessError, PtprobeError, TracePermissionError, TracerError
 from .calltrace import CallTrace
 from .datapages import DEFAULT_RING
 from .engine.records import Actions
@@ -185,11 +187,56 @@ class Session:
         if proc.pid in self.loop.processes:
             self.loop.stop_all()          # the loader's stop holds the world: stop the rest
 
-    def _attach(self, pid: int) -> None:
-        proc = self.lifecycle.seize(pid)
+    def _attach(self, pids: Sequence[int], tree: bool, strict: bool) -> None:
+        for pid in pids:
+            self._seize(pid, strict)
+            if tree:
+                self._seize_descendants(pid)
+        if not self.lifecycle.roots:
+            raise NoSuchProcessError(f"no process to attach to among {', '.join(map(str, pids))}",
+                                     pids[0] if pids else 0)
         self.loop.stop_world()
-        proc.space.refresh_objects()
-        self._probes.watch_loader(proc.space)
+        for proc in list(self.loop.processes.values()):
+            proc.space.refresh_objects()
+            self._probes.watch_loader(proc.space)
+
+    def _seize(self, pid: int, strict: bool) -> bool:
+        """Seize process *pid*; True if it is traced now. Not *strict*: a process that
+        is gone, or that ptprobe may not trace, is left out (the latter reported)."""
+        if pid in self.loop.processes or (pid != os.getpid() and procfs.tracer_of(pid) == os.getpid()):
+            return True            # already ours (a child forked since its parent was seized)
+        try:
+            self.lifecycle.seize(pid)
+        except (NoSuchProcessError, TracePermissionError) as exc:
+            if strict:
+                raise
+            if isinstance(exc, TracePermissionError):
+                self.observer.notice(f"process {pid} left alone: {exc}")
+            return False
+        return True
+
+    def _seize_descendants(self, pid: int) -> None:
+        """Seize every process descending from *pid* now. Children forked by a traced
+        process are traced from their start; listing again until nothing new shows
+        catches those forked by a descendant before it was seized."""
+        tried: Set[int] = {pid}
+        while True:
+            new = [p for p in procfs.process_tree(pid) if p not in tried]
+            if not new:
+                return
+            for child in new:
+                tried.add(child)
+                self._seize(child, strict=False)
+
+    @property
+    def roots(self) -> List[int]:
+        """The processes started or attached to (children they fork are traced too)."""
+        return list(self.lifecycle.roots)
+
+    @property
+    def exit_statuses(self) -> Dict[int, int]:
+        """pid -> exit status (minus the signal) of each traced process seen to exit."""
+        return dict(self.lifecycle.exits)
 
     # --- probes ----------------------------------------------------------------------------
     def probe(self, spec: Union[str, ProbeSpec], handler: Optional[Handler] = None) -> Probe:
@@ -204,8 +251,7 @@ class Session:
         with self.loop.interrupts_deferred(), stopped:
             armed = self._probes.arm_everywhere(probe, list(self.loop.processes.values()))
         if not armed:
-            self.observer.notice(f"{probe.name}: {probe.spec.path} is not loaded yet; "
-                                 "the probe is armed when it is")
+            self._not_armed(probe)
         return probe
 
     def record(self, spec: Union[str, ProbeSpec], handler: Optional[Callable[[Record], None]] = None) -> Probe:
@@ -236,16 +282,42 @@ class Session:
         probe.calls = self.actions.calls
         return self._arm(probe)
 
+    def _not_armed(self, probe: Probe) -> None:
+        """*probe* matched no mapped object: an error when its file is missing (and
+        no process maps it deleted), else a notice that says what is mapped (it is
+        armed when a matching object is loaded)."""
+        spec = probe.spec
+        if probe.missing is not None:
+            self._probes.probes.remove(probe)
+            raise probe.missing
+        if spec.is_path:
+            self.observer.notice(f"{probe.name}: {spec.path} is not loaded yet; the probe is armed when it is")
+            return
+        mapped = self.mapped_names()
+        where = f"process {self.main_pid}" if len(self.loop.processes) == 1 else "the traced processes"
+        on_disk = "" if probe.aliases else ", nor found on disk"
+        self.observer.notice(f"{probe.name}: no object named {spec.path!r} is mapped in {where}{on_disk} "
+                             f"(mapped: {', '.join(mapped[:12])}{', ...' if len(mapped) > 12 else ''}); "
+                             "the probe is armed if one is loaded")
+
+    def mapped_names(self) -> List[str]:
+        """The names of the ELF objects mapped in the traced processes."""
+        return sorted({os.path.basename(obj.path) for proc in self.loop.processes.values()
+                       for obj in proc.space.objects.values()})
+
     # --- waiting -------------------------------------------------------------------------------
     def wait(self, timeout: Optional[float] = None) -> Optional[int]:
         """Run until the traced program exits; return its status like
         :attr:`subprocess.Popen.returncode` (exit code, or minus the signal).
         With *timeout* (seconds; main thread only), return None if it is
         still running then; the probes stay armed. Ctrl-C (KeyboardInterrupt)
-        is raised once the loop is in a consistent state."""
+        is raised once the loop is in a consistent state. In run mode after
+        :meth:`detach`, it waits for the program, which runs on untraced."""
         self._check_thread()
         if self.returncode is None and self.attached:
             self._wait(timeout)
+        elif self.returncode is None and self.mode == "run" and self.main_pid and not self.lifecycle.status_lost:
+            self._wait_untraced(timeout)
         if self.returncode is None and self.lifecycle.status_lost:
             raise TracerError(f"the exit status of process {self.main_pid} was collected by another "
                               "waitpid() of this program")
@@ -267,7 +339,7 @@ class Session:
                         # sharing its CPU would slow both)
                         self.placement.engage(tids)
                     self.loop.resume_world()
-                    self.loop.run(until=lambda: self.returncode is not None)
+                    self.loop.run(until=self._ended)
                 finally:
                     self.placement.release()
                     self.actions.drain()
@@ -277,6 +349,27 @@ class Session:
             if timeout is not None:
                 signal.setitimer(signal.ITIMER_REAL, 0, 0)
                 signal.signal(signal.SIGALRM, old)
+
+    def _ended(self) -> bool:
+        """run: the program exited; attach: every process attached to exited."""
+        if self.mode == "run":
+            return self.returncode is not None
+        exits = self.lifecycle.exits
+        return all(pid in exits for pid in self.lifecycle.roots)
+
+    def _wait_untraced(self, timeout: Optional[float]) -> None:
+        """Run mode after a detach: the program runs on untraced; wait for its exit as
+        :meth:`subprocess.Popen.wait` does (a signal handler that raises ends it)."""
+        pid = self.main_pid
+        if timeout is not None and not _exited(pid):
+            _wait_for_exit(pid, timeout)
+            if not _exited(pid):
+                return
+        status = self.loop.reap(pid)
+        if status is None:
+            self.lifecycle.status_lost = True
+        elif self.returncode is None:
+            self.lifecycle.returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
 
     def request_stop(self) -> None:
         """Make :meth:`wait` return soon. Call it from the session's thread, or
@@ -350,10 +443,7 @@ class Session:
         if self.attached:
             self.detach()
         if self.mode == "run" and self.returncode is None and self.main_pid:
-            status = self.loop.reap(self.main_pid)
-            if status is not None and self.returncode is None:
-                self.lifecycle.returncode = (os.WEXITSTATUS(status) if os.WIFEXITED(status)
-                                             else -os.WTERMSIG(status))
+            self._wait_untraced(None)
 
     def kill(self) -> None:
         """Kill the traced program (run mode) and reap it."""
@@ -368,8 +458,10 @@ class Session:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None and self.mode == "run" and self.returncode is None:
-            # the program must not run on after a failure: kill it while it is still held
-            self._kill_program()
+            if self.attached:
+                # the program must not run on after a failure: kill it while it is still held
+                self._kill_program()
+            # once detached, the program was let go on purpose: neither killed nor waited for
             return
         self.close()
 
@@ -394,6 +486,29 @@ class Session:
             return
         self.loop.reap(self.main_pid)
 
+def _wait_for_exit(pid: int, timeout: float) -> None:
+    """Block until child *pid* has exited (not reaped) or *timeout* seconds passed."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not _exited(pid):
+            time.sleep(0.01)
+        return
+    try:
+        select.select([fd], [], [], max(timeout, 0))
+    finally:
+        os.close(fd)
+
+
+def _exited(pid: int) -> bool:
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+
 
 def run(argv: Sequence[str], *, env: Optional[Dict[str, str]] = None, **options) -> Session:
     """Start *argv* under tracing; returns a session whose program is stopped
@@ -415,16 +530,23 @@ def run(argv: Sequence[str], *, env: Optional[Dict[str, str]] = None, **options)
     return session
 
 
-def attach(pid: int, **options) -> Session:
-    """Attach to the running process *pid* (all its threads); it stays
-    stopped until :meth:`Session.wait`.
+def attach(pid: Union[int, Sequence[int]], *, tree: bool = False, strict: bool = True, **options) -> Session:
+    """Attach to the running process *pid* (all its threads), or to each of a
+    list of processes; they stay stopped until :meth:`Session.wait`, which
+    returns when all of them have exited (with the first one's status).
+
+    ``tree=True`` attaches to every process descending from each of them too
+    (a server's existing workers). ``strict=False`` leaves out a process that
+    is gone or that ptprobe may not trace (the observer is told) instead of
+    failing, unless none is left; descendants are always taken that way.
 
     Options: as :func:`run`, plus ``allow_no_new_privs`` (needed for jmp slots
     when the process lacks CAP_SYS_ADMIN).
     """
+    pids = [pid] if isinstance(pid, int) else list(pid)
     session = Session(mode="attach", **options)
     try:
-        session._attach(pid)
+        session._attach(pids, tree, strict)
     except BaseException:
         session.detach() if session.attached else None
         raise

@@ -8,6 +8,7 @@ Forms::
     uprobe:PATH:0xADDRESS         an instruction by its address in the file (link-time)
     uretprobe:PATH:SYMBOL         the function's returns (also uprobe:PATH:SYMBOL%return, as perf
                                   writes it); uretprobe:PATH:0xADDRESS for a function by its address
+    uprobe:PATH:PATTERN           every function whose name matches (fnmatch: * ? [...])
     usdt:PATH:PROVIDER:NAME       a USDT probe; PROVIDER and NAME may use * and ? wildcards
 
 PATH is a file path (``./prog``, ``/usr/lib/x86_64-linux-gnu/libc.so.6``) or
@@ -24,6 +25,9 @@ from typing import Optional, Tuple
 from .errors import ProbeSpecError
 
 _SYMBOL = re.compile(r"[A-Za-z_.$@][A-Za-z0-9_.$@:]*", re.ASCII)
+# a symbol pattern: fnmatch wildcards (* ? [...]) among symbol characters
+_SYMBOL_PATTERN = re.compile(r"(?:[A-Za-z0-9_.$@:*?]|\[!?[A-Za-z0-9_.$@:-]+\])+", re.ASCII)
+_WILDCARDS = "*?["
 _HEX = re.compile(r"0[xX]([0-9a-fA-F]+)", re.ASCII)
 _DECIMAL = re.compile(r"0|[1-9][0-9]*", re.ASCII)
 _USDT_PART = re.compile(r"[A-Za-z0-9_.*?\-]+", re.ASCII)
@@ -44,6 +48,12 @@ class ProbeSpec:
     provider: Optional[str] = None  # usdt
     name: Optional[str] = None      # usdt
     exclude: Tuple[str, ...] = ()   # calls: patterns of function names left out
+
+    @property
+    def is_pattern(self) -> bool:
+        """True for a uprobe whose symbol is a pattern (``str*``): every function
+        that matches."""
+        return self.kind == "uprobe" and self.symbol is not None and any(ch in self.symbol for ch in _WILDCARDS)
 
     @property
     def is_path(self) -> bool:
@@ -114,6 +124,12 @@ def parse_spec(text: str) -> ProbeSpec:
         if target[:2] in ("0x", "0X"):
             return ProbeSpec(spec, "uprobe", path, address=_number(target, text, "address"))
         symbol, plus, offset_text = target.partition("+")
+        if any(ch in symbol for ch in _WILDCARDS):
+            if _SYMBOL_PATTERN.fullmatch(symbol) is None:
+                raise _bad(text, f"{_show(symbol)} is not a symbol pattern (* ? [...] among symbol characters)")
+            if plus:
+                raise _bad(text, "an offset cannot follow a symbol pattern")
+            return ProbeSpec(spec, "uprobe", path, symbol=symbol)
         if _SYMBOL.fullmatch(symbol) is None:
             raise _bad(text, f"{_show(symbol)} is not a symbol name")
         offset = _number(offset_text, text, "offset") if plus else 0

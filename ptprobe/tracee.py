@@ -215,7 +215,7 @@ class AddressSpace:
     def refresh_objects(self) -> List[LoadedObject]:
         """Re-read the maps; return the objects newly mapped (those no longer
         mapped go to :attr:`unmapped`)."""
-        now = scan_objects(self.maps(refresh=True), self.objects)
+        now = scan_objects(self.maps(refresh=True), self.objects, pid=self.pid, read_memory=self.mem.read)
         new = [obj for identity, obj in now.items() if identity not in self.objects]
         self.unmapped.extend(obj for identity, obj in self.objects.items() if identity not in now)
         self.objects = now
@@ -379,6 +379,7 @@ class AddressSpace:
             name = linux.SYSCALL_NAMES.get(nr, f"system call {nr:#x}")
             raise SyscallRefusedError(f"{name} not made in process {self.pid}: {why}", self.pid, nr, why)
         tid = thread.tid
+        in_group_stop = thread.group_stop
         saved = linux.get_regs(tid)
         restored = _prepare_restart(saved)
         # stopped at a clone/fork/vfork/exec event, the thread is still inside that
@@ -412,6 +413,13 @@ class AddressSpace:
                 self.mem.write(patched[0], patched[1])
             if not thread.exited:
                 linux.set_regs(tid, restored)
+            if in_group_stop and not thread.exited:
+                # stepping took the thread out of its process's stop (SIGSTOP, Ctrl-Z):
+                # it sits in the step's signal-delivery stop now, where a stop signal
+                # can be injected, and resumed with SIGSTOP it stops with its process
+                # again (the process stays stopped until someone continues it)
+                thread.group_stop = False
+                thread.pending_signal = signal.SIGSTOP
         return result, saw_seccomp
 
     def __repr__(self) -> str:

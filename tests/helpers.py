@@ -530,3 +530,19 @@ def summaries(stderr: str) -> dict:
         if m:
             out[m["spec"]] = (int(m["hits"]), m["how"])
     return out
+
+
+def ptprobe_popen(*args: str, prefix: Sequence[str] = (), stdout: object = subprocess.PIPE,
+                  stderr: object = subprocess.PIPE) -> subprocess.Popen:
+    """``python -m ptprobe ARGS`` from the repository, started and left running; stdout and
+    stderr on pipes (bytes) unless told otherwise. The caller waits for it (with a timeout)."""
+    env = dict(repo_env(), PYTHONDONTWRITEBYTECODE="1")
+    return subprocess.Popen([*prefix, sys.executable, "-m", "ptprobe", *args], cwd=str(REPO), env=env,
+                            stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
+
+
+def stop_popen(proc: subprocess.Popen) -> None:
+    """Kill and reap *proc* if it still runs (cleanup)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=GUARD)

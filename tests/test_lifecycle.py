@@ -531,7 +531,7 @@ def test_cli_handler_error_one_line_naming_the_probe():
     expected = untraced([path, str(n)])
     deref = f"usdt:{path}:life:deref"
     nop5, _ = site_specs(path)
-    res = ptprobe_cli("run", "-p", deref, "-p", nop5, "--", path, str(n))
+    res = ptprobe_cli("run", "-o", "-", "-p", deref, "-p", nop5, "--", path, str(n))
     assert res.returncode == 0, res.stderr
     program = [line for line in res.stdout.splitlines() if line.startswith(("pass ", "handler done"))]
     assert program == expected.stdout.splitlines()
@@ -576,7 +576,7 @@ def test_cli_attach_detaches_cleanly(loop_target, how):
 
 def test_cli_run_sigkilled_kills_the_program():
     path = build("core_loop.c", "-O1")
-    cli = cli_popen("run", "-p", f"uprobe:{path}:work", "--", path)
+    cli = cli_popen("run", "-o", "-", "-p", f"uprobe:{path}:work", "--", path)
     pidfd = None
     try:
         out = Lines(cli.stdout)

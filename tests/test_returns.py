@@ -501,7 +501,7 @@ def test_return_stack_matches_gdb_finish(shape: str) -> None:
 
 def test_cli_return_lines_json_timestamps_and_stacks() -> None:
     exe = values_build("plain")
-    text = ptprobe_cli("run", "-p", f"uretprobe:{exe}:sleep_int", "-p", f"uprobe:{exe}:negative%return",
+    text = ptprobe_cli("run", "-o", "-", "-p", f"uretprobe:{exe}:sleep_int", "-p", f"uprobe:{exe}:negative%return",
                        "-t", "--", exe)
     assert text.returncode == 0, text.stderr
     lines = [line for line in text.stdout.splitlines() if "%return" in line]
@@ -513,14 +513,14 @@ def test_cli_return_lines_json_timestamps_and_stacks() -> None:
     assert "retval=0xfffffff9 " in lines[2] and lines[2].split(" ", 1)[1].startswith("negative%return")
     assert summaries(text.stderr)[f"uretprobe:{exe}:sleep_int"][0] == 2
 
-    js = ptprobe_cli("run", "-p", f"uretprobe:{exe}:make_pair", "--json", "--stack", "--", exe)
+    js = ptprobe_cli("run", "-o", "-", "-p", f"uretprobe:{exe}:make_pair", "--json", "--stack", "--", exe)
     assert js.returncode == 0, js.stderr
     (record,) = [json.loads(line) for line in js.stdout.splitlines() if line.startswith("{")]
     assert record["return"] is True and record["retval"] == 42 and record["args"][:2] == [41, 0x123456789]
     assert record["duration_ns"] == record["time_ns"] - record["entry_time_ns"] > 0
     assert record["stack"][0]["symbol"] == "main" and record["stack"][0]["address"] == record["return_address"]
 
-    fmt = ptprobe_cli("run", "-p", f"uretprobe:{exe}:sleep_int", "-f", "r=%d a=%d%S", "--", exe)
+    fmt = ptprobe_cli("run", "-o", "-", "-p", f"uretprobe:{exe}:sleep_int", "-f", "r=%d a=%d%S", "--", exe)
     assert fmt.returncode == 0, fmt.stderr
     out = fmt.stdout.splitlines()
     assert out[0] == "r=20001 a=20" and re.match(r"^ {8}0x[0-9a-f]+ main\+0x[0-9a-f]+ \(ret_values\)$", out[1])
@@ -528,7 +528,7 @@ def test_cli_return_lines_json_timestamps_and_stacks() -> None:
 
 def test_cli_latency_histogram() -> None:
     exe = values_build("plain")
-    res = ptprobe_cli("run", "--latency", f"{exe}:sleep_int", "-q", "--", exe)
+    res = ptprobe_cli("run", "-o", "-", "--latency", f"{exe}:sleep_int", "-q", "--", exe)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     start = lines.index(f"latency of sleep_int (uretprobe:{exe}:sleep_int):")

@@ -549,7 +549,7 @@ def test_cli_string_argument_format() -> None:
     prog = build("usdt_strings.c", "-O2")
     (note,) = notes(prog, "greet")
     assert note.args.split()[0].startswith("8@")
-    result = ptprobe_cli("run", "-p", f"usdt:{prog}:ptstr:greet", "-f", "%s %d", "--", prog)
+    result = ptprobe_cli("run", "-o", "-", "-p", f"usdt:{prog}:ptstr:greet", "-f", "%s %d", "--", prog)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.split("\n")
     assert lines.pop() == ""
@@ -562,7 +562,7 @@ def test_cli_string_argument_format() -> None:
 @needs_sdt_h
 def test_cli_json_hits(sdt_prog: str) -> None:
     n = 5
-    result = ptprobe_cli("run", "--json", "-p", f"usdt:{sdt_prog}:sdtprov:neg", "--", sdt_prog, str(n))
+    result = ptprobe_cli("run", "--json", "-o", "-", "-p", f"usdt:{sdt_prog}:sdtprov:neg", "--", sdt_prog, str(n))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     program = untraced([sdt_prog, str(n)], check=True).stdout.splitlines()

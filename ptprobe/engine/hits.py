@@ -134,6 +134,7 @@ class Hits:
                 self.returns.entered_fast(thread, site, rsp)
         except (NoSuchProcessError, FaultError):
             return False            # killed meanwhile: the general path sees its end
+        site.hits += 1
         for probe in site.probes:
             probe.stop_hits += 1
         try:
@@ -157,6 +158,7 @@ class Hits:
     def _call_probes(self, site: Site, regs: Regs, thread: Thread) -> None:
         drained = False
         now = time.monotonic_ns()
+        site.hits += 1
         for probe in site.probes:
             probe.stop_hits += 1
             handler = probe.handler

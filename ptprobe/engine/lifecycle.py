@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-from typing import Callable, Dict, Optional, Sequence, Set
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
 from .. import linux, procfs
 from ..errors import NoSuchProcessError, ProgramStartError, PtprobeError, TracePermissionError, TracerError
@@ -42,6 +42,10 @@ class Lifecycle:
         self.placement = placement
         self.notice = notice
         self.main_pid = 0
+        #: the processes started or attached to (the first is main_pid)
+        self.roots: List[int] = []
+        #: exit statuses (as returncode: minus the signal) of traced processes seen to exit
+        self.exits: Dict[int, int] = {}
         self.returncode: Optional[int] = None
         self.attached = False
         #: set when waitpid had nothing left to report while the main process had not
@@ -93,6 +97,10 @@ class Lifecycle:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child
             try:
+                # Python ignores SIGPIPE and SIGXFSZ, and an ignored signal stays
+                # ignored across exec: give the program the defaults it would have
+                for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+                    signal.signal(sig, signal.SIG_DFL)
                 os.close(go_w)
                 os.close(err_r)
                 os.read(go_r, 1)
@@ -116,6 +124,7 @@ class Lifecycle:
             os.write(go_w, b"g")
             os.close(go_w)
         self.main_pid = pid
+        self.roots.append(pid)
         self.attached = True
         proc = self._add_process(pid)
         self._add_thread(proc, pid)
@@ -134,7 +143,9 @@ class Lifecycle:
 
     # --- attach ---------------------------------------------------------------------------
     def seize(self, pid: int) -> Process:
-        """Seize every thread of process *pid* (they keep running)."""
+        """Seize every thread of process *pid* (they keep running); it becomes one of
+        the :attr:`roots` (the first one is :attr:`main_pid`). On failure, what was
+        seized of it is let go (other processes stay traced)."""
         if pid <= 0:
             raise NoSuchProcessError(f"no such process: {pid}", pid)
         if pid == os.getpid():
@@ -157,7 +168,6 @@ class Lifecycle:
         except OSError:
             pass
         exe = procfs.executable(pid)
-        self.main_pid = pid
         proc = self._add_process(pid)
         me = os.getpid()
         try:
@@ -183,9 +193,24 @@ class Lifecycle:
                     self._add_thread(proc, tid)
                     self.attached = True
         except PtprobeError:
-            self.abandon()
+            self._abandon_process(proc)
             raise
+        if not self.main_pid:
+            self.main_pid = pid
+        self.roots.append(pid)
         return proc
+
+    def _abandon_process(self, proc: Process) -> None:
+        """Let go of the threads of *proc* seized so far (nothing armed yet)."""
+        for tid in list(proc.threads):
+            try:
+                linux.detach(tid, 0)
+            except PtprobeError:
+                pass
+            self.loop.threads.pop(tid, None)
+        proc.threads.clear()
+        self._forget_process(proc)
+        self.attached = bool(self.loop.threads)
 
     def abandon(self) -> None:
         """Let go of every thread seized so far (a failed attach: nothing armed yet)."""
@@ -297,7 +322,7 @@ class Lifecycle:
         former_space = proc.space
         proc.space = former_space.after_exec(proc)
         proc.exec_seen = True
-        if not self.follow and proc.pid != self.main_pid:
+        if not self.follow and proc.pid not in self.roots:
             proc.release_on_stop = True     # a vfork-style child has left our memory: let it go
             self.release_child(proc)
             return
@@ -324,8 +349,10 @@ class Lifecycle:
                 self.placement.forget(tid)
             proc.threads.clear()
             self._forget_process(proc)
+            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
+            self.exits[proc.pid] = code
             if proc.pid == self.main_pid:
-                self.returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
+                self.returncode = code
         if not self.loop.threads:
             self.attached = False
             self.placement.release()
