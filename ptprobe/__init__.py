@@ -12,7 +12,7 @@ from .errors import (FaultError, HandlerError, InstructionBoundaryError, NoSuchP
                      SitePatchedError, SymbolNotFoundError, TracePermissionError, TracerError)
 from .aggregate import Aggregation
 from .filter import Filter
-from .hit import Hit, Record, Regs, ReturnHit
+from .hit import UNREADABLE, Hit, Record, Regs, ReturnHit
 from .latency import Histogram
 from .patching import Site
 from .probes import Probe
@@ -22,7 +22,7 @@ from .spec import ProbeSpec, parse_spec, return_spec
 __version__ = "0.1.0"
 
 __all__ = [
-    "run", "attach", "Session", "Probe", "Site", "Hit", "ReturnHit", "Record", "Histogram", "Regs", "Observer", "ProbeSpec", "parse_spec", "return_spec",
+    "run", "attach", "Session", "Probe", "Site", "Hit", "ReturnHit", "Record", "UNREADABLE", "Histogram", "Regs", "Observer", "ProbeSpec", "parse_spec", "return_spec",
     "Aggregation", "Filter",
     "PtprobeError", "ProbeSpecError", "NoSuchProcessError", "TracePermissionError", "ObjectFileError",
     "SymbolNotFoundError", "InstructionBoundaryError", "SitePatchedError", "ProgramStartError",

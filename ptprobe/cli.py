@@ -15,6 +15,7 @@ import fnmatch
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -35,6 +36,8 @@ EXIT_INTERNAL = 70
 _SHOWN_ERRORS = 10
 #: seconds between two refreshes of the live status line
 _STATUS_PERIOD = 1.0
+#: what in a --filter or --agg expression needs the thread stopped: a string, the stack
+_STOPPING_EXPRESSION = re.compile(r"\bstr\s*\(|\bstack\b")
 
 
 # --------------------------------------------------------------------------- stderr
@@ -144,6 +147,16 @@ def _parser() -> argparse.ArgumentParser:
                        help="the user stack of every hit (after its line, or a \"stack\" field in --json)")
         p.add_argument("-t", "--timestamp", action="store_true",
                        help="start each text line with the hit's CLOCK_MONOTONIC time in seconds")
+        p.add_argument("--stop", action="store_true",
+                       help="stop the program at every hit; by default a 5-byte NOP site counts (-q) or "
+                            "records (a line, --json, -f, --filter, --agg) inside the program, with no stop, "
+                            "unless something needs the thread stopped: %%s, %%S, --stack, str(), a uprobe's "
+                            "float arguments, return probes")
+        p.add_argument("--drop", action="store_true",
+                       help="when the ring of records is full, drop records (counted in the summary) "
+                            "instead of making the program wait for ptprobe")
+        p.add_argument("--ring-size", type=int, default=4 << 20, metavar="BYTES",
+                       help="the ring of records shared with each process (a power of two; default 4 MiB)")
         p.add_argument("--slots", choices=("return", "seed"), default="return",
                        help="slot kind for 5-byte NOP sites (default: return)")
         p.add_argument("--no-seccomp", action="store_true",
@@ -262,9 +275,14 @@ class _Settings:
         self.printing = not args.quiet and bool(self.specs) and (not self.aggregations or self.format is not None)
         self.output = args.output
         self.no_status = args.no_status
+        ring = args.ring_size
+        if ring < 0x10000 or ring >= 1 << 31 or ring & (ring - 1):
+            raise UsageError(f"--ring-size must be a power of two from 65536 to 1073741824, not {ring}", str(ring))
+        self.stop = args.stop
         self.options: Dict[str, Any] = dict(
             slots=args.slots, seccomp=not args.no_seccomp, max_trampoline_pages=args.max_trampoline_pages,
-            follow=not args.no_follow, colocate=args.colocate)
+            follow=not args.no_follow, colocate=args.colocate, in_program=not args.stop, ring_size=ring,
+            drop=args.drop)
         self.program: List[str] = []
         self.pids: List[int] = []
         self.names: List[str] = []
@@ -287,6 +305,17 @@ class _Settings:
     @property
     def needs_handler(self) -> bool:
         return self.printing or self.filter is not None or bool(self.aggregations)
+
+    def records(self, spec: ptprobe.ProbeSpec) -> bool:
+        """Can the program record the hits of *spec* itself (no stop), for what is
+        done with them? Not with --stop, for return probes, nor when a line, the
+        filter or an aggregation needs the thread stopped."""
+        if self.stop or spec.kind not in ("uprobe", "usdt") or self.stack:
+            return False
+        if self.format is not None and self.format.needs_stop(spec.kind == "uprobe"):
+            return False
+        texts = ([self.filter.text] if self.filter is not None else []) + [a.text for a in self.aggregations]
+        return not any(_STOPPING_EXPRESSION.search(text) for text in texts)
 
     def argument_users(self) -> List[Tuple[str, Tuple[int, ...]]]:
         """(option, argument indexes) of what reads arguments by index."""
@@ -387,6 +416,12 @@ class _Tracer:
     def on_hit(self, hit: Any) -> None:
         """What the command line does with one hit (or record of one)."""
         settings = self.settings
+        if isinstance(hit, ptprobe.Record):
+            for i, value in enumerate(hit.args):
+                if value is ptprobe.UNREADABLE:
+                    # as a stopped hit's argument read fails: the handler error line
+                    raise ptprobe.FaultError(f"cannot read argument {i} of {hit.name}: its memory is not "
+                                             "readable", hit.address)
         if settings.filter is not None and not settings.filter.matches(hit):
             return
         for agg in settings.aggregations:
@@ -440,7 +475,10 @@ class _Tracer:
                     f"{', '.join(mapped[:12])}{', ...' if len(mapped) > 12 else ''}) and there is no such "
                     "program in PATH nor library in the loader's directories; for a file loaded later, "
                     "give its path", spec.path)
-            probe = session.probe(spec, handler)
+            if handler is not None and self.settings.records(spec):
+                probe = session.record(spec, handler)
+            else:
+                probe = session.probe(spec, handler)
             self.probes.append(probe)
             _check_arguments(probe, self.settings)
         for spec in self.settings.latency_specs:
@@ -530,7 +568,12 @@ class _Tracer:
                 where = (obj.identity, obj.link_time(site.address)) if obj is not None else (site.pid, site.address)
                 kinds.setdefault(site.mechanism, set()).add(where)
             how = ", ".join(f"{len(w)} {k}" for k, w in sorted(kinds.items())) or "not armed"
-            console.line(f"ptprobe: {probe.name}: {probe.hits} hit{'' if probe.hits == 1 else 's'} ({how})")
+            inside = {site.action for site in probe.sites} & {"count", "record"}
+            where = f", {' and '.join(sorted(a + 'ed' for a in inside))} in the program" if inside else ""
+            console.line(f"ptprobe: {probe.name}: {probe.hits} hit{'' if probe.hits == 1 else 's'} ({how}){where}")
+        drops = session.drops
+        if drops:
+            console.line(f"ptprobe: {drops} record{'' if drops == 1 else 's'} dropped (the ring was full: --drop)")
         flt = self.settings.filter
         if flt is not None:
             total = flt.passed + flt.rejected

@@ -45,6 +45,10 @@ HEADER_SIZE_SHIFT = 20
 MAX_RECORD_WORDS = 0xFF
 HEADER_PENDING = 1 << 28
 
+#: In a record's thread word, the bits from FAULT_SHIFT up mark the arguments whose
+#: memory could not be read (user addresses and thread pointers stay below 2**48).
+FAULT_SHIFT = 48
+SYS_PROCESS_VM_READV = 310
 THREAD_FSBASE = "fsbase"           # the thread pointer, by rdfsbase
 THREAD_RSP = "rsp"                 # the program's rsp (its stack tells the thread)
 
@@ -139,6 +143,11 @@ class Load:
     disp: int = 0
     size: int = 8
     address_bits: int = 64
+    #: a plain load cannot fault (the stack, a global known to be mapped); else the
+    #: stub reads with process_vm_readv, which fails where a load would crash, and
+    #: marks the argument unreadable (a bit of FAULT_SHIFT + its index in the record's
+    #: thread word)
+    safe: bool = True
 
 
 @dataclass(frozen=True)
@@ -153,6 +162,7 @@ class RingLayout:
     counters: int              # CPU 0's block of counters
     cpu_shift: int             # log2 of the bytes between two CPUs' blocks
     per_cpu: bool = True
+    pid: int = 0               # u64: the process's pid (for process_vm_readv)
 
 
 @dataclass(frozen=True)
@@ -206,7 +216,39 @@ _LOAD = {1: "movzx eax, byte ptr [rax]", 2: "movzx eax, word ptr [rax]", 4: "mov
          8: "mov rax, qword ptr [rax]"}
 
 
-def _load_source(load: Load, offset: int, stub: RecordStub) -> List[str]:
+def _careful_read(load: Load, offset: int, index: int, layout: RingLayout, label: str) -> List[str]:
+    """Read *load.size* bytes at the address in rax into ``[rcx + offset]`` with
+    process_vm_readv on the program's own pid: a bad address fails the system call
+    instead of crashing the program; the argument is then marked unreadable."""
+    return [
+        f"mov qword ptr [rcx + {offset:#x}], 0",
+        "push rdi", "push rsi", "push rdx", "push r10", "push r8", "push r9", "push rcx",
+        "sub rsp, 0x20",                                   # two iovecs: local, remote
+        f"lea rdx, [rcx + {offset:#x}]",
+        "mov qword ptr [rsp], rdx",
+        f"mov qword ptr [rsp + 0x8], {load.size:#x}",
+        "mov qword ptr [rsp + 0x10], rax",
+        f"mov qword ptr [rsp + 0x18], {load.size:#x}",
+        f"movabs rdi, {layout.pid:#x}",
+        "mov rdi, qword ptr [rdi]",
+        "mov rsi, rsp",
+        "mov edx, 1",
+        "lea r10, [rsp + 0x10]",
+        "mov r8d, 1",
+        "xor r9d, r9d",
+        f"mov eax, {SYS_PROCESS_VM_READV:#x}",
+        "syscall",
+        "add rsp, 0x20",
+        "pop rcx", "pop r9", "pop r8", "pop r10", "pop rdx", "pop rsi", "pop rdi",
+        f"cmp rax, {load.size:#x}",
+        f"je {label}",
+        f"bts qword ptr [rcx + 0x10], {FAULT_SHIFT + index:#x}",
+        f"{label}:",
+    ]
+
+
+def _load_source(load: Load, offset: int, stub: RecordStub, index: int = 0,
+                 layout: Optional[RingLayout] = None) -> List[str]:
     """Source storing one argument at ``[rcx + offset]`` (rcx: the record; rax and
     rdx are free)."""
     if load.kind == "none":
@@ -239,6 +281,10 @@ def _load_source(load: Load, offset: int, stub: RecordStub) -> List[str]:
             out.append("movzx eax, ax")
     else:
         raise ValueError(f"unknown load kind {load.kind!r}")
+    if not load.safe:
+        if layout is None or not layout.pid:
+            raise ValueError("a careful read needs the address of the pid")
+        return out + _careful_read(load, offset, index, layout, f"arg{index}_read")
     out += [_LOAD[load.size], f"mov qword ptr [rcx + {offset:#x}], rax"]
     return out
 
@@ -290,7 +336,7 @@ def record_stub_source(stub: RecordStub, layout: RingLayout) -> str:
         lines += _value_to("rax", "rsp", stub)
     lines.append("mov qword ptr [rcx + 0x10], rax")
     for i, load in enumerate(stub.loads):
-        lines += _load_source(load, RECORD_FIXED + 8 * i, stub)
+        lines += _load_source(load, RECORD_FIXED + 8 * i, stub, i, layout)
     lines += [
         f"mov qword ptr [rcx], {stub.header:#x}",        # commit: the header last
         "done:",

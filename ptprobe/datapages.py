@@ -35,6 +35,7 @@ MAGIC = b"PTPDATA1"
 HEAD_AT = 0x40
 TAIL_AT = 0x80
 DROPS_AT = 0xC0
+PID_AT = 0x100                          # the process's pid, for the stubs' careful reads
 COUNTERS_AT = 0x1000
 COUNTERS_PER_CPU = 8192                 # counters (sites) per region
 CPU_SHIFT = 16                          # 8192 * 8 bytes between two CPUs' blocks
@@ -163,6 +164,7 @@ class DataRegion:
         finally:
             os.close(local)
         view[0:len(MAGIC)] = MAGIC
+        _U64.pack_into(view, PID_AT, space.pid)
         return cls(base, layout, view, has_rdpid())
 
     def fork(self, child: Space) -> "DataRegion":
@@ -182,7 +184,8 @@ class DataRegion:
     def ring_layout(self) -> codegen.RingLayout:
         return codegen.RingLayout(head=self.base + HEAD_AT, tail=self.base + TAIL_AT, drops=self.base + DROPS_AT,
                                   ring=self.base + self.layout.ring_at, capacity=self.layout.ring_size,
-                                  counters=self.base + COUNTERS_AT, cpu_shift=CPU_SHIFT, per_cpu=self.per_cpu)
+                                  counters=self.base + COUNTERS_AT, cpu_shift=CPU_SHIFT, per_cpu=self.per_cpu,
+                                  pid=self.base + PID_AT)
 
     def graph_layout(self, trampoline: int) -> codegen.GraphLayout:
         return codegen.GraphLayout(table=self.base + self.layout.table_at, entries=GRAPH_ENTRIES,

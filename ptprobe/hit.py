@@ -261,6 +261,23 @@ class Args(Sequence):
         return repr(list(self))
 
 
+class Unreadable:
+    """The value of a recorded argument whose memory could not be read when the
+    program recorded it (a bad pointer: the program was not harmed)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<unreadable>"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+#: The one :class:`Unreadable` value.
+UNREADABLE = Unreadable()
+
+
 class Record:
     """One hit of a recording probe, written inside the program with no stop and
     read by ptprobe afterwards: read-only, valid after the handler returns.
@@ -268,7 +285,8 @@ class Record:
     ``probe``, ``pid``, ``tid`` (0 if the thread could not be told), ``time_ns``
     (CLOCK_MONOTONIC), ``address`` (the probe address), ``name`` (as
     :attr:`Hit.name`) and ``args`` (a tuple: for uprobes the six integer argument
-    registers, for USDT probes the values of the probe's argument specs).
+    registers, for USDT probes the values of the probe's argument specs; an
+    argument in memory that could not be read is :data:`UNREADABLE`).
     """
 
     __slots__ = ("probe", "site", "pid", "tid", "time_ns", "args")

@@ -257,6 +257,14 @@ class Format:
             self.pieces.append("".join(literal))
         self.conversions = [p for p in self.pieces if isinstance(p, Conversion) and p.field is None]
         self.uses_strings = any(c.conv == "s" for c in self.conversions)
+        self.uses_stack = any(isinstance(p, Conversion) and p.field == "stack" for p in self.pieces)
+        self.uses_floats = any(c.conv in _FLOATING for c in self.conversions)
+
+    def needs_stop(self, uprobe: bool) -> bool:
+        """Does a line need the thread stopped (a string read at the hit, the stack,
+        a uprobe's SSE registers), or can a record of the hit made by the program
+        serve (its integer arguments, USDT values, time, thread)?"""
+        return self.uses_strings or self.uses_stack or (uprobe and self.uses_floats)
 
     # --- which arguments ---------------------------------------------------------------
     def _uprobe_index(self, c: Conversion) -> int:

@@ -168,6 +168,12 @@ class Session:
         return self.lifecycle.returncode
 
     @property
+    def drops(self) -> int:
+        """Records the program dropped because its ring was full (drop mode, or no
+        tracer to drain it)."""
+        return self.actions.drops
+
+    @property
     def attached(self) -> bool:
         return self.lifecycle.attached
 

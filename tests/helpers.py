@@ -504,7 +504,7 @@ def recorder(into: list, what: Optional[Callable[[ptprobe.Hit], object]] = None)
 
 # ---------------------------------------------------------------------------- the command line
 
-SUMMARY = re.compile(r"^ptprobe: (?P<spec>\S+): (?P<hits>\d+) hits? \((?P<how>[^)]*)\)$")
+SUMMARY = re.compile(r"^ptprobe: (?P<spec>\S+): (?P<hits>\d+) hits? \((?P<how>[^)]*)\)(?:, (?P<inside>[a-z ]+ in the program))?$")
 
 
 def repo_env() -> Dict[str, str]:

@@ -24,7 +24,7 @@ from .. import arch, codegen, linux, usdt
 from ..calltrace import CallTrace
 from ..datapages import CPU_SHIFT, DataRegion
 from ..errors import PtprobeError
-from ..hit import Record
+from ..hit import UNREADABLE, Record
 from ..patching import Site
 from ..tracee import AddressSpace, Process, Thread
 from .calls import SpaceGraph, exit_trampoline
@@ -32,6 +32,7 @@ from .calls import SpaceGraph, exit_trampoline
 ErrorReport = Callable[[object, object, BaseException], None]
 ARG_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 _U64 = struct.Struct("<Q")
+_THREAD_MASK = (1 << codegen.FAULT_SHIFT) - 1
 _AT_HWCAP2 = 26
 _HWCAP2_FSGSBASE = 2
 #: A thread whose ring-full stops find nothing to drain this many times in a row
@@ -517,8 +518,15 @@ class Actions:
                 continue
             site = stub.site
             time_ns = ns0 + int((values[0] - tsc0) * scale)
-            tid = keys.get(values[1], 0)
-            args = values[2:] if stub.plain else tuple(decode(v) for decode, v in zip(stub.decoders, values[2:]))
+            thread = values[1]
+            if thread >> codegen.FAULT_SHIFT:                 # some argument could not be read
+                tid = keys.get(thread & _THREAD_MASK, 0)
+                faults = thread >> codegen.FAULT_SHIFT
+                args = tuple(UNREADABLE if faults >> i & 1 else decode(v)
+                             for i, (decode, v) in enumerate(zip(stub.decoders, values[2:])))
+            else:
+                tid = keys.get(thread, 0)
+                args = values[2:] if stub.plain else tuple(decode(v) for decode, v in zip(stub.decoders, values[2:]))
             for probe, handler in handlers:
                 record = Record(probe, site, pid, tid, time_ns, args)
                 try:
@@ -580,6 +588,15 @@ def _stack_key(space: AddressSpace, rsp: int) -> int:
     return 0
 
 
+def _mapped(space: AddressSpace, address: int, size: int) -> bool:
+    """Is [address, address + size) in one readable mapping of *space* (a global)?"""
+    try:
+        maps = space.maps()
+    except PtprobeError:
+        return False
+    return any(m.start <= address and address + size <= m.end and m.perms.startswith("r") for m in maps)
+
+
 def _writers_gone(space: AddressSpace) -> bool:
     """No thread can write into *space*'s ring any more: its process is gone."""
     return space.owner.exited or not space.owner.threads
@@ -608,7 +625,7 @@ def _usdt_load(arg: usdt.UsdtArg, site: Site, obj) -> Optional[Tuple[codegen.Loa
                 lambda raw, a=arg: usdt.evaluate(a, lambda n, r=raw: r, lambda x, n: b""))
     if arg.kind == "rip":
         address = (resolve(arg.symbol) if arg.symbol is not None else site.address) + arg.disp
-        return (codegen.Load("abs", disp=address, size=arg.size),
+        return (codegen.Load("abs", disp=address, size=arg.size, safe=_mapped(site.space, address, arg.size)),
                 lambda raw, a=arg: usdt.value_from_bytes(a, raw.to_bytes(8, "little")))
     if arg.kind == "mem":
         base = index = None
@@ -626,8 +643,11 @@ def _usdt_load(arg: usdt.UsdtArg, site: Site, obj) -> Optional[Tuple[codegen.Loa
             if arg.base is None:
                 bits = info[2]
         disp = arg.disp + (resolve(arg.symbol) if arg.symbol is not None else 0)
+        # only the stack is surely readable: any other register may hold a bad pointer
+        # the program never reads through (a USDT operand is not evaluated by it)
+        safe = base == "rsp" and index is None and bits == 64 and abs(disp) < 0x10000
         return (codegen.Load("mem", base=base, index=index, scale=arg.scale, disp=disp, size=arg.size,
-                             address_bits=bits),
+                             address_bits=bits, safe=safe),
                 lambda raw, a=arg: usdt.value_from_bytes(a, raw.to_bytes(8, "little")))
     return None
 
