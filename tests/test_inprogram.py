@@ -21,8 +21,8 @@ from typing import Dict, List, Sequence, Tuple
 import pytest
 
 from conftest import build
-from helpers import (GUARD, REPO, RecordingObserver, Target, captured_stdout, fast_build, repo_env, tracer_pid,
-                     untraced, watchdog)
+from helpers import (GUARD, REPO, SUMMARY, RecordingObserver, Target, captured_stdout, fast_build, ptprobe_cli,
+                     repo_env, tracer_pid, untraced, watchdog)
 
 import ptprobe
 
@@ -381,3 +381,114 @@ def test_attach_count_detach_attach_again():
         assert target.proc.poll() is None
     finally:
         target.kill()
+
+
+# --------------------------------------------------------------------------- unreadable arguments
+def act_fault() -> str:
+    return build("act_fault.c", "-O2")
+
+
+@pytest.mark.parametrize("where", ["good", "0x10"])
+def test_usdt_memory_operand_read_in_the_program(where):
+    """A USDT operand in memory through a register other than rsp is read by the stub
+    itself (process_vm_readv): the value when the memory is there, UNREADABLE when
+    it is not, and the program unharmed either way."""
+    prog = act_fault()
+    got: List[ptprobe.Record] = []
+    status, out, (probe,), _ = traced([prog, "50", where], [("record", f"usdt:{prog}:act:pair", got.append)])
+    assert status == 0 and "done 50" in out
+    assert probe.sites[0].action == "record"
+    second = 42 if where == "good" else ptprobe.UNREADABLE
+    assert [r.args for r in got] == [(42, second, i) for i in range(50)]
+
+
+# --------------------------------------------------------------------------- the command line
+def _summary(stderr: str, spec: str):
+    for line in stderr.splitlines():
+        m = SUMMARY.match(line)
+        if m and m["spec"] == spec:
+            return m
+    raise AssertionError(f"no summary of {spec} in {stderr!r}")
+
+
+def _json_records(stdout: str) -> List[dict]:
+    import json
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def test_cli_records_in_the_program_what_stops_would_show():
+    """``ptprobe run`` without a handler that needs a stop records in the program;
+    its JSON lines are those of --stop (per thread, in order), and the summary says
+    where the hits were taken."""
+    prog = act_threads()
+    spec = f"uprobe:{prog}:work6"
+    runs = {}
+    for how in ((), ("--stop",)):
+        result = ptprobe_cli("run", *how, "--json", "-o", "-", "-p", spec, "--", prog, "3", "500")
+        assert result.returncode == 0, result.stderr
+        by_thread: Dict[int, List[List[int]]] = defaultdict(list)
+        for record in _json_records(result.stdout):
+            assert record["name"] == "work6" and record["probe"] == spec
+            by_thread[record["args"][0]].append(record["args"])
+        runs[how] = (dict(by_thread), _summary(result.stderr, spec))
+    (inside, inside_summary), (stopped, stopped_summary) = runs[()], runs[("--stop",)]
+    assert inside == stopped
+    assert inside == {t: [list(expected_work6(t, i)) for i in range(500)] for t in range(3)}
+    assert inside_summary["hits"] == stopped_summary["hits"] == "1500"
+    assert inside_summary["inside"] == "recorded in the program" and stopped_summary["inside"] is None
+
+
+def test_cli_aggregation_counts_in_the_program():
+    prog = act_threads()
+    spec = f"uprobe:{prog}:work6"
+    result = ptprobe_cli("run", "-o", "-", "-p", spec, "--agg", "count() by arg0", "--", prog, "2", "20000")
+    assert result.returncode == 0, result.stderr
+    assert "@count[0]: 20000\n@count[1]: 20000\n" in result.stdout, result.stdout
+    assert _summary(result.stderr, spec)["inside"] == "recorded in the program"
+
+
+def test_cli_drop_mode_reports_the_drops():
+    """--drop with the smallest ring and a consumer slower than the program: records
+    are lost, counted, and said; lines + drops = hits."""
+    prog = act_threads()
+    spec = f"uprobe:{prog}:work6"
+    n = 1_000_000
+    result = ptprobe_cli("run", "--drop", "--ring-size", "65536", "--json", "-o", "-", "-p", spec, "--",
+                         prog, "0", str(n), timeout=GUARD)
+    assert result.returncode == 0, result.stderr
+    lines = _json_records(result.stdout)
+    drops = [line for line in result.stderr.splitlines() if line.endswith("dropped (the ring was full: --drop)")]
+    assert len(drops) == 1, result.stderr
+    dropped = int(drops[0].split()[1])
+    assert dropped > 0 and len(lines) + dropped == n
+    assert int(_summary(result.stderr, spec)["hits"]) == n
+    assert [r["args"][1] for r in lines] == sorted(r["args"][1] for r in lines)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--ring-size", "1000"], "--ring-size must be a power of two"),
+    (["--ring-size", "32768"], "--ring-size must be a power of two"),
+])
+def test_cli_ring_size_errors(argv, words):
+    prog = act_threads()
+    result = ptprobe_cli("run", *argv, "-p", f"uprobe:{prog}:work6", "--", prog, "0", "1")
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ptprobe: ") and words in lines[0], result.stderr
+
+
+def test_cli_unreadable_argument_is_an_error_per_hit():
+    """An argument the stub could not read is reported on each hit as a stop would
+    report it, one line each; the program is unharmed and its status passes through."""
+    prog = act_fault()
+    spec = f"usdt:{prog}:act:pair"
+    result = ptprobe_cli("run", "-p", spec, "--", prog, "3", "0x10")
+    assert result.returncode == 0, result.stderr
+    assert "done 3" in result.stdout
+    errors = [line for line in result.stderr.splitlines() if "FaultError" in line]
+    assert len(errors) == 3 and all("cannot read argument 1 of act:pair" in e for e in errors), result.stderr
+    assert _summary(result.stderr, spec)["hits"] == "3"
+    good = ptprobe_cli("run", "-o", "-", "-p", spec, "--", prog, "3", "good")
+    assert good.returncode == 0 and "FaultError" not in good.stderr, good.stderr
+    assert [line.split("args: ")[1] for line in good.stdout.splitlines() if line.startswith("act:pair ")] == \
+        [f"42 42 {i}" for i in range(3)], good.stdout
