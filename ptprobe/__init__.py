@@ -9,8 +9,9 @@
 
 from .errors import (FaultError, HandlerError, InstructionBoundaryError, NoSuchProcessError,
                      ObjectFileError, ProbeSpecError, ProgramStartError, PtprobeError,
-                     SitePatchedError, SymbolNotFoundError, TracePermissionError, TracerError)
+                     SitePatchedError, SymbolNotFoundError, TraceFormatError, TracePermissionError, TracerError)
 from .aggregate import Aggregation
+from .calltrace import Call, CallTrace
 from .filter import Filter
 from .hit import UNREADABLE, Hit, Record, Regs, ReturnHit
 from .latency import Histogram
@@ -23,8 +24,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "run", "attach", "Session", "Probe", "Site", "Hit", "ReturnHit", "Record", "UNREADABLE", "Histogram", "Regs", "Observer", "ProbeSpec", "parse_spec", "return_spec",
-    "Aggregation", "Filter",
+    "Aggregation", "Filter", "Call", "CallTrace",
     "PtprobeError", "ProbeSpecError", "NoSuchProcessError", "TracePermissionError", "ObjectFileError",
     "SymbolNotFoundError", "InstructionBoundaryError", "SitePatchedError", "ProgramStartError",
-    "FaultError", "TracerError", "HandlerError", "__version__",
+    "FaultError", "TracerError", "HandlerError", "TraceFormatError", "__version__",
 ]

@@ -17,13 +17,20 @@ thread was inside it, or the program exited or exec'd from it) or has *no exit*
 
 from __future__ import annotations
 
+import gc
 import json
-from dataclasses import dataclass, field
-from typing import IO, Any, Dict, Iterable, List, Optional, Tuple
+from typing import IO, Any, Dict, Iterable, Iterator, List, Optional, Tuple
+
+from .errors import TraceFormatError
+
+__all__ = ["Call", "CallTrace", "TraceFormatError", "TRACE_VERSION", "read_trace", "write_trace", "validate",
+           "report", "graph", "trace_events"]
 
 #: The trace file's format version (``otherData.ptprobe_trace_version``).
 TRACE_VERSION = 1
 FORMAT_NAME = "ptprobe-calls"
+#: events encoded at a time when a trace file is written
+_WRITE_BATCH = 20000
 
 #: How a call ended: returned; its exit skipped (longjmp); the recording ended
 #: inside it; its return could not be followed
@@ -33,22 +40,27 @@ UNFINISHED = "unfinished"
 NO_EXIT = "no exit"
 
 
-class TraceFormatError(ValueError):
-    """A trace file that is not one of ptprobe's (or not of a version it reads)."""
-
-
-@dataclass
 class Call:
-    """One call of a function by one thread."""
+    """One call of a function by one thread: *depth* is 0 for the outermost
+    recorded call of the thread; *end_ns* None when it did not return (*status*
+    says why); *children* the calls it made, in order."""
 
-    pid: int
-    tid: int
-    name: str
-    start_ns: int
-    depth: int                       # 0 for the outermost recorded call of the thread
-    end_ns: Optional[int] = None
-    status: str = UNFINISHED
-    children: List["Call"] = field(default_factory=list, repr=False)
+    __slots__ = ("pid", "tid", "name", "start_ns", "depth", "end_ns", "status", "children")
+
+    def __init__(self, pid: int, tid: int, name: str, start_ns: int, depth: int, end_ns: Optional[int] = None,
+                 status: str = UNFINISHED, children: Optional[List["Call"]] = None) -> None:
+        self.pid = pid
+        self.tid = tid
+        self.name = name
+        self.start_ns = start_ns
+        self.depth = depth
+        self.end_ns = end_ns
+        self.status = status
+        self.children: List[Call] = [] if children is None else children
+
+    def __repr__(self) -> str:
+        return (f"Call(pid={self.pid}, tid={self.tid}, name={self.name!r}, start_ns={self.start_ns}, "
+                f"depth={self.depth}, end_ns={self.end_ns}, status={self.status!r})")
 
     @property
     def duration_ns(self) -> Optional[int]:
@@ -75,7 +87,9 @@ class CallTrace:
         self._stacks: Dict[Tuple[int, int], List[Call]] = {}
         self._pending: List[tuple] = []
         self.process_names: Dict[int, str] = {}
-        self.events = 0
+        #: object -> the names of the functions that were to be recorded but have no
+        #: patchable entry (kept in the trace file)
+        self.unpatchable: Dict[str, List[str]] = {}
 
     @property
     def calls(self) -> List[Call]:
@@ -93,103 +107,153 @@ class CallTrace:
         """*tid* entered *name* with *depth* calls pending under it (None: its return
         will not be seen: the call is recorded with status "no exit"); pending
         calls beyond *depth* were skipped (longjmp): they are marked lost."""
-        self._pending.append((0, pid, tid, name, time_ns, depth))
+        self._pending.append(((0, pid, tid, name, time_ns, depth),))
 
     def exited(self, pid: int, tid: int, time_ns: int, lost: int = 0) -> None:
         """The innermost pending call of *tid* returned, after *lost* deeper ones
         had been skipped (by longjmp): those are marked lost, not ended."""
-        self._pending.append((1, pid, tid, None, time_ns, lost))
+        self._pending.append(((1, pid, tid, None, time_ns, lost),))
+
+    def add_events(self, events: Iterable[tuple]) -> None:
+        """Entries and exits in bulk, in order: ``(0, pid, tid, name, time_ns,
+        depth)`` as :meth:`entered` takes them, ``(1, pid, tid, name, time_ns,
+        lost)`` as :meth:`exited` does. *events* may be an iterator: it is read
+        when the calls are."""
+        self._pending.append(events)
 
     def thread_gone(self, pid: int, tid: int) -> None:
         """*tid* is gone (it exited, or exec'd): its pending calls stay unfinished."""
-        self._pending.append((2, pid, tid, None, 0, 0))
+        self._pending.append(((2, pid, tid, None, 0, 0),))
 
     def process_gone(self, pid: int) -> None:
         """Process *pid* exec'd (or ended): its pending calls stay unfinished."""
-        self._pending.append((3, pid, 0, None, 0, 0))
+        self._pending.append(((3, pid, 0, None, 0, 0),))
 
     def finish(self) -> None:
         """The recording ended: every pending call stays unfinished."""
-        self._pending.append((4, 0, 0, None, 0, 0))
+        self._pending.append(((4, 0, 0, None, 0, 0),))
 
     def _build(self) -> None:
+        if not self._pending:
+            return
+        # millions of new objects, none of them garbage: the cyclic collector would
+        # scan them again and again for nothing
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._pair()
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _pair(self) -> None:
         pending, self._pending = self._pending, []
         stacks = self._stacks
-        for kind, pid, tid, name, time_ns, value in pending:
-            if kind == 0:
-                self.events += 1
-                stack = stacks.get((pid, tid))
-                if stack is None:
-                    stack = stacks[(pid, tid)] = []
-                if value is not None:
-                    while len(stack) > value:
-                        stack.pop().status = LOST
-                call = Call(pid, tid, name, time_ns, len(stack))
-                (stack[-1].children if stack else self._roots).append(call)
-                self._calls.append(call)
-                if value is not None:
-                    stack.append(call)
+        calls = self._calls
+        roots = self._roots
+        add_call = calls.append
+        key: Tuple[int, int] = (0, 0)
+        stack: Optional[List[Call]] = None
+        for batch in pending:
+            for kind, pid, tid, name, time_ns, value in batch:
+                if (pid, tid) != key:
+                    key = (pid, tid)
+                    stack = stacks.get(key)
+                if kind == 0:
+                    if stack is None:
+                        stack = stacks[key] = []
+                    if value is not None:
+                        while len(stack) > value:
+                            stack.pop().status = LOST
+                    call = Call(pid, tid, name, time_ns, len(stack))
+                    (stack[-1].children if stack else roots).append(call)
+                    add_call(call)
+                    if value is not None:
+                        stack.append(call)
+                    else:
+                        call.status = NO_EXIT
+                elif kind == 1:
+                    if not stack:
+                        continue
+                    if value:
+                        for _ in range(min(value, len(stack) - 1)):
+                            stack.pop().status = LOST
+                    call = stack.pop()
+                    call.end_ns = time_ns
+                    call.status = RETURNED
                 else:
-                    call.status = NO_EXIT
-            elif kind == 1:
-                self.events += 1
-                stack = stacks.get((pid, tid))
-                if not stack:
-                    continue
-                for _ in range(min(value, len(stack) - 1)):
-                    stack.pop().status = LOST
-                call = stack.pop()
-                call.end_ns = time_ns
-                call.status = RETURNED
-            elif kind == 2:
-                stacks.pop((pid, tid), None)
-            elif kind == 3:
-                for key in [k for k in stacks if k[0] == pid]:
-                    del stacks[key]
-            else:
-                stacks.clear()
+                    if kind == 2:
+                        stacks.pop((pid, tid), None)
+                    elif kind == 3:
+                        for gone in [k for k in stacks if k[0] == pid]:
+                            del stacks[gone]
+                    else:
+                        stacks.clear()
+                    key, stack = (0, 0), None
 
 
 # --------------------------------------------------------------------------- the file
-def _us(ns: int) -> float:
-    return ns / 1000.0
-
-
 def trace_events(trace: CallTrace) -> List[Dict[str, Any]]:
     """The Chrome trace events of *trace*: one complete ("X") event per returned
     call, a begin ("B") event without an end for the others (with its status),
     and names for processes and threads."""
-    events: List[Dict[str, Any]] = []
-    threads = sorted({(c.pid, c.tid) for c in trace.calls})
+    return list(_iter_events(trace))
+
+
+def _iter_events(trace: CallTrace) -> Iterator[Dict[str, Any]]:
+    calls = trace.calls
+    threads = sorted({(c.pid, c.tid) for c in calls})
     for pid in sorted({p for p, _ in threads}):
         name = trace.process_names.get(pid, f"process {pid}")
-        events.append({"ph": "M", "name": "process_name", "pid": pid, "tid": pid, "args": {"name": name}})
+        yield {"ph": "M", "name": "process_name", "pid": pid, "tid": pid, "args": {"name": name}}
     for pid, tid in threads:
-        events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": f"thread {tid}"}})
-    for call in trace.calls:
-        event: Dict[str, Any] = {"name": call.name, "cat": "function", "pid": call.pid, "tid": call.tid,
-                                 "ts": _us(call.start_ns), "args": {"depth": call.depth}}
+        yield {"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": f"thread {tid}"}}
+    for call in calls:
         if call.end_ns is not None:
-            event["ph"] = "X"
-            event["dur"] = _us(call.end_ns - call.start_ns)
+            yield {"name": call.name, "cat": "function", "ph": "X", "pid": call.pid, "tid": call.tid,
+                   "ts": _us(call.start_ns), "dur": _us(call.end_ns - call.start_ns), "args": {"depth": call.depth}}
         else:
-            event["ph"] = "B"
-            event["args"]["status"] = call.status
-        events.append(event)
-    return events
+            yield {"name": call.name, "cat": "function", "ph": "B", "pid": call.pid, "tid": call.tid,
+                   "ts": _us(call.start_ns), "args": {"depth": call.depth, "status": call.status}}
+
+
+def _us(ns: int) -> float:
+    """Microseconds, with three decimals (exact to the nanosecond, as the file has them)."""
+    return float(f"{ns // 1000}.{ns % 1000:03d}")
 
 
 def write_trace(trace: CallTrace, out: IO[str], *, command: Optional[List[str]] = None) -> None:
-    """Write *trace* as a trace file (one JSON object)."""
-    doc = {
-        "traceEvents": trace_events(trace),
-        "displayTimeUnit": "ns",
-        "otherData": {"format": FORMAT_NAME, "ptprobe_trace_version": TRACE_VERSION,
-                      "clock": "CLOCK_MONOTONIC", "command": command or [],
-                      "calls": len(trace.calls)},
-    }
-    json.dump(doc, out, separators=(",", ":"))
-    out.write("\n")
+    """Write *trace* as a trace file (one JSON object), the calls' events formatted
+    a batch at a time (the same events as :func:`trace_events`)."""
+    calls = trace.calls
+    other = {"format": FORMAT_NAME, "ptprobe_trace_version": TRACE_VERSION, "clock": "CLOCK_MONOTONIC",
+             "command": command or [], "calls": len(calls), "unpatchable": trace.unpatchable}
+    threads = sorted({(c.pid, c.tid) for c in calls})
+    head = [json.dumps(e, separators=(",", ":")) for e in _iter_events(trace) if e["ph"] == "M"] if threads else []
+    out.write('{"traceEvents":[' + ",".join(head))
+    names: Dict[str, str] = {}
+    lines: List[str] = []
+    for call in calls:
+        name = names.get(call.name)
+        if name is None:
+            name = names[call.name] = json.dumps(call.name)
+        start = call.start_ns
+        if call.end_ns is not None:
+            dur = max(call.end_ns - start, 0)
+            lines.append(f'{{"name":{name},"cat":"function","ph":"X","pid":{call.pid},"tid":{call.tid},'
+                         f'"ts":{start // 1000}.{start % 1000:03d},"dur":{dur // 1000}.{dur % 1000:03d},'
+                         f'"args":{{"depth":{call.depth}}}}}')
+        else:
+            lines.append(f'{{"name":{name},"cat":"function","ph":"B","pid":{call.pid},"tid":{call.tid},'
+                         f'"ts":{start // 1000}.{start % 1000:03d},'
+                         f'"args":{{"depth":{call.depth},"status":"{call.status}"}}}}')
+        if len(lines) >= _WRITE_BATCH:
+            out.write(("," if head else "") + ",".join(lines))
+            head = head or ["(written)"]
+            lines.clear()
+    if lines:
+        out.write(("," if head else "") + ",".join(lines))
+    out.write('],"displayTimeUnit":"ns","otherData":' + json.dumps(other, separators=(",", ":")) + "}\n")
 
 
 def validate(doc: Any) -> None:
@@ -227,6 +291,9 @@ def read_trace(source: IO[str]) -> CallTrace:
         raise TraceFormatError(f"not a trace file: {exc}") from None
     validate(doc)
     trace = CallTrace()
+    unpatchable = doc["otherData"].get("unpatchable", {})
+    if isinstance(unpatchable, dict):
+        trace.unpatchable = {str(k): [str(n) for n in v] for k, v in unpatchable.items() if isinstance(v, list)}
     parents: Dict[Tuple[int, int], List[Call]] = {}
     for event in doc["traceEvents"]:
         if event["ph"] == "M":
@@ -288,12 +355,14 @@ def report(trace: CallTrace, sort: str = "total") -> str:
     return "\n".join(lines)
 
 
-def graph(trace: CallTrace, thread: Optional[int] = None) -> str:
+def graph(trace: CallTrace, thread: Optional[int] = None, function: Optional[str] = None) -> str:
     """The call tree of each thread, calls of one function under one parent
-    merged (total time, calls), as uftrace's graph shows it."""
+    merged (total time, calls), as uftrace's graph shows it; only thread *thread*
+    if given; with *function*, the trees under its calls (the outermost ones, when
+    it recurses)."""
     lines: List[str] = []
     threads: Dict[Tuple[int, int], List[Call]] = {}
-    for root in trace.roots:
+    for root in _tops(trace.roots, function) if function is not None else trace.roots:
         if thread is None or root.tid == thread:
             threads.setdefault((root.pid, root.tid), []).append(root)
     for (pid, tid), roots in sorted(threads.items()):
@@ -302,6 +371,19 @@ def graph(trace: CallTrace, thread: Optional[int] = None) -> str:
         _graph_lines(roots, 0, lines)
         lines.append("")
     return "\n".join(lines).rstrip("\n")
+
+
+def _tops(roots: Iterable[Call], function: str) -> List[Call]:
+    """The calls of *function* with no call of it above them, in order."""
+    found: List[Call] = []
+    work = list(reversed(list(roots)))
+    while work:
+        call = work.pop()
+        if call.name == function:
+            found.append(call)
+        else:
+            work.extend(reversed(call.children))
+    return found
 
 
 def _graph_lines(calls: Iterable[Call], depth: int, lines: List[str]) -> None:

@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import math
 import os
 import re
-import shutil
 import signal
 import sys
 import time
@@ -24,7 +22,8 @@ import traceback
 from typing import IO, Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 import ptprobe
-from ptprobe import discover, manual, render
+from ptprobe import callcli, discover, manual, render
+from ptprobe.console import SHOWN_ERRORS, Console, ConsoleObserver, die_by, isatty, pids_and_names, ring_size, seconds
 from ptprobe.aggregate import Aggregation
 from ptprobe.errors import NoSuchProcessError, ProbeSpecError, PtprobeError, SymbolNotFoundError, UsageError
 from ptprobe.filter import STRING_SIZE, Context, Filter
@@ -32,67 +31,10 @@ from ptprobe.output import Format, Output, UPROBE_INTEGER_ARGS, default_line, js
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 70
-#: handler errors reported one by one; the rest are counted
-_SHOWN_ERRORS = 10
 #: seconds between two refreshes of the live status line
 _STATUS_PERIOD = 1.0
 #: what in a --filter or --agg expression needs the thread stopped: a string, the stack
 _STOPPING_EXPRESSION = re.compile(r"\bstr\s*\(|\bstack\b")
-
-
-# --------------------------------------------------------------------------- stderr
-
-class Console:
-    """stderr: notices and errors one line each, and the live status line, which
-    is drawn in place and cleared before anything else is written."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self.stream = stream
-        self.status_on = False
-        self._shown = False
-
-    def _write(self, text: str) -> None:
-        try:
-            self.stream.write(text)
-            self.stream.flush()
-        except (OSError, ValueError):
-            pass
-
-    def line(self, text: str) -> None:
-        self.clear()
-        self._write(text + "\n")
-
-    def status(self, text: str) -> None:
-        if not self.status_on:
-            return
-        width = shutil.get_terminal_size((80, 24)).columns
-        if len(text) >= width:
-            text = text[:max(width - 4, 0)] + "..."
-        self._write("\r" + text + "\x1b[K")
-        self._shown = True
-
-    def clear(self) -> None:
-        if self._shown:
-            self._shown = False
-            self._write("\r\x1b[K")
-
-
-class _Observer(ptprobe.Observer):
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self.handler_errors = 0
-
-    def notice(self, text: str) -> None:
-        self.console.line(f"ptprobe: {text}")
-
-    def handler_error(self, probe: ptprobe.Probe, hit: ptprobe.Hit, error: BaseException) -> None:
-        self.handler_errors += 1
-        if self.handler_errors > _SHOWN_ERRORS:
-            return
-        self.console.line(f"ptprobe: probe {probe.name}: {type(error).__name__}: {error}")
-        if os.environ.get("PTPROBE_DEBUG"):
-            self.console.clear()
-            traceback.print_exception(type(error), error, error.__traceback__, file=self.console.stream)
 
 
 # --------------------------------------------------------------------------- the parser
@@ -190,6 +132,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="allow setting no_new_privs in the process (irrevocable) so that jmp slots "
                      "can be used without CAP_SYS_ADMIN")
 
+    callcli.add_commands(sub, manual.EPILOG)
+
     lst = sub.add_parser("list", help="list the USDT probes (and functions) of a file or process",
                          formatter_class=argparse.RawDescriptionHelpFormatter,
                          description="List the USDT probes of an ELF file (a path or a name: libc, python3), "
@@ -212,33 +156,6 @@ def _parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- checked settings
 
-def _seconds(value: Optional[float], option: str) -> Optional[float]:
-    if value is None:
-        return None
-    if not math.isfinite(value) or value <= 0:
-        raise UsageError(f"{option} must be a number of seconds above 0, not {value}", str(value))
-    return value
-
-
-def _pids_and_names(targets: Sequence[str]) -> Tuple[List[int], List[str]]:
-    pids: List[int] = []
-    names: List[str] = []
-    for target in targets:
-        for part in target.split(",") if "," in target else [target]:
-            text = part.strip()
-            try:
-                number = int(text, 10)
-            except ValueError:
-                if not text:
-                    raise UsageError(f"{target!r} is not a process id or name", target) from None
-                names.append(text)
-                continue
-            if number <= 0 or number > 1 << 31:
-                raise UsageError(f"{text!r} is not a process id", text)
-            pids.append(number)
-    return pids, names
-
-
 class _Settings:
     """The run/attach options, checked before anything starts."""
 
@@ -254,8 +171,8 @@ class _Settings:
             raise UsageError(f"-s must be between 1 and {1 << 20}, not {args.string_size}", "")
         if args.max_trampoline_pages < 0:
             raise UsageError("--max-trampoline-pages must be >= 0", "")
-        self.duration = _seconds(args.duration, "--duration")
-        self.interval = _seconds(args.interval, "--interval")
+        self.duration = seconds(args.duration, "--duration")
+        self.interval = seconds(args.interval, "--interval")
         self.context = Context(comm=discover.process_name, string_size=args.string_size)
         self.format = Format(args.format) if args.format is not None else None
         self.filter = Filter(args.filter, self.context) if args.filter is not None else None
@@ -275,9 +192,7 @@ class _Settings:
         self.printing = not args.quiet and bool(self.specs) and (not self.aggregations or self.format is not None)
         self.output = args.output
         self.no_status = args.no_status
-        ring = args.ring_size
-        if ring < 0x10000 or ring >= 1 << 31 or ring & (ring - 1):
-            raise UsageError(f"--ring-size must be a power of two from 65536 to 1073741824, not {ring}", str(ring))
+        ring = ring_size(args.ring_size)
         self.stop = args.stop
         self.options: Dict[str, Any] = dict(
             slots=args.slots, seccomp=not args.no_seccomp, max_trampoline_pages=args.max_trampoline_pages,
@@ -298,7 +213,7 @@ class _Settings:
             if not self.program:
                 raise UsageError("run needs a program: ptprobe run [-p SPEC]... -- PROGRAM [ARGS...]", "")
         else:
-            self.pids, self.names = _pids_and_names(args.targets)
+            self.pids, self.names = pids_and_names(args.targets)
             self.tree = args.tree
             self.options["allow_no_new_privs"] = args.allow_no_new_privs
 
@@ -385,7 +300,7 @@ class _Tracer:
     def __init__(self, settings: _Settings, console: Console) -> None:
         self.settings = settings
         self.console = console
-        self.observer = _Observer(console)
+        self.observer = ConsoleObserver(console)
         self.session: Optional[ptprobe.Session] = None
         self.probes: List[ptprobe.Probe] = []
         self.latency: List[ptprobe.Probe] = []       # --latency: return probes that only time calls
@@ -583,9 +498,9 @@ class _Tracer:
             if agg.errors:
                 console.line(f"ptprobe: --agg @{agg.name}: {agg.errors} hit{'' if agg.errors == 1 else 's'} "
                              f"left out ({agg.last_error})")
-        if self.observer.handler_errors > _SHOWN_ERRORS:
+        if self.observer.handler_errors > SHOWN_ERRORS:
             console.line(f"ptprobe: {self.observer.handler_errors} handler errors in all "
-                         f"({self.observer.handler_errors - _SHOWN_ERRORS} not shown)")
+                         f"({self.observer.handler_errors - SHOWN_ERRORS} not shown)")
         self._per_process(session)
 
     def _per_process(self, session: ptprobe.Session) -> None:
@@ -630,7 +545,7 @@ def _trace(args: argparse.Namespace, console: Console) -> int:
     settings = _Settings(args)
     tracer = _Tracer(settings, console)
     out = tracer.out
-    console.status_on = (not settings.quiet and not settings.no_status and _isatty(sys.stderr)
+    console.status_on = (not settings.quiet and not settings.no_status and isatty(sys.stderr)
                          and not (settings.printing and out.line_buffered))
     old = {s: signal.signal(s, tracer.on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     session: Optional[ptprobe.Session] = None
@@ -665,12 +580,12 @@ def _trace(args: argparse.Namespace, console: Console) -> int:
         if settings.command == "run":
             status = session.returncode if session.returncode is not None else 0
             if status < 0:
-                _die_by(-status)
+                die_by(-status)
             return status
         return 0
     except _Stop as stop:
         tracer.waiting = False
-        _die_by(stop.signum)
+        die_by(stop.signum)
         return 128 + stop.signum
     except PtprobeError as exc:
         console.line(f"ptprobe: {exc}")
@@ -682,13 +597,6 @@ def _trace(args: argparse.Namespace, console: Console) -> int:
         for sig, handler in old.items():
             signal.signal(sig, handler)
         out.close()
-
-
-def _isatty(stream: IO[str]) -> bool:
-    try:
-        return stream.isatty()
-    except (OSError, ValueError):
-        return False
 
 
 # --------------------------------------------------------------------------- list
@@ -805,6 +713,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _help(args, parser, sys.stdout)
         if args.command == "list":
             return _list(args, sys.stdout)
+        if args.command in callcli.COMMANDS:
+            return callcli.main(args, console, sys.stdout)
         return _trace(args, console)
     except PtprobeError as exc:
         console.line(f"ptprobe: {exc}")
@@ -822,25 +732,6 @@ def _quiet_stdout() -> None:
         os.close(null)
     except (OSError, ValueError):
         pass
-
-
-def _die_by(sig: int) -> None:
-    """End the way the program did: by the same signal (without a core dump)."""
-    try:
-        import resource
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    except (ImportError, ValueError, OSError):
-        pass
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    if sig not in (signal.SIGKILL, signal.SIGSTOP):
-        signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
-    os.kill(os.getpid(), sig)
-    os._exit(128 + sig)
 
 
 def entry() -> None:

@@ -198,6 +198,16 @@ def process_name(pid: int) -> str:
     return procfs.comm(pid)
 
 
+def executable(pid: int) -> str:
+    """The program process *pid* runs, as a spec's PATH names it: its file, or its
+    name when that file was replaced or removed since (the mapped object answers
+    to it); "" when unknown."""
+    path = procfs.executable(pid)
+    if path.endswith(" (deleted)"):
+        return os.path.basename(path[:-len(" (deleted)")])
+    return path
+
+
 def find_processes(name: str) -> List[int]:
     """The processes called *name*, as ``pgrep -x`` and ``pidof`` find them: by
     their name (``comm``, cut at 15 characters by the kernel), the file they run

@@ -142,6 +142,16 @@ class HandlerError(PtprobeError, RuntimeError):
         self.error = error
 
 
+class TraceFormatError(PtprobeError, ValueError):
+    """A trace file that is not one of ptprobe's, or of a version it does not read."""
+
+    exit_code = 13
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
 class UsageError(PtprobeError, ValueError):
     """A command-line option or an expression (``--filter``, ``--agg``, ``-f``) that
     cannot be used as given."""

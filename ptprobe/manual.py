@@ -26,6 +26,10 @@ detaches."""
 SYNOPSIS = (
     "ptprobe run [OPTIONS] -p SPEC... -- PROGRAM [ARGS...]",
     "ptprobe attach TARGET... [--tree] [OPTIONS] -p SPEC...",
+    "ptprobe record [-o FILE] [-F PATTERN]... [-N PATTERN]... [--object OBJECT]... -- PROGRAM [ARGS...]",
+    "ptprobe record --pid TARGET [--duration S] [OPTIONS]",
+    "ptprobe report [FILE] [--sort total|self|calls|name]",
+    "ptprobe graph [FILE] [--tid TID] [-F FUNCTION]",
     "ptprobe list PATH|NAME|SPEC [PATTERN] [--symbols [PATTERN]] [--json]",
     "ptprobe list --pid PID [PATTERN] [--symbols [PATTERN]] [--json]",
     "ptprobe help [TOPIC] [--man]",
@@ -204,6 +208,34 @@ _topic("list", "ptprobe list: what can be probed in a file or a process", """
 PATTERN filters USDT probes by PROVIDER:NAME (or NAME), and with --symbols
 PATTERN the functions by name; * ? [..] wildcards. --json for machines.""")
 
+_topic("record", "ptprobe record, report, graph: every call of a program, as uftrace shows it", """
+ptprobe record arms the entry of every function of the program (or of the
+objects --object names) that has a patchable entry: the 5-byte NOP that
+-pg -mfentry -mnop-mcount leaves (also after an endbr64), or the five 1-byte
+NOPs of -fpatchable-function-entry=5. The program itself writes each entry
+and exit, with the time and thread, into memory it shares with ptprobe; its
+return addresses are taken over in the program, not by stops, and all given
+back when recording ends, also for threads inside recorded functions.
+
+  gcc -O2 -pg -mfentry -mnop-mcount -o prog prog.c
+  ptprobe record -- ./prog args             writes ptprobe.json
+  ptprobe record --pid 1234 --duration 5    a running process, 5 seconds
+  ptprobe report                            total, self time and calls per function
+  ptprobe graph --tid 1234                  the call tree of thread 1234
+
+Functions without a patchable entry are listed, not recorded. A call that a
+longjmp left is marked lost, one still pending when recording ended is
+unfinished: neither gets an invented end. Children forked are recorded as
+processes of their own. The trace file is JSON in Chrome's trace event format
+(see docs/trace-format.md): the Perfetto UI (ui.perfetto.dev) opens it with a
+track per thread.
+
+Recording needs the jmp slots: root, CAP_SYS_ADMIN, or --allow-no-new-privs
+with --pid. Each call costs the program about a hundred nanoseconds; ptprobe
+decodes the calls when recording ends, at about a microsecond or two each, so
+a hot program recorded for seconds makes a large file: narrow it with -F and
+-N.""")
+
 _topic("exit", "exit codes", """
 run exits with the program's status (and dies by the same signal). ptprobe's
 own errors print one line, 'ptprobe: ...', on stderr and exit with:
@@ -218,6 +250,7 @@ own errors print one line, 'ptprobe: ...', on stderr and exit with:
   9   program cannot be started
   10  memory fault in the tracee
   11  other tracer error
+  13  not a ptprobe trace file, or of another version (report, graph)
   70  internal error (PTPROBE_DEBUG=1 prints the traceback)
   74  the output cannot be written (-o FILE on a full disk)""")
 
@@ -229,7 +262,8 @@ _topic("examples", "examples", """
       -f '%{pid} %s'
   ptprobe attach nginx --duration 10 --agg 'count() by comm, tid' -p uprobe:libc:malloc
   ptprobe attach 1234 --filter 'str(arg0) == "/etc/passwd"' -p uprobe:libc:open -f '%s %d'
-  ptprobe list libc --symbols 'mem*'""")
+  ptprobe list libc --symbols 'mem*'
+  ptprobe record -F 'parse*' -- ./prog input.txt && ptprobe report""")
 
 
 def topic_text(name: str) -> str:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tupl
 
 from . import arch, codegen, linux, procfs
 from .arch import PAGE_SIZE
-from .errors import FaultError, SitePatchedError, SyscallRefusedError
+from .errors import FaultError, SitePatchedError, SyscallRefusedError, TracerError
 from .objects import LoadedObject
 
 MEMFD_NAME = b"ptprobe\0"
@@ -559,6 +559,20 @@ class Patcher:
             self.space.mem.write(at + offset, code)
 
     # --- the seccomp filter -------------------------------------------------------
+    def why_no_slots(self) -> Optional[str]:
+        """None if jmp slots can serve this process's sites (its filter installed
+        now if need be); else why not."""
+        if self._ensure_filter():
+            return None
+        if not self.use_seccomp:
+            return "no seccomp filter (--no-seccomp)"
+        if self.slot_refusal:
+            return self.slot_refusal
+        if self.space.filter_state == "none" and not self.allow_no_new_privs:
+            return ("it lacks CAP_SYS_ADMIN (--allow-no-new-privs lets ptprobe set its irrevocable "
+                    "no_new_privs flag instead)")
+        return "no seccomp filter of ptprobe's"
+
     def _ensure_filter(self) -> bool:
         space = self.space
         if not self.use_seccomp:

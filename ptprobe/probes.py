@@ -171,15 +171,16 @@ _PATCHABLE = (arch.NOP5, b"\x90" * 5)
 
 def call_sites(elf: ElfFile, include: str = "*", exclude: Iterable[str] = ()) -> Tuple[List[int], List[str]]:
     """The patchable entries (link-time addresses) of the functions of *elf* whose
-    names match *include* and none of *exclude*: the 5-byte NOP of ``-pg -mfentry
-    -mnop-mcount`` or the five 1-byte NOPs of ``-fpatchable-function-entry=5``, at
-    the function's start or after its ``endbr64``; and the names of the matching
-    functions that have none."""
+    names match *include* (patterns separated by commas: any of them) and none of
+    *exclude*: the 5-byte NOP of ``-pg -mfentry -mnop-mcount`` or the five 1-byte
+    NOPs of ``-fpatchable-function-entry=5``, at the function's start or after its
+    ``endbr64``; and the names of the matching functions that have none."""
     excluded = list(exclude)
+    included = [pattern for pattern in include.split(",") if pattern] or ["*"]
     sites: Dict[int, None] = {}
     skipped: List[str] = []
     for sym in elf.iter_symbols():
-        if sym.kind != "func" or sym.ifunc or not sym.size or not fnmatch.fnmatchcase(sym.name, include) \
+        if sym.kind != "func" or sym.ifunc or not sym.size or not any(fnmatch.fnmatchcase(sym.name, pattern) for pattern in included) \
                 or any(fnmatch.fnmatchcase(sym.name, pattern) for pattern in excluded):
             continue
         code = elf.read(sym.address, 9, partial=True)
@@ -455,6 +456,11 @@ class Probes:
         patcher = space.patcher
         if probe.is_return:
             check_shadow_stack(space.pid, procfs.read_status(space.pid))
+        if probe.spec.kind == "calls":
+            why = patcher.why_no_slots()
+            if why is not None:            # (an int3 at every function entry would only slow it)
+                raise TracerError(f"calls are recorded through jmp slots only, which process {space.pid} "
+                                  f"cannot use: {why}")
         sites: List[Site] = []
         notes: List[Optional[UsdtNote]] = []
         labels: List[Optional[str]] = []

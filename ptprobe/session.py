@@ -124,7 +124,7 @@ class Session:
         else:
             self.actions.update(site)
         if self.actions.recording:
-            self.loop.idle = self.actions.drain
+            self.loop.idle = self.actions.drain_some
 
     def _after_exec(self, process: Process, former: AddressSpace) -> None:
         if former.owner is process:
@@ -271,9 +271,11 @@ class Session:
         probe = self._probes.add(spec, handler, mode="record")
         return self._arm(probe)
 
-    def trace_calls(self, path: str, functions: str = "*", exclude: Sequence[str] = ()) -> Probe:
+    def trace_calls(self, path: str, functions: Union[str, Sequence[str]] = "*",
+                    exclude: Sequence[str] = ()) -> Probe:
         """Record every call of the functions of *path* (a file, or a mapped
-        object's name) whose names match *functions* and none of *exclude*: each
+        object's name) whose names match *functions* (a pattern, or several: any of
+        them) and none of the patterns of *exclude*: each
         entry and exit, with its time and thread, written by the program itself
         (no stop), return addresses taken over in the program. The calls arrive
         in ``probe.calls`` (a :class:`~ptprobe.calltrace.CallTrace`) as
@@ -283,7 +285,8 @@ class Session:
         self._check_thread()
         if self.actions.calls is None:
             self.actions.calls = CallTrace()
-        spec = ProbeSpec(f"calls:{path}:{functions}", "calls", path, symbol=functions, exclude=tuple(exclude))
+        patterns = functions if isinstance(functions, str) else ",".join(functions)
+        spec = ProbeSpec(f"calls:{path}:{patterns}", "calls", path, symbol=patterns, exclude=tuple(exclude))
         probe = self._probes.add(spec, None, mode="graph")
         probe.calls = self.actions.calls
         return self._arm(probe)

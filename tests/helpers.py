@@ -515,10 +515,12 @@ def repo_env() -> Dict[str, str]:
     return env
 
 
-def ptprobe_cli(*args: str, prefix: Sequence[str] = (), timeout: float = 60) -> subprocess.CompletedProcess:
-    """``python -m ptprobe ARGS`` from the repository, run to its end; output captured (text)."""
+def ptprobe_cli(*args: str, prefix: Sequence[str] = (), timeout: float = 60,
+                cwd: Optional[str] = None) -> subprocess.CompletedProcess:
+    """``python -m ptprobe ARGS`` from the repository (or *cwd*), run to its end; output
+    captured (text)."""
     env = dict(repo_env(), PYTHONDONTWRITEBYTECODE="1")
-    return subprocess.run([*prefix, sys.executable, "-m", "ptprobe", *args], cwd=str(REPO), env=env,
+    return subprocess.run([*prefix, sys.executable, "-m", "ptprobe", *args], cwd=cwd or str(REPO), env=env,
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -533,12 +535,14 @@ def summaries(stderr: str) -> dict:
 
 
 def ptprobe_popen(*args: str, prefix: Sequence[str] = (), stdout: object = subprocess.PIPE,
-                  stderr: object = subprocess.PIPE) -> subprocess.Popen:
-    """``python -m ptprobe ARGS`` from the repository, started and left running; stdout and
-    stderr on pipes (bytes) unless told otherwise. The caller waits for it (with a timeout)."""
+                  stderr: object = subprocess.PIPE, stdin: object = subprocess.DEVNULL,
+                  cwd: Optional[str] = None) -> subprocess.Popen:
+    """``python -m ptprobe ARGS`` from the repository (or *cwd*), started and left running;
+    stdout and stderr on pipes (bytes) unless told otherwise. The caller waits for it
+    (with a timeout)."""
     env = dict(repo_env(), PYTHONDONTWRITEBYTECODE="1")
-    return subprocess.Popen([*prefix, sys.executable, "-m", "ptprobe", *args], cwd=str(REPO), env=env,
-                            stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
+    return subprocess.Popen([*prefix, sys.executable, "-m", "ptprobe", *args], cwd=cwd or str(REPO), env=env,
+                            stdin=stdin, stdout=stdout, stderr=stderr)
 
 
 def stop_popen(proc: subprocess.Popen) -> None:

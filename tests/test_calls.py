@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 from collections import Counter, defaultdict
 from typing import Dict, List, Tuple
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import struct
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from .. import arch, codegen, linux, usdt
 from ..calltrace import CallTrace
@@ -32,12 +32,18 @@ from .calls import SpaceGraph, exit_trampoline
 ErrorReport = Callable[[object, object, BaseException], None]
 ARG_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 _U64 = struct.Struct("<Q")
+#: a call record: header, time (TSC), thread key, depth (entry) or frames lost (exit)
+_CALL_RECORD = struct.Struct("<4Q")
+assert codegen.ENTRY_RECORD == codegen.EXIT_RECORD == _CALL_RECORD.size
 _THREAD_MASK = (1 << codegen.FAULT_SHIFT) - 1
 _AT_HWCAP2 = 26
 _HWCAP2_FSGSBASE = 2
 #: A thread whose ring-full stops find nothing to drain this many times in a row
 #: drops its record (its own unfinished record may be what blocks the ring).
 _FULL_STOPS_WITHOUT_PROGRESS = 64
+#: At most this much of a ring is read per idle call of the loop, and a quarter of
+#: the ring at a ring-full stop: the writer goes on while the rest is read.
+_IDLE_DRAIN_BYTES = 64 << 10
 
 Decoder = Callable[[int], object]
 
@@ -102,6 +108,8 @@ class _SpaceData:
         self.stubs: List[Optional[_Stub]] = []
         self.keys: Dict[int, int] = {}          # thread key (fs_base) -> tid
         self.graph: Optional[SpaceGraph] = None
+        #: the committed headers of call records: header -> (0 entry / 1 exit, function)
+        self.call_headers: Dict[int, Tuple[int, str]] = {}
 
 
 class Actions:
@@ -216,12 +224,16 @@ class Actions:
         data.stubs.append(_Stub(site, [int], codegen.ENTRY_RECORD, kind="entry"))
         exit_id = len(data.stubs)
         data.stubs.append(_Stub(site, [int], codegen.EXIT_RECORD, kind="exit"))
-        body = codegen.graph_entry_body(codegen.make_header(entry_id, codegen.ENTRY_RECORD),
-                                        codegen.make_header(exit_id, codegen.EXIT_RECORD),
-                                        data.region.ring_layout(), graph.layout, lossless=self.lossless)
+        entry_header = codegen.make_header(entry_id, codegen.ENTRY_RECORD)
+        exit_header = codegen.make_header(exit_id, codegen.EXIT_RECORD)
+        body = codegen.graph_entry_body(entry_header, exit_header, data.region.ring_layout(), graph.layout,
+                                        lossless=self.lossless)
         at = patcher.stub_room(site, len(body) + arch.JMP_REL32_SIZE)
         if at is None:
             return
+        name = data.stubs[entry_id].name
+        data.call_headers[entry_header] = (0, name)
+        data.call_headers[exit_header] = (1, name)
         code = codegen.place_stub(body, at, site.resume)
         stops = codegen.syscall_return_offsets(code)          # a thread not entered; the ring full
         patcher.set_stub(site, at, code, stops[1] if len(stops) > 1 else None)
@@ -447,6 +459,7 @@ class Actions:
                                                    s.decoders, s.size, s.kind) for s in data.stubs]
         if data.graph is not None:
             copy.graph = data.graph.fork(space, region)
+            copy.call_headers = dict(data.call_headers)
         self._data[id(space)] = copy
         self._spaces[id(space)] = space
         for thread in child.threads.values():
@@ -454,11 +467,17 @@ class Actions:
                 self._note(copy, thread)
 
     # --- consuming records -------------------------------------------------------------------
-    def drain(self) -> int:
-        """Deliver every committed record of every region; return how many."""
+    def drain(self, limit: Optional[int] = None) -> int:
+        """Deliver the committed records of every region (at most about *limit*
+        bytes of each); return how many."""
         if not self._data:
             return 0
-        return sum(self._drain_space(data) for data in list(self._data.values()))
+        return sum(self._drain_space(data, limit) for data in list(self._data.values()))
+
+    def drain_some(self) -> int:
+        """Deliver a bounded share of the records (the loop's idle work: the loop
+        stays quick to answer stops while the program writes more)."""
+        return self.drain(_IDLE_DRAIN_BYTES)
 
     def _clock(self) -> Tuple[int, int, float]:
         """(tsc0, ns0, ns per tick) to turn a record's TSC into CLOCK_MONOTONIC ns,
@@ -471,23 +490,37 @@ class Actions:
             self._calibrate_at = now + 200_000_000
         return self._tsc0, self._ns0, self._ns_per_tick or 1.0
 
-    def _drain_space(self, data: _SpaceData) -> int:
+    def _drain_space(self, data: _SpaceData, limit: Optional[int] = None) -> int:
         region = data.region
         tail = region.tail
         head = region.head
         if tail >= head:
             return 0
-        chunk = region.ring_bytes(tail, head - tail)
+        whole = limit is None or head - tail <= limit
+        chunk = region.ring_bytes(tail, head - tail if whole else limit)
         end = len(chunk)
         tsc0, ns0, scale = self._clock()
         keys = data.keys
+        keys_get = keys.get
         pid = data.pid
         unpack_header = _U64.unpack_from
         kinds: Dict[int, Optional[Tuple]] = {}         # header -> what to do with such records
+        calls = self.calls
+        call_headers = data.call_headers
         delivered = 0
         at = 0
         while at < end:
             header = unpack_header(chunk, at)[0]
+            if header in call_headers:
+                # a run of call entries and exits: handed over as they are, decoded
+                # when the calls are read (the program is not kept waiting for that)
+                count = _call_run(chunk, at, end, call_headers)
+                if calls is not None:
+                    calls.add_events(_call_events(bytes(chunk[at:at + count * _CALL_RECORD.size]), pid,
+                                                  dict(keys), (tsc0, ns0, scale), call_headers))
+                at += count * _CALL_RECORD.size
+                delivered += count
+                continue
             kind = kinds.get(header)
             if kind is None:
                 if header == 0 or header & codegen.HEADER_PENDING:
@@ -497,35 +530,29 @@ class Actions:
                     continue
                 kind = kinds[header] = self._kind(data, header)
             size, stub, unpack, handlers = kind
-            if stub is None or at + size > end:
+            if at + size > end:
+                if not whole:
+                    break                             # the rest of it is past the limit
+                at += size
+                continue
+            if stub is None:
                 at += size
                 continue
             values = unpack(chunk, at + 8)
             at += size
             delivered += 1
-            if stub.kind != "record":
-                calls = self.calls
-                if calls is not None:
-                    time_ns = ns0 + int((values[0] - tsc0) * scale)
-                    if stub.kind == "entry":
-                        depth = values[2]
-                        calls.entered(pid, keys.get(values[1], 0), stub.name, time_ns,
-                                      None if depth == linux.U64 else depth)
-                    else:
-                        calls.exited(pid, keys.get(values[1], 0), time_ns, values[2])
-                continue
             if not handlers:
                 continue
             site = stub.site
             time_ns = ns0 + int((values[0] - tsc0) * scale)
             thread = values[1]
             if thread >> codegen.FAULT_SHIFT:                 # some argument could not be read
-                tid = keys.get(thread & _THREAD_MASK, 0)
+                tid = keys_get(thread & _THREAD_MASK, 0)
                 faults = thread >> codegen.FAULT_SHIFT
                 args = tuple(UNREADABLE if faults >> i & 1 else decode(v)
                              for i, (decode, v) in enumerate(zip(stub.decoders, values[2:])))
             else:
-                tid = keys.get(thread, 0)
+                tid = keys_get(thread, 0)
                 args = values[2:] if stub.plain else tuple(decode(v) for decode, v in zip(stub.decoders, values[2:]))
             for probe, handler in handlers:
                 record = Record(probe, site, pid, tid, time_ns, args)
@@ -546,6 +573,8 @@ class Actions:
         stub = data.stubs[stub_id] if 0 <= stub_id < len(data.stubs) else None
         if stub is None:
             return (size, None, None, [])
+        if stub.kind != "record":              # a call record whose stub was not placed
+            return (size, stub, stub.unpack, [])
         handlers = [(p, p.handler) for p in stub.site.probes if p.mode == "record" and p.handler is not None]
         return (size, stub, stub.unpack, handlers)
 
@@ -559,7 +588,7 @@ class Actions:
     def ring_full(self, thread: Thread) -> bool:
         """A stub of *thread* found the ring full: drain it. True: let the stub try
         again; False: make it drop its record (no progress for too long)."""
-        delivered = self.drain()
+        delivered = self.drain(self.ring_size // 4)
         tid = thread.tid
         if delivered:
             self._full_stops.pop(tid, None)
@@ -578,6 +607,34 @@ class Actions:
             self._drain_space(data)
         if self.calls is not None:
             self.calls.process_gone(space.pid)
+
+
+def _call_run(chunk: bytes, at: int, end: int, headers: Dict[int, Tuple[int, str]]) -> int:
+    """How many call records follow one another in *chunk* from *at* (one at least:
+    the caller saw the first header), whole before *end*."""
+    size = _CALL_RECORD.size
+    count = (end - at) // size
+    words = memoryview(chunk)[at:at + count * size].cast("Q")
+    found = words[::size // 8].tolist()
+    if headers.keys() >= set(found):
+        return count
+    for i, header in enumerate(found):
+        if header not in headers:
+            return i
+    return count
+
+
+def _call_events(raw: bytes, pid: int, keys: Dict[int, int], clock: Tuple[int, int, float],
+                 headers: Dict[int, Tuple[int, str]]) -> Iterator[tuple]:
+    """The events of a run of call records, as :meth:`CallTrace.add_events` takes
+    them: decoded when the calls are read."""
+    tsc0, ns0, scale = clock
+    keys_get = keys.get
+    no_depth = linux.U64
+    yield from [(kind, pid, keys_get(thread, 0), name, ns0 + int((tsc - tsc0) * scale),
+                 None if value == no_depth and kind == 0 else value)
+                for header, tsc, thread, value in _CALL_RECORD.iter_unpack(raw)
+                for kind, name in (headers[header],)]
 
 
 def _stack_key(space: AddressSpace, rsp: int) -> int:

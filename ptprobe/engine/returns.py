@@ -165,8 +165,11 @@ class Returns:
         sp = raw.rsp
         loader: Optional[Callable[[], Dict[str, int]]] = None
         if form.saved:
-            def loader() -> Dict[str, int]:
-                return dict(zip(form.saved, arch.SLOT_SAVED.unpack(mem.read(sp, arch.SLOT_SAVED.size))))
+            saved = form.saved
+
+            def read_saved() -> Dict[str, int]:
+                return dict(zip(saved, arch.SLOT_SAVED.unpack(mem.read(sp, arch.SLOT_SAVED.size))))
+            loader = read_saved
         regs = Regs(raw, {"rip": chain[-1].return_address, "rsp": slot + 8}, loader)
         thread.in_hit = frame
         pid = thread.process.pid

@@ -11,8 +11,9 @@
  *                               prints "pid P forked" from each process
  *   graph_target exec           execer() -> exec of itself with "fib 5" (frames pending)
  *   graph_target exit           quitter() calls inner(), then exit(3) inside it
- *   graph_target wait           calls outer() in a loop, printing "progress N" every 100000
- *                               calls, until a byte arrives on stdin; prints "sum S"
+ *   graph_target wait [PACE]    calls outer() in a loop, printing "progress N" every 100000
+ *                               calls, until a byte arrives on stdin; prints "sum S calls N";
+ *                               with PACE, sleeps a millisecond after every PACE calls
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -117,10 +118,13 @@ int main(int argc, char **argv)
         long sum = 0, i = 0;
         char c;
         printf("ready\n");
+        long pace = argc > 2 ? atol(argv[2]) : 0;
         while (read(0, &c, 1) != 1) {
             sum += outer(i++);
             if (i % 100000 == 0)
                 printf("progress %ld\n", i);
+            if (pace > 0 && i % pace == 0)
+                usleep(1000);
         }
         printf("sum %ld calls %ld\n", sum, i);
     } else {
