@@ -132,3 +132,13 @@ def test_in_program(report):
     _positive(section, "bare_call_ns", "record_ns", "consumer_trivial_ns", "consumer_json_ns", "stop_handler_ns",
               "stop_json_ns", "stop_2threads_default_ns")
     _positive(section["count_ns"], "0", "2", "4")
+
+
+def test_call_graphs(report):
+    """The call-graph section: ns per recorded call, bare and under ptprobe, one and 4 threads."""
+    section = report["calls"]
+    assert set(section["per_call"]) == {"1", "4"}
+    for row in section["per_call"].values():
+        _positive(row, "bare_ns", "ptprobe_ns")
+        assert row["uftrace_ns"] is None or row["uftrace_ns"] > 0
+    assert "lua" not in section                   # --quick leaves the whole program out

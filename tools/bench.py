@@ -24,7 +24,12 @@ What it measures (every number a median of --runs runs):
   counting its calls), untraced and through ptprobe (self-returning slot, seed
   slot, int3; ptprobe's default placement): the min, median and max of the calls
   per thread, and min/median (the goal: at least 0.1). ``--fairness-only`` runs
-  just this part.
+  just this part;
+* work inside the program (tools/bench_inprogram.py): counting and recording
+  with no stop, against the kernel's uprobes and against stops;
+* call graphs (tools/bench_calls.py): the cost of a recorded call against the
+  bare call and uftrace, and a whole Lua interpreter recorded (``--no-lua``
+  leaves it out).
 
 Hit rates come from the target itself: it times its measured phase with the
 vDSO clock after a warm-up, so start-up and arming are not counted. Each
@@ -586,6 +591,14 @@ def run_benchmark(args) -> Dict:
         except (SystemExit, OSError, subprocess.SubprocessError, ptprobe.PtprobeError) as exc:
             result["errors"].append(f"in the program: {exc}")
 
+        # -- call graphs (tools/bench_calls.py; the whole-program case needs Lua's sources)
+        log("call graphs ...")
+        try:
+            import bench_calls
+            result["calls"] = bench_calls.run(runs, bool(args.quick), lua=not args.no_lua)
+        except (SystemExit, OSError, subprocess.SubprocessError, ptprobe.PtprobeError) as exc:
+            result["errors"].append(f"call graphs: {exc}")
+
     compute_ratios(result)
     return result
 
@@ -737,6 +750,10 @@ def format_table(result: Dict) -> str:
         import bench_inprogram
         add(bench_inprogram.format_report(result["in_program"]))
         add("")
+    if result.get("calls"):
+        import bench_calls
+        add(bench_calls.format_report(result["calls"]))
+        add("")
     if result["errors"]:
         add("Errors:")
         for e in result["errors"]:
@@ -768,6 +785,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--fair-seconds", type=int, default=None,
                         help="seconds of each fairness run (default 10, --quick 1)")
     parser.add_argument("--fairness-only", action="store_true", help="measure only the per-thread fairness")
+    parser.add_argument("--no-lua", action="store_true",
+                        help="call graphs: skip the whole-program case (it downloads Lua's sources once)")
     args = parser.parse_args(argv)
     if args.fair_seconds is None:
         args.fair_seconds = 1 if args.quick else 10
