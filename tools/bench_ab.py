@@ -8,7 +8,9 @@ extracted with ``git archive`` into a temporary directory) trace the same
 target (tools/bench_target.c, built once), alternating case by case and run by
 run, so that both see the same machine state. Tracer and program are pinned to
 one CPU (the ``same`` placement of tools/bench.py). Prints the median us per hit
-of each side and their ratio (after/before: below 1 is faster).
+of each side and their ratio (after/before: below 1 is faster). Every case
+measures the stop path: sessions run with ``in_program=False``, so that a probe
+without a handler stops instead of counting inside the program.
 """
 
 from __future__ import annotations
@@ -36,16 +38,18 @@ CASES = {
     "seed+handler": ("nop5", "seed", True),
     "int3": ("nop5", "int3", False),
     "int3+handler": ("nop5", "int3", True),
+    "int3+args": ("nop5", "int3", "args"),
     "int3-push": ("push", "int3", False),
     "usdt-nop1+nop5": ("usdt_nop1_5", "return", False),
 }
 
 # Runs in a child Python whose sys.path starts with one tree; prints ns per hit.
 _DRIVER = r"""
-import json, os, sys
+import inspect, json, os, sys
 import ptprobe
-target, site, mechanism, handler, n, outfile, cpu = sys.argv[1:8]
+target, site, mechanism, handler, n, outfile, cpu, tree = sys.argv[1:9]
 n = int(n); cpu = int(cpu)
+assert os.path.realpath(ptprobe.__file__).startswith(os.path.realpath(tree) + os.sep), ptprobe.__file__
 os.sched_setaffinity(0, {cpu})
 def trivial(hit):
     pass
@@ -53,8 +57,13 @@ def args(hit):
     hit.args[0]
 handlers = {"False": None, "True": trivial, "args": args}
 slots = "seed" if mechanism == "seed" else "return"
-session = ptprobe.run([target, site, str(n), "1", "200", outfile], slots=slots,
-                      seccomp=mechanism != "int3", colocate=False)
+options = dict(slots=slots, seccomp=mechanism != "int3", colocate=False)
+# in_program=False: a probe without a handler must stop (it would otherwise count
+# inside the program, and the case would not measure the stop path); a tree from
+# before in-program actions has no such option and always stops
+if "in_program" in inspect.signature(ptprobe.Session).parameters:
+    options["in_program"] = False
+session = ptprobe.run([target, site, str(n), "1", "200", outfile], **options)
 with session:
     os.sched_setaffinity(session.main_pid, {cpu})
     probe = session.probe(f"uprobe:{target}:site_{site}", handlers[handler])
@@ -83,8 +92,11 @@ def extract(rev: str, into: Path) -> None:
 def once(tree: Path, target: str, case: str, n: int, outfile: str, cpu: int) -> float:
     site, mechanism, handler = CASES[case]
     env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1")
+    # cwd=tree: "python -c" puts the working directory first on sys.path, ahead of
+    # PYTHONPATH, so run from elsewhere both sides would import the same ptprobe
     out = subprocess.run([sys.executable, "-c", _DRIVER, target, site, mechanism, str(handler), str(n),
-                          outfile, str(cpu)], capture_output=True, text=True, env=env, timeout=600)
+                          outfile, str(cpu), str(tree)], capture_output=True, text=True, env=env,
+                         timeout=600, cwd=str(tree))
     if out.returncode != 0:
         raise SystemExit(f"bench_ab: {case} in {tree} failed: {out.stderr.strip()[-500:]}")
     return float(out.stdout.strip().splitlines()[-1]) / 1000.0
