@@ -44,7 +44,6 @@ class StackSource(Protocol):
 REGISTER_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
                   "r12", "r13", "r14", "r15", "rip", "eflags", "fs_base", "gs_base",
                   "cs", "ss", "ds", "es", "fs", "gs")
-_STACKED = arch.SLOT_SAVED_REGISTERS   # saved on the stack by a slot
 
 
 class Regs:
@@ -54,30 +53,74 @@ class Regs:
     new value after the site), ``hit.regs.rip = address`` resumes elsewhere.
     ``rflags`` is another name for ``eflags``. The view is the same whether the
     hit came through an int3 or a slot.
+
+    The engine builds the view over the thread's registers as read (*raw*), or
+    with *raw* None over thread *tid* itself, read when a handler asks: the
+    first register by one ``PTRACE_PEEKUSER``, the whole set at the second.
+    *values* are what the view shows instead of the thread's registers (rip at
+    the probe address). A slot or the return trampoline keeps the registers
+    *saved* (in :data:`arch.SLOT_SAVED` order) at the thread's rsp, read from
+    *mem* when first needed, and the program's rsp is the thread's plus
+    *rsp_delta*.
     """
 
-    __slots__ = ("_raw", "_values", "_dirty", "_loader")
+    __slots__ = ("_raw", "_tid", "_peeked", "_values", "_dirty", "_saved", "_delta", "_mem")
 
-    def __init__(self, raw: linux.Registers, values: Dict[str, int],
-                 loader: Optional[Callable[[], Dict[str, int]]] = None) -> None:
+    def __init__(self, raw: Optional[linux.Registers], values: Dict[str, int], *, tid: int = 0,
+                 saved: Tuple[str, ...] = (), rsp_delta: int = 0, mem: Optional[linux.Memory] = None) -> None:
         self._raw = raw
-        self._values = values           # values that differ from the raw registers
+        self._tid = tid
+        self._peeked: Optional[Tuple[str, int]] = None     # the one register read alone
+        self._values = values           # the view's values that differ from the thread's registers
         self._dirty: Set[str] = set()
-        self._loader = loader           # the program's rax/r11/rcx from a slot's stack, on demand
+        self._saved = saved             # saved at the thread's rsp, not read yet
+        self._delta = rsp_delta
+        self._mem = mem
 
     def get(self, name: str) -> int:
         """The program's value of register *name* (a name of :data:`REGISTER_NAMES`)."""
         value = self._values.get(name)
         if value is not None:
             return value
-        if self._loader is not None and name in _STACKED:
+        if name in self._saved:
             self.load_stacked()
             return self._values[name]
-        return getattr(self._raw, name)
+        if name == "rsp" and self._delta:
+            value = self._values["rsp"] = self.thread_value("rsp") + self._delta
+            return value
+        return self.thread_value(name)
 
+    def thread_value(self, name: str) -> int:
+        """Register *name* as the stopped thread has it (not the program's view:
+        inside a slot, rsp points at the slot's frame)."""
+        raw = self._raw
+        if raw is None:
+            peeked = self._peeked
+            if peeked is None:
+                value = linux.peek_register(self._tid, name)
+                if value is not None:
+                    self._peeked = (name, value)
+                    return value
+            elif peeked[0] == name:
+                return peeked[1]
+            raw = self.raw
+        return getattr(raw, name)
+
+    @property
+    def raw(self) -> linux.Registers:
+        """The thread's whole register set (read now if it was not)."""
+        raw = self._raw
+        if raw is None:
+            raw = self._raw = linux.get_regs(self._tid)
+        return raw
+
+    @property
+    def loaded(self) -> bool:
+        """True once the whole register set was read."""
+        return self._raw is not None
 
     def _set(self, name: str, value: int) -> None:
-        if self._loader is not None and name in _STACKED:
+        if name in self._saved:
             self.load_stacked()
         self._values[name] = int(value) & linux.U64
         self._dirty.add(name)
@@ -85,10 +128,13 @@ class Regs:
     def load_stacked(self) -> None:
         """Read the registers a slot saved on the stack now (the engine needs them
         all to finish a slot by hand)."""
-        if self._loader is not None:
-            for name, value in self._loader().items():
-                self._values.setdefault(name, value)
-            self._loader = None
+        saved = self._saved
+        if saved:
+            assert self._mem is not None
+            data = self._mem.read(self.thread_value("rsp"), 8 * len(saved))
+            for index, name in enumerate(saved):
+                self._values.setdefault(name, int.from_bytes(data[8 * index:8 * index + 8], "little"))
+            self._saved = ()
 
     def move_to(self, address: int) -> None:
         """Show the program at *address* (the next site of a chained patch): rip

@@ -166,6 +166,61 @@ def test_handler_writes_rax_rcx_r11_rbx(slots, capfd):
     assert want in out, out
 
 
+MECHANISMS = pytest.mark.parametrize("options", [{"slots": "seed"}, {"slots": "return"}, {"seccomp": False}],
+                                     ids=["seed", "return", "int3"])
+
+
+@MECHANISMS
+@pytest.mark.parametrize("name", ["rbx", "rdi", "rcx"])
+def test_handler_reading_one_register(options, name, capfd):
+    """A handler that reads one register gets the program's value (read alone, by
+    PTRACE_PEEKUSER, or from the slot's stack for rcx), also when that value is -1,
+    which PEEKUSER cannot tell from an error."""
+    binary = fast_build("fast_regs.c")
+    k = _probe_k(binary)
+    index = {"rbx": 1, "rdi": 5, "rcx": 2}[name]
+    seen: List[int] = []
+
+    def handler(hit):
+        seen.append(getattr(hit.regs, name))
+
+    for seed in (0x0123456789ABCDEF, k[index] ^ linux.U64):       # the second makes it -1
+        status, (probe,) = _run([binary, "modify", hex(seed)], [(f"uprobe:{binary}:regs_site", handler)],
+                                **options)
+        out = capfd.readouterr().out
+        assert status == 0, out
+        assert probe.hits == 1 and probe.errors == 0
+        assert seen.pop() == seed ^ k[index]
+    assert not seen
+
+
+@MECHANISMS
+@pytest.mark.parametrize("names", [("rbx",), ("rbx", "rax"), ("rbx", "rax", "rcx", "r11")],
+                         ids=["rbx", "rbx-rax", "rbx-rax-rcx-r11"])
+def test_handler_writes_some_registers(options, names, capfd):
+    """The registers a handler writes, one, two or more (written alone by
+    PTRACE_POKEUSER, into the slot's stack, or as the whole set), reach the
+    program; every other register comes through unchanged (the program checks)."""
+    binary = fast_build("fast_regs.c")
+    k = _probe_k(binary)
+    seed = 0x77
+    new = {"rax": 0xAAAA00000000AAAA, "rcx": 0xCCCC0000CCCC0001, "r11": 0x1111000011110011,
+           "rbx": 0xBBBB0000BBBB000B}
+
+    def handler(hit):
+        for name in names:
+            setattr(hit.regs, name, new[name])
+
+    status, (probe,) = _run([binary, "modify", hex(seed)], [(f"uprobe:{binary}:regs_site", handler)], **options)
+    out = capfd.readouterr().out
+    assert status == 0, out
+    assert probe.hits == 1 and probe.errors == 0
+    index = {"rax": 0, "rcx": 2, "r11": 11, "rbx": 1}
+    want = " ".join(f"{name}={new[name] if name in names else seed ^ k[index[name]]:#x}"
+                    for name in ("rax", "rcx", "r11", "rbx"))
+    assert want in out, out
+
+
 @SLOTS
 def test_handler_moves_rip(slots, capfd):
     binary = fast_build("fast_regs.c")

@@ -17,7 +17,7 @@ import errno
 import os
 import signal
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Optional, Set, Tuple
 
 from .. import arch, linux, procfs
 from ..errors import FaultError, NoSuchProcessError, PtprobeError
@@ -56,6 +56,23 @@ def finish_seed_slot(raw: linux.Registers, mem: linux.Memory, offset: int, resum
     raw.rip = resume
     if offset == arch.SEED_SLOT_SIZE:
         raw.orig_rax = linux.U64
+
+
+def write_back(tid: int, regs: Regs, names: Set[str], rip: Optional[int] = None) -> None:
+    """Write the view's registers *names* (and *rip*, if given) into the thread:
+    up to two by ``PTRACE_POKEUSER`` each, more as the whole set."""
+    if len(names) + (rip is not None) <= 2:
+        for name in names:
+            linux.poke_register(tid, name, regs.get(name))
+        if rip is not None:
+            linux.set_rip(tid, rip)     # PTRACE_POKEUSER costs the kernel a third of SETREGS
+        return
+    raw = regs.raw
+    for name in names:
+        setattr(raw, name, regs.get(name))
+    if rip is not None:
+        raw.rip = rip
+    linux.set_regs(tid, raw)
 
 
 class Hits:
@@ -181,44 +198,43 @@ class Hits:
     def _on_trap(self, event: Trap) -> None:
         thread = event.thread
         tid = thread.tid
-        raw = linux.get_regs(tid)
+        rip = linux.get_rip(tid)
         patcher = thread.process.space.patcher
-        site = patcher.int3_sites.get(raw.rip)
-        if site is None and raw.rip == patcher.return_stop and linux.is_int3_trap(tid):
-            self.returns.returned(thread, raw)
+        site = patcher.int3_sites.get(rip)
+        if site is None and rip == patcher.return_stop and linux.is_int3_trap(tid):
+            self.returns.returned(thread, linux.get_regs(tid))
             return
-        if site is not None or raw.rip in patcher.retired:
+        if site is not None or rip in patcher.retired:
             if linux.is_int3_trap(tid):
                 if site is not None:
-                    self._int3_hit(thread, site, raw)
+                    self._int3_hit(thread, site)
                 else:
                     # a trap from a site disarmed since: run the restored instruction
-                    linux.set_rip(tid, raw.rip - 1)
+                    linux.set_rip(tid, rip - 1)
                     self.loop.done(thread)
                 return
         thread.pending_signal = signal.SIGTRAP      # the program's own trap
         self.loop.done(thread)
 
-    def _int3_hit(self, thread: Thread, site: Site, raw: linux.Registers) -> None:
-        regs = Regs(raw, {"rip": site.address})
+    def _int3_hit(self, thread: Thread, site: Site) -> None:
+        tid = thread.tid
+        regs = Regs(None, {"rip": site.address}, tid=tid)
         thread.in_hit = site
         self._run_handlers(site, regs, thread)
         changed = regs.changed
-        for name in changed:
-            setattr(raw, name, regs.get(name))
         rip = regs.get("rip")
         if rip == site.address:
             to = continuation(site)
             if to is None:
+                raw = regs.raw
+                for name in changed:
+                    setattr(raw, name, regs.get(name))
                 self._step_over(thread, site, raw)
                 thread.in_hit = None
                 self.loop.done(thread)
                 return
-            raw.rip = to
-        if changed <= {"rip"}:
-            linux.set_rip(thread.tid, raw.rip)      # PTRACE_POKEUSER costs the kernel a third of SETREGS
-        else:
-            linux.set_regs(thread.tid, raw)
+            rip = to
+        write_back(tid, regs, changed - {"rip"}, rip)
         thread.in_hit = None
         self.loop.done(thread)
 
@@ -270,40 +286,13 @@ class Hits:
         tid = thread.tid
         space = thread.process.space
         patcher = space.patcher
-        raw = linux.get_regs(tid)
-        site = patcher.slot_sites.get(raw.rip)
-        if site is None and raw.rip == patcher.return_stop:
-            self.returns.returned(thread, raw)
-            return
-        if site is None and (raw.rip in patcher.stub_sites or raw.rip in patcher.retired_stubs):
-            # a recording stub found the ring full: drain it, then let the stub try
-            # again (0) or drop its record (-1); the syscall itself is skipped
-            retry = self.ring_full(thread)
-            raw.orig_rax = linux.U64
-            raw.rax = 0 if retry else linux.U64
-            linux.set_regs(tid, raw)
-            self.loop.done(thread)
-            return
+        site = patcher.slot_sites.get(linux.get_rip(tid))
         if site is None:
-            frame = patcher.slot_frame_at(raw.rip, after_syscall=True)
-            if frame is not None:
-                # a slot whose site was disarmed: finish the slot, no handlers
-                self._finish_slot(thread, raw, patcher, frame)
-            else:
-                # the slot's syscall number, made by someone else: it fails
-                raw.orig_rax = linux.U64
-                raw.rax = _EPROTO
-                linux.set_regs(tid, raw)
-            self.loop.done(thread)
+            self._other_slot_stop(thread)
             return
         mem = space.mem
-        sp = raw.rsp
-
-        def stacked() -> Dict[str, int]:
-            values = arch.SLOT_SAVED.unpack(mem.read(sp, arch.SLOT_SAVED.size))
-            return dict(zip(arch.SLOT_SAVED_REGISTERS, values))
-
-        regs = Regs(raw, {"rip": site.address, "rsp": sp + arch.SLOT_FRAME_SIZE}, stacked)
+        regs = Regs(None, {"rip": site.address}, tid=tid, saved=arch.SLOT_SAVED_REGISTERS,
+                    rsp_delta=arch.SLOT_FRAME_SIZE, mem=mem)
         thread.in_hit = site
         self._run_handlers(site, regs, thread)
         changed = regs.changed
@@ -312,17 +301,17 @@ class Hits:
             if changed:
                 saved = changed & set(arch.SLOT_SAVED_REGISTERS)
                 if saved:
-                    mem.write(sp, arch.SLOT_SAVED.pack(*(regs.get(n) for n in arch.SLOT_SAVED_REGISTERS)))
+                    mem.write(regs.thread_value("rsp"),
+                              arch.SLOT_SAVED.pack(*(regs.get(n) for n in arch.SLOT_SAVED_REGISTERS)))
                 others = changed - saved
                 if others:
-                    for name in others:
-                        setattr(raw, name, regs.get(name))
-                    linux.set_regs(tid, raw)
+                    write_back(tid, regs, others)
             thread.in_hit = None
             self.loop.done(thread)
             return
         # finish the slot here, as the program state in the view says
         regs.load_stacked()
+        raw = regs.raw
         for name in arch.SLOT_SAVED_REGISTERS + ("rsp",):
             setattr(raw, name, regs.get(name))
         for name in changed:
@@ -331,6 +320,36 @@ class Hits:
         raw.orig_rax = linux.U64
         linux.set_regs(tid, raw)
         thread.in_hit = None
+        self.loop.done(thread)
+
+    def _other_slot_stop(self, thread: Thread) -> None:
+        """A slot syscall stop that is not a site's hit: the return trampoline, a
+        recording stub with a full ring, a slot whose site was disarmed, or the
+        slot syscall number made by someone else."""
+        tid = thread.tid
+        patcher = thread.process.space.patcher
+        raw = linux.get_regs(tid)
+        if raw.rip == patcher.return_stop:
+            self.returns.returned(thread, raw)
+            return
+        if raw.rip in patcher.stub_sites or raw.rip in patcher.retired_stubs:
+            # a recording stub found the ring full: drain it, then let the stub try
+            # again (0) or drop its record (-1); the syscall itself is skipped
+            retry = self.ring_full(thread)
+            raw.orig_rax = linux.U64
+            raw.rax = 0 if retry else linux.U64
+            linux.set_regs(tid, raw)
+            self.loop.done(thread)
+            return
+        frame = patcher.slot_frame_at(raw.rip, after_syscall=True)
+        if frame is not None:
+            # a slot whose site was disarmed: finish the slot, no handlers
+            self._finish_slot(thread, raw, patcher, frame)
+        else:
+            # the slot's syscall number, made by someone else: it fails
+            raw.orig_rax = linux.U64
+            raw.rax = _EPROTO
+            linux.set_regs(tid, raw)
         self.loop.done(thread)
 
     def _finish_slot(self, thread: Thread, raw: linux.Registers, patcher: Patcher,

@@ -162,12 +162,7 @@ class Returns:
             return
         chain = frame.chain()
         mem = space.mem
-        sp = raw.rsp
-        loader: Optional[Callable[[], Dict[str, int]]] = None
-        if form.saved:
-            def loader() -> Dict[str, int]:
-                return dict(zip(form.saved, arch.SLOT_SAVED.unpack(mem.read(sp, arch.SLOT_SAVED.size))))
-        regs = Regs(raw, {"rip": chain[-1].return_address, "rsp": slot + 8}, loader)
+        regs = Regs(raw, {"rip": chain[-1].return_address, "rsp": slot + 8}, saved=form.saved, mem=mem)
         thread.in_hit = frame
         pid = thread.process.pid
         for call in chain:
