@@ -92,18 +92,22 @@ class Hits:
         loop.subscribe(Trap, self._on_trap)
 
     def site_changed(self, site: Site) -> None:
-        """Recompute whether *site* only counts; the hot path is on once any does."""
-        if site.refresh_counting():
-            self.loop.fast = self.counted
+        """Recompute whether *site* only counts. The hot path is on once a site is
+        armed: it takes the hits of sites that only count, and hands those with
+        handlers to their handlers without decoding the stop into an event."""
+        site.refresh_counting()
+        self.loop.fast = self.counted
 
     # --- the hot path --------------------------------------------------------------------
     def counted(self, tid: int, status: int) -> bool:
         """A hit on a site whose probes only count, resumed at once with the fewest
         system calls (self-returning slot: read rip and continue; int3: read rip,
         write it, continue; seed slot: read the registers and the saved ones,
-        write them, continue). False leaves the stop to the loop's dispatch: not
-        such a hit, or a thread or loop state (held, signals to deliver) that
-        needs the general path."""
+        write them, continue). A hit of an int3 site or a self-returning slot
+        whose probes have handlers goes straight to them (:meth:`_direct`). False
+        leaves the stop to the loop's dispatch: not such a hit, or a thread or
+        loop state (held, signals to deliver, its first stop) that needs the
+        general path."""
         thread = self.loop.threads.get(tid)
         if thread is None or thread.deferred_signals or thread.group_stop or self.loop.holding:
             return False
@@ -112,18 +116,22 @@ class Hits:
             return False
         patcher = proc.space.patcher
         raw: Optional[linux.Registers] = None
+        direct: Optional[Callable[[Thread, Site], None]] = None
         try:
             if status == TRAP_STOP:
                 rip = linux.get_rip(tid)
                 site = patcher.int3_sites.get(rip)
                 if site is None and rip == patcher.return_stop and linux.is_int3_trap(tid):
                     return self.returns.returned_fast(thread)
-                if site is None or not site.counting_only or not linux.is_int3_trap(tid):
+                if site is None or not linux.is_int3_trap(tid):
                     return False
-                to = continuation(site)
-                if to is None:
-                    return False
-                linux.set_rip(tid, to)
+                if not site.counting_only:
+                    direct = self._int3_hit
+                else:
+                    to = continuation(site)
+                    if to is None:
+                        return False
+                    linux.set_rip(tid, to)
             elif status != SLOT_STOP:
                 return False
             elif self.slot_kind == "return":
@@ -131,8 +139,10 @@ class Hits:
                 site = patcher.slot_sites.get(rip)
                 if site is None and rip == patcher.return_stop:
                     return self.returns.returned_fast(thread)
-                if site is None or not site.counting_only or site.slot_kind != "return":
+                if site is None or site.slot_kind != "return":
                     return False
+                if not site.counting_only:
+                    direct = self._slot_hit
             else:
                 raw = linux.get_regs(tid)
                 site = patcher.slot_sites.get(raw.rip)
@@ -142,18 +152,37 @@ class Hits:
                     return False
                 finish_seed_slot(raw, proc.space.mem, arch.SEED_SLOT_SIZE, site.resume)
                 linux.set_regs(tid, raw)
-            if site.returns:
+            if direct is None and site.returns:
                 rsp = raw.rsp if raw is not None else linux.get_rsp(tid) + (
                     arch.SLOT_FRAME_SIZE if status == SLOT_STOP else 0)
                 self.returns.entered_fast(thread, site, rsp)
         except (NoSuchProcessError, FaultError):
             return False            # killed meanwhile: the general path sees its end
+        if direct is not None:
+            return self._direct(thread, site, direct)
         for probe in site.probes:
             probe.stop_hits += 1
         try:
             linux.cont(tid)
         except NoSuchProcessError:
             thread.exited = True
+        return True
+
+    def _direct(self, thread: Thread, site: Site, hit: Callable[[Thread, Site], None]) -> bool:
+        """Handle a hit of *site* with handlers from the hot path: what the loop's
+        dispatch would do for it, without decoding the stop (*hit* is
+        :meth:`_int3_hit` or :meth:`_slot_hit`)."""
+        if thread.fresh:
+            return False            # its first stop: the loop has bookkeeping to do
+        thread.stopped = True
+        try:
+            hit(thread, site)
+        except NoSuchProcessError as exc:
+            thread.in_hit = None
+            if exc.pid == thread.tid:
+                thread.stopped = False      # killed while its stop was handled: its exit comes next
+            else:
+                self.loop.done(thread)      # another process vanished meanwhile: this thread goes on
         return True
 
     # --- handlers ---------------------------------------------------------------------------
@@ -290,7 +319,11 @@ class Hits:
         if site is None:
             self._other_slot_stop(thread)
             return
-        mem = space.mem
+        self._slot_hit(thread, site)
+
+    def _slot_hit(self, thread: Thread, site: Site) -> None:
+        tid = thread.tid
+        mem = thread.process.space.mem
         regs = Regs(None, {"rip": site.address}, tid=tid, saved=arch.SLOT_SAVED_REGISTERS,
                     rsp_delta=arch.SLOT_FRAME_SIZE, mem=mem)
         thread.in_hit = site
