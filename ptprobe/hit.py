@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 import time
-from typing import (TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Set, Tuple,
+from typing import (TYPE_CHECKING, AbstractSet, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Set, Tuple,
                     Union, cast, overload)
 
 from . import arch, linux
@@ -41,6 +41,11 @@ class StackSource(Protocol):
     def user_stack(self, tid: int, regs: RegisterSource, max_frames: int) -> Stack: ...
 
 #: The registers a handler can read and write by name.
+#: A slot's frame as :class:`Regs` takes it: the names of the registers saved at
+#: the thread's rsp, the program's rsp minus the thread's, where to read them.
+Frame = Tuple[Tuple[str, ...], int, linux.Memory]
+_NOTHING: AbstractSet[str] = frozenset()
+
 REGISTER_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
                   "r12", "r13", "r14", "r15", "rip", "eflags", "fs_base", "gs_base",
                   "cs", "ss", "ds", "es", "fs", "gs")
@@ -58,24 +63,24 @@ class Regs:
     with *raw* None over thread *tid* itself, read when a handler asks: the
     first register by one ``PTRACE_PEEKUSER``, the whole set at the second.
     *values* are what the view shows instead of the thread's registers (rip at
-    the probe address). A slot or the return trampoline keeps the registers
-    *saved* (in :data:`arch.SLOT_SAVED` order) at the thread's rsp, read from
-    *mem* when first needed, and the program's rsp is the thread's plus
-    *rsp_delta*.
+    the probe address). *frame*, for a stop inside a slot or the return
+    trampoline, is a :data:`Frame`: the registers saved at the thread's rsp (in
+    :data:`arch.SLOT_SAVED` order, read when first needed), how far above the
+    thread's rsp the program's is, and the memory to read them from.
     """
 
-    __slots__ = ("_raw", "_tid", "_peeked", "_values", "_dirty", "_saved", "_delta", "_mem")
+    # (positional parameters and no empty set until a write: a view is made per hit)
+    __slots__ = ("_raw", "_tid", "_peeked", "_values", "_dirty", "_saved", "_frame")
 
-    def __init__(self, raw: Optional[linux.Registers], values: Dict[str, int], *, tid: int = 0,
-                 saved: Tuple[str, ...] = (), rsp_delta: int = 0, mem: Optional[linux.Memory] = None) -> None:
+    def __init__(self, raw: Optional[linux.Registers], values: Dict[str, int], tid: int = 0,
+                 frame: Optional["Frame"] = None) -> None:
         self._raw = raw
         self._tid = tid
         self._peeked: Optional[Tuple[str, int]] = None     # the one register read alone
         self._values = values           # the view's values that differ from the thread's registers
-        self._dirty: Set[str] = set()
-        self._saved = saved             # saved at the thread's rsp, not read yet
-        self._delta = rsp_delta
-        self._mem = mem
+        self._dirty: Optional[Set[str]] = None
+        self._frame = frame
+        self._saved: Tuple[str, ...] = frame[0] if frame is not None else ()   # not read yet
 
     def get(self, name: str) -> int:
         """The program's value of register *name* (a name of :data:`REGISTER_NAMES`)."""
@@ -85,8 +90,8 @@ class Regs:
         if name in self._saved:
             self.load_stacked()
             return self._values[name]
-        if name == "rsp" and self._delta:
-            value = self._values["rsp"] = self.thread_value("rsp") + self._delta
+        if name == "rsp" and self._frame is not None and self._frame[1]:
+            value = self._values["rsp"] = self.thread_value("rsp") + self._frame[1]
             return value
         return self.thread_value(name)
 
@@ -123,15 +128,18 @@ class Regs:
         if name in self._saved:
             self.load_stacked()
         self._values[name] = int(value) & linux.U64
-        self._dirty.add(name)
+        if self._dirty is None:
+            self._dirty = {name}
+        else:
+            self._dirty.add(name)
 
     def load_stacked(self) -> None:
         """Read the registers a slot saved on the stack now (the engine needs them
         all to finish a slot by hand)."""
         saved = self._saved
         if saved:
-            assert self._mem is not None
-            data = self._mem.read(self.thread_value("rsp"), 8 * len(saved))
+            assert self._frame is not None
+            data = self._frame[2].read(self.thread_value("rsp"), 8 * len(saved))
             for index, name in enumerate(saved):
                 self._values.setdefault(name, int.from_bytes(data[8 * index:8 * index + 8], "little"))
             self._saved = ()
@@ -142,9 +150,9 @@ class Regs:
         self._values["rip"] = address
 
     @property
-    def changed(self) -> Set[str]:
+    def changed(self) -> AbstractSet[str]:
         """Names of the registers a handler wrote."""
-        return self._dirty
+        return self._dirty or _NOTHING
 
     def as_dict(self) -> Dict[str, int]:
         return {name: self.get(name) for name in REGISTER_NAMES}

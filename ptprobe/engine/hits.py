@@ -17,7 +17,7 @@ import errno
 import os
 import signal
 import time
-from typing import Callable, Optional, Set, Tuple
+from typing import AbstractSet, Callable, Optional, Tuple
 
 from .. import arch, linux, procfs
 from ..errors import FaultError, NoSuchProcessError, PtprobeError
@@ -58,7 +58,7 @@ def finish_seed_slot(raw: linux.Registers, mem: linux.Memory, offset: int, resum
         raw.orig_rax = linux.U64
 
 
-def write_back(tid: int, regs: Regs, names: Set[str], rip: Optional[int] = None) -> None:
+def write_back(tid: int, regs: Regs, names: AbstractSet[str], rip: Optional[int] = None) -> None:
     """Write the view's registers *names* (and *rip*, if given) into the thread:
     up to two by ``PTRACE_POKEUSER`` each, more as the whole set."""
     if len(names) + (rip is not None) <= 2:
@@ -247,7 +247,7 @@ class Hits:
 
     def _int3_hit(self, thread: Thread, site: Site) -> None:
         tid = thread.tid
-        regs = Regs(None, {"rip": site.address}, tid=tid)
+        regs = Regs(None, {"rip": site.address}, tid)
         thread.in_hit = site
         self._run_handlers(site, regs, thread)
         changed = regs.changed
@@ -324,8 +324,7 @@ class Hits:
     def _slot_hit(self, thread: Thread, site: Site) -> None:
         tid = thread.tid
         mem = thread.process.space.mem
-        regs = Regs(None, {"rip": site.address}, tid=tid, saved=arch.SLOT_SAVED_REGISTERS,
-                    rsp_delta=arch.SLOT_FRAME_SIZE, mem=mem)
+        regs = Regs(None, {"rip": site.address}, tid, (arch.SLOT_SAVED_REGISTERS, arch.SLOT_FRAME_SIZE, mem))
         thread.in_hit = site
         self._run_handlers(site, regs, thread)
         changed = regs.changed

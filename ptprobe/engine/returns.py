@@ -162,7 +162,7 @@ class Returns:
             return
         chain = frame.chain()
         mem = space.mem
-        regs = Regs(raw, {"rip": chain[-1].return_address, "rsp": slot + 8}, saved=form.saved, mem=mem)
+        regs = Regs(raw, {"rip": chain[-1].return_address, "rsp": slot + 8}, tid, (form.saved, 0, mem))
         thread.in_hit = frame
         pid = thread.process.pid
         for call in chain:
