@@ -31,7 +31,9 @@ class ArgumentSource(Protocol):
 
     def arguments(self, hit: "Hit") -> List[Value]: ...
 
-    def argument(self, hit: "Hit", index: int) -> Value: ...
+    def argument(self, hit: "Hit", index: int) -> Value:
+        """Argument *index* (0 up to ``argument_count(hit)``); a LookupError past the end."""
+        ...
 
 
 class StackSource(Protocol):
@@ -87,6 +89,9 @@ class Regs:
         value = self._values.get(name)
         if value is not None:
             return value
+        raw = self._raw
+        if raw is not None and not self._saved and name != "rsp":
+            return getattr(raw, name)       # (the common case, shortest)
         if name in self._saved:
             self.load_stacked()
             return self._values[name]
@@ -273,10 +278,12 @@ class Args(Sequence):
 
     def __init__(self, hit: Hit) -> None:
         self._hit = hit
-        self._len = hit.probe.argument_count(hit)
+        self._len = -1                  # counted when first needed
         self._values: Dict[int, Value] = {}
 
     def __len__(self) -> int:
+        if self._len < 0:
+            self._len = self._hit.probe.argument_count(self._hit)
         return self._len
 
     def __iter__(self) -> Iterator[Value]:
@@ -285,7 +292,7 @@ class Args(Sequence):
             values = self._hit.probe.arguments(self._hit)
             self._values.update(enumerate(values))
             return iter(values)
-        return (self[index] for index in range(self._len))
+        return (self[index] for index in range(len(self)))
 
     @overload
     def __getitem__(self, index: int) -> Value: ...
@@ -294,17 +301,23 @@ class Args(Sequence):
     def __getitem__(self, index: slice) -> List[Value]: ...
 
     def __getitem__(self, index):
+        if index.__class__ is int and index >= 0:
+            # the common case (hit.args[0]), with the fewest calls: no count needed,
+            # the probe refuses an index past the end (ArgumentSource.argument)
+            value = self._values.get(index)
+            if value is None:
+                try:
+                    value = self._values[index] = self._hit.probe.argument(self._hit, index)
+                except LookupError:
+                    raise IndexError("argument index out of range") from None
+            return value
         if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(self._len))]
+            return [self[i] for i in range(*index.indices(len(self)))]
         if index < 0:
-            index += self._len
-        if not 0 <= index < self._len:
+            index += len(self)
+        if not 0 <= index < len(self):
             raise IndexError("argument index out of range")
-        value = self._values.get(index)
-        if value is None:
-            value = self._hit.probe.argument(self._hit, index)
-            self._values[index] = value
-        return value
+        return self[index]
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, (list, tuple, Args)):
