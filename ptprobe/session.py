@@ -71,12 +71,13 @@ class Session:
         self.max_trampoline_pages = max_trampoline_pages
         self.follow = follow
         self.observer = observer or Observer()
-        self.placement = Placement({True: "single", False: "off"}.get(colocate, colocate))  # type: ignore[arg-type]
+        self.placement = Placement({True: "hitting", False: "off"}.get(colocate, colocate))  # type: ignore[arg-type]
         self._owner = threading.get_ident()
         patcher_options = dict(slots=slots, seccomp=seccomp, allow_no_new_privs=self.allow_no_new_privs,
                                max_pages=max_trampoline_pages, notice=self.observer.notice)
         self.in_program = in_program
         self.loop = EventLoop()
+        self.placement.counts = lambda: [(t.tid, t.stops) for t in list(self.loop.threads.values())]
         self.hits = Hits(self.loop, slot_kind=slots, on_handler_error=self._handler_error)
         self.actions = Actions(ring_size=ring_size, lossless=not drop, notice=self.observer.notice,
                                on_handler_error=self._handler_error)
@@ -243,6 +244,7 @@ class Session:
                     self.loop.run(until=lambda: self.returncode is not None)
                 finally:
                     self.placement.release()
+                    self.placement.check()
                     self.actions.drain()
                     if not self.attached:
                         self.loop.close()
@@ -374,9 +376,10 @@ def run(argv: Sequence[str], *, env: Optional[Dict[str, str]] = None, **options)
     program's own code (constructors included) has run.
 
     Options: ``slots`` ("return" or "seed"), ``seccomp`` (False: int3 only),
-    ``max_trampoline_pages``, ``follow``, ``observer``, ``colocate`` (True:
-    share one CPU with a single-threaded program, "all": with every thread,
-    False: never; see :mod:`ptprobe.placement`).
+    ``max_trampoline_pages``, ``follow``, ``observer``, ``colocate`` (True or
+    "hitting": share one CPU with the threads that hit probes often, and with a
+    single-threaded program; "single": only with a single-threaded program;
+    "all": with every thread; False: never; see :mod:`ptprobe.placement`).
     """
     session = Session(mode="run", **options)
     try:

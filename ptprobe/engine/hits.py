@@ -162,6 +162,7 @@ class Hits:
             return self._direct(thread, site, direct)
         for probe in site.probes:
             probe.stop_hits += 1
+        thread.stops += 1
         try:
             linux.cont(tid)
         except NoSuchProcessError:
@@ -187,6 +188,7 @@ class Hits:
 
     # --- handlers ---------------------------------------------------------------------------
     def _run_handlers(self, site: Site, regs: Regs, thread: Thread) -> None:
+        thread.stops += 1
         self._call_probes(site, regs, thread)
         for extra in site.chained:
             # the next instruction, inside this site's patch: as if the thread had gone on
