@@ -122,3 +122,20 @@ def test_in_program(report):
     _positive(section, "bare_call_ns", "record_ns", "consumer_trivial_ns", "consumer_json_ns", "stop_handler_ns",
               "stop_json_ns", "stop_2threads_default_ns")
     _positive(section["count_ns"], "0", "2", "4")
+
+
+def test_placement(report):
+    """The placement section: every policy on every case (1-16 hitting threads, a
+    single-threaded program, one hitting thread beside 7 that hit nothing), and the
+    rounds per second of the threads that hit nothing, also without a tracer."""
+    section = report["placement"]
+    assert section["policies"] == ["single", "all", "hitting", "off"]
+    rows = {(r["hitters"], r["busy"], r["policy"]): r for r in section["rows"]}
+    for case in ((0, 0), (1, 0), (2, 0), (4, 0), (16, 0), (1, 7)):
+        for policy in section["policies"]:
+            row = rows[case + (policy,)]
+            assert "error" not in row, row
+            _positive(row, "us_per_hit", "hits_per_s")
+            if case[1]:
+                _positive(row, "busy_ops_per_s")
+    assert section["busy_untraced_ops_per_s"]["7"] > 0
