@@ -29,6 +29,8 @@ from .loop import EventLoop
 from .returns import Returns
 
 ErrorReport = Callable[[object, object, BaseException], None]
+#: Hits._int3_hit or Hits._slot_hit: (thread, site, its registers if they were read)
+HitHandler = Callable[[Thread, Site, Optional[linux.Registers]], None]
 _EPROTO = (-errno.EPROTO) & linux.U64
 
 
@@ -103,11 +105,10 @@ class Hits:
         """A hit on a site whose probes only count, resumed at once with the fewest
         system calls (self-returning slot: read rip and continue; int3: read rip,
         write it, continue; seed slot: read the registers and the saved ones,
-        write them, continue). A hit of an int3 site or a self-returning slot
-        whose probes have handlers goes straight to them (:meth:`_direct`). False
-        leaves the stop to the loop's dispatch: not such a hit, or a thread or
-        loop state (held, signals to deliver, its first stop) that needs the
-        general path."""
+        write them, continue). A hit of a site whose probes have handlers goes
+        straight to them (:meth:`_direct`). False leaves the stop to the loop's
+        dispatch: not such a hit, or a thread or loop state (held, signals to
+        deliver, its first stop) that needs the general path."""
         thread = self.loop.threads.get(tid)
         if thread is None or thread.deferred_signals or thread.group_stop or self.loop.holding:
             return False
@@ -116,7 +117,7 @@ class Hits:
             return False
         patcher = proc.space.patcher
         raw: Optional[linux.Registers] = None
-        direct: Optional[Callable[[Thread, Site], None]] = None
+        direct: Optional[HitHandler] = None
         try:
             if status == TRAP_STOP:
                 rip = linux.get_rip(tid)
@@ -148,10 +149,13 @@ class Hits:
                 site = patcher.slot_sites.get(raw.rip)
                 if site is None and raw.rip == patcher.return_stop:
                     return self.returns.returned_fast(thread)
-                if site is None or not site.counting_only or site.slot_kind != "seed":
+                if site is None or site.slot_kind != "seed":
                     return False
-                finish_seed_slot(raw, proc.space.mem, arch.SEED_SLOT_SIZE, site.resume)
-                linux.set_regs(tid, raw)
+                if not site.counting_only:
+                    direct = self._slot_hit         # (with the registers read here)
+                else:
+                    finish_seed_slot(raw, proc.space.mem, arch.SEED_SLOT_SIZE, site.resume)
+                    linux.set_regs(tid, raw)
             if direct is None and site.returns:
                 rsp = raw.rsp if raw is not None else linux.get_rsp(tid) + (
                     arch.SLOT_FRAME_SIZE if status == SLOT_STOP else 0)
@@ -159,7 +163,7 @@ class Hits:
         except (NoSuchProcessError, FaultError):
             return False            # killed meanwhile: the general path sees its end
         if direct is not None:
-            return self._direct(thread, site, direct)
+            return self._direct(thread, site, direct, raw)
         for probe in site.probes:
             probe.stop_hits += 1
         thread.stops += 1
@@ -169,15 +173,16 @@ class Hits:
             thread.exited = True
         return True
 
-    def _direct(self, thread: Thread, site: Site, hit: Callable[[Thread, Site], None]) -> bool:
+    def _direct(self, thread: Thread, site: Site, hit: "HitHandler", raw: Optional[linux.Registers]) -> bool:
         """Handle a hit of *site* with handlers from the hot path: what the loop's
         dispatch would do for it, without decoding the stop (*hit* is
-        :meth:`_int3_hit` or :meth:`_slot_hit`)."""
+        :meth:`_int3_hit` or :meth:`_slot_hit`; *raw*: the registers, if they were
+        read)."""
         if thread.fresh:
             return False            # its first stop: the loop has bookkeeping to do
         thread.stopped = True
         try:
-            hit(thread, site)
+            hit(thread, site, raw)
         except NoSuchProcessError as exc:
             thread.in_hit = None
             if exc.pid == thread.tid:
@@ -247,9 +252,9 @@ class Hits:
         thread.pending_signal = signal.SIGTRAP      # the program's own trap
         self.loop.done(thread)
 
-    def _int3_hit(self, thread: Thread, site: Site) -> None:
+    def _int3_hit(self, thread: Thread, site: Site, raw: Optional[linux.Registers] = None) -> None:
         tid = thread.tid
-        regs = Regs(None, {"rip": site.address}, tid)
+        regs = Regs(raw, {"rip": site.address}, tid)
         thread.in_hit = site
         self._run_handlers(site, regs, thread)
         changed = regs.changed
@@ -323,10 +328,10 @@ class Hits:
             return
         self._slot_hit(thread, site)
 
-    def _slot_hit(self, thread: Thread, site: Site) -> None:
+    def _slot_hit(self, thread: Thread, site: Site, raw: Optional[linux.Registers] = None) -> None:
         tid = thread.tid
         mem = thread.process.space.mem
-        regs = Regs(None, {"rip": site.address}, tid, (arch.SLOT_SAVED_REGISTERS, arch.SLOT_FRAME_SIZE, mem))
+        regs = Regs(raw, {"rip": site.address}, tid, (arch.SLOT_SAVED_REGISTERS, arch.SLOT_FRAME_SIZE, mem))
         thread.in_hit = site
         self._run_handlers(site, regs, thread)
         changed = regs.changed
