@@ -72,7 +72,7 @@ class Regs:
     """
 
     # (positional parameters and no empty set until a write: a view is made per hit)
-    __slots__ = ("_raw", "_tid", "_peeked", "_values", "_dirty", "_saved", "_frame")
+    __slots__ = ("_raw", "_tid", "_peeked", "_values", "_dirty", "_saved", "_frame", "asked")
 
     def __init__(self, raw: Optional[linux.Registers], values: Dict[str, int], tid: int = 0,
                  frame: Optional["Frame"] = None) -> None:
@@ -83,6 +83,8 @@ class Regs:
         self._dirty: Optional[Set[str]] = None
         self._frame = frame
         self._saved: Tuple[str, ...] = frame[0] if frame is not None else ()   # not read yet
+        #: True once a register of the thread (not one the view knows) was asked for
+        self.asked = False
 
     def get(self, name: str) -> int:
         """The program's value of register *name* (a name of :data:`REGISTER_NAMES`)."""
@@ -91,6 +93,7 @@ class Regs:
             return value
         raw = self._raw
         if raw is not None and not self._saved and name != "rsp":
+            self.asked = True
             return getattr(raw, name)       # (the common case, shortest)
         if name in self._saved:
             self.load_stacked()
@@ -103,6 +106,7 @@ class Regs:
     def thread_value(self, name: str) -> int:
         """Register *name* as the stopped thread has it (not the program's view:
         inside a slot, rsp points at the slot's frame)."""
+        self.asked = True
         raw = self._raw
         if raw is None:
             peeked = self._peeked

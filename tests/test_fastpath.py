@@ -195,6 +195,39 @@ def test_handler_reading_one_register(options, name, capfd):
 
 
 @MECHANISMS
+def test_handler_reading_registers_at_some_hits(options, capfd):
+    """Hits whose handler reads registers and hits whose handler reads none, in turn
+    (after a handler that read, ptprobe reads the next stop's registers whole at
+    once): the values are the program's at every hit, and the program's registers
+    come through every one of them unchanged."""
+    binary = fast_build("fast_regs.c")
+    k = _probe_k(binary)
+    seed, passes = 0x0123456789ABCDEF, 60
+    problems: List[str] = []
+    count = [0]
+
+    def handler(hit):
+        n = count[0]
+        count[0] += 1
+        if n % 3 == 0:
+            return                              # reads nothing
+        r = hit.regs
+        for name, index in (("rdi", 5), ("rbx", 1), ("rcx", 2))[:1 + n % 3]:
+            if r[name] != (seed + n) ^ k[index]:
+                problems.append(f"hit {n}: {name}={r[name]:#x}, program had {(seed + n) ^ k[index]:#x}")
+        if r.rip != hit.address:
+            problems.append(f"hit {n}: rip={r.rip:#x}")
+
+    status, (probe,) = _run([binary, "check", hex(seed), str(passes)], [(f"uprobe:{binary}:regs_site", handler)],
+                            **options)
+    out = capfd.readouterr().out
+    assert f"check ok {passes}" in out, out
+    assert status == 0
+    assert probe.hits == passes and probe.errors == 0
+    assert problems == []
+
+
+@MECHANISMS
 @pytest.mark.parametrize("names", [("rbx",), ("rbx", "rax"), ("rbx", "rax", "rcx", "r11")],
                          ids=["rbx", "rbx-rax", "rbx-rax-rcx-r11"])
 def test_handler_writes_some_registers(options, names, capfd):

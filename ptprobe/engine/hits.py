@@ -90,6 +90,9 @@ class Hits:
         self.ring_full: Callable[[Thread], bool] = lambda thread: False
         #: return probes: entries of sites they watch, the return trampoline's stops
         self.returns = Returns(loop, on_handler_error=on_handler_error)
+        #: read a stop's whole register set at once instead of rip alone: the last
+        #: handler that ran asked for registers, so the next one likely will too
+        self.read_ahead = False
         loop.subscribe(SlotStop, self._on_slot_stop)
         loop.subscribe(Trap, self._on_trap)
 
@@ -116,11 +119,16 @@ class Hits:
         if proc.release_on_stop:
             return False
         patcher = proc.space.patcher
-        raw: Optional[linux.Registers] = None
+        raw: Optional[linux.Registers] = None           # a seed slot's registers
+        ahead: Optional[linux.Registers] = None         # the whole set, read at once (read_ahead)
         direct: Optional[HitHandler] = None
         try:
             if status == TRAP_STOP:
-                rip = linux.get_rip(tid)
+                if self.read_ahead:
+                    ahead = linux.get_regs(tid)
+                    rip = ahead.rip
+                else:
+                    rip = linux.get_rip(tid)
                 site = patcher.int3_sites.get(rip)
                 if site is None and rip == patcher.return_stop and linux.is_int3_trap(tid):
                     return self.returns.returned_fast(thread)
@@ -136,7 +144,11 @@ class Hits:
             elif status != SLOT_STOP:
                 return False
             elif self.slot_kind == "return":
-                rip = linux.get_rip(tid)
+                if self.read_ahead:
+                    ahead = linux.get_regs(tid)
+                    rip = ahead.rip
+                else:
+                    rip = linux.get_rip(tid)
                 site = patcher.slot_sites.get(rip)
                 if site is None and rip == patcher.return_stop:
                     return self.returns.returned_fast(thread)
@@ -157,13 +169,16 @@ class Hits:
                     finish_seed_slot(raw, proc.space.mem, arch.SEED_SLOT_SIZE, site.resume)
                     linux.set_regs(tid, raw)
             if direct is None and site.returns:
-                rsp = raw.rsp if raw is not None else linux.get_rsp(tid) + (
-                    arch.SLOT_FRAME_SIZE if status == SLOT_STOP else 0)
+                if raw is not None:
+                    rsp = raw.rsp
+                else:
+                    rsp = (ahead.rsp if ahead is not None else linux.get_rsp(tid)) + (
+                        arch.SLOT_FRAME_SIZE if status == SLOT_STOP else 0)
                 self.returns.entered_fast(thread, site, rsp)
         except (NoSuchProcessError, FaultError):
             return False            # killed meanwhile: the general path sees its end
         if direct is not None:
-            return self._direct(thread, site, direct, raw)
+            return self._direct(thread, site, direct, raw if raw is not None else ahead)
         for probe in site.probes:
             probe.stop_hits += 1
         thread.stops += 1
@@ -257,6 +272,7 @@ class Hits:
         regs = Regs(raw, {"rip": site.address}, tid)
         thread.in_hit = site
         self._run_handlers(site, regs, thread)
+        self.read_ahead = regs.asked
         changed = regs.changed
         rip = regs.get("rip")
         if rip == site.address:
@@ -334,6 +350,7 @@ class Hits:
         regs = Regs(raw, {"rip": site.address}, tid, (arch.SLOT_SAVED_REGISTERS, arch.SLOT_FRAME_SIZE, mem))
         thread.in_hit = site
         self._run_handlers(site, regs, thread)
+        self.read_ahead = regs.asked
         changed = regs.changed
         if site.slot_kind == "return" and "rip" not in changed and "rsp" not in changed:
             # the slot's own tail restores rax, r11 and rcx from the stack and jumps back
