@@ -195,6 +195,36 @@ def test_handler_reading_one_register(options, name, capfd):
 
 
 @MECHANISMS
+def test_uprobe_args_are_the_argument_registers(options, capfd):
+    """hit.args of a uprobe: the six argument registers as a sequence (index, negative
+    index, slice, iteration, len, comparison with a list, IndexError past the end)."""
+    binary = fast_build("fast_regs.c")
+    k = _probe_k(binary)
+    seed = 0x0123456789ABCDEF
+    want = [seed ^ k[i] for i in (5, 4, 3, 2, 8, 9)]     # rdi, rsi, rdx, rcx, r8, r9
+    seen: list = []
+
+    def handler(hit):
+        args = hit.args
+        errors = []
+        try:
+            args[6]
+        except IndexError:
+            errors.append("6")
+        try:
+            args[-7]
+        except IndexError:
+            errors.append("-7")
+        seen.append((args[0], args[-1], args[3], args[1:3], len(args), list(args), args == want, errors))
+
+    status, (probe,) = _run([binary, "modify", hex(seed)], [(f"uprobe:{binary}:regs_site", handler)], **options)
+    out = capfd.readouterr().out
+    assert status == 0, out
+    assert probe.errors == 0
+    assert seen == [(want[0], want[5], want[3], want[1:3], 6, want, True, ["6", "-7"])]
+
+
+@MECHANISMS
 def test_handler_reading_registers_at_some_hits(options, capfd):
     """Hits whose handler reads registers and hits whose handler reads none, in turn
     (after a handler that read, ptprobe reads the next stop's registers whole at
