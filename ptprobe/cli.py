@@ -106,9 +106,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--max-trampoline-pages", type=int, default=64, metavar="N",
                        help="at most N slot pages per process (default 64)")
         p.add_argument("--no-follow", action="store_true", help="do not trace forked children")
-        p.add_argument("--colocate", choices=("single", "all", "off"), default="single",
-                       help="share one CPU with the program: while it has a single thread (default), "
-                            "with all its threads (faster hits, no parallelism), or never")
+        p.add_argument("--colocate", choices=("hitting", "single", "all", "off"), default="hitting",
+                       help="share one CPU with the program: with the threads that hit probes often "
+                            "(default), only while it has a single thread, with all its threads "
+                            "(faster hits, no parallelism), or never")
         p.add_argument("--no-colocate", dest="colocate", action="store_const", const="off",
                        help="same as --colocate=off")
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import struct
 import time
-from typing import (TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Set, Tuple,
+from typing import (TYPE_CHECKING, AbstractSet, Dict, Iterator, List, Optional, Protocol, Sequence, Set, Tuple,
                     Union, cast, overload)
 
-from . import arch, linux
+from . import linux
 from .unwind import RegisterSource, Stack
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,7 +31,9 @@ class ArgumentSource(Protocol):
 
     def arguments(self, hit: "Hit") -> List[Value]: ...
 
-    def argument(self, hit: "Hit", index: int) -> Value: ...
+    def argument(self, hit: "Hit", index: int) -> Value:
+        """Argument *index* (0 up to ``argument_count(hit)``); a LookupError past the end."""
+        ...
 
 
 class StackSource(Protocol):
@@ -41,10 +43,14 @@ class StackSource(Protocol):
     def user_stack(self, tid: int, regs: RegisterSource, max_frames: int) -> Stack: ...
 
 #: The registers a handler can read and write by name.
+#: A slot's frame as :class:`Regs` takes it: the names of the registers saved at
+#: the thread's rsp, the program's rsp minus the thread's, where to read them.
+Frame = Tuple[Tuple[str, ...], int, linux.Memory]
+_NOTHING: AbstractSet[str] = frozenset()
+
 REGISTER_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
                   "r12", "r13", "r14", "r15", "rip", "eflags", "fs_base", "gs_base",
                   "cs", "ss", "ds", "es", "fs", "gs")
-_STACKED = arch.SLOT_SAVED_REGISTERS   # saved on the stack by a slot
 
 
 class Regs:
@@ -54,41 +60,98 @@ class Regs:
     new value after the site), ``hit.regs.rip = address`` resumes elsewhere.
     ``rflags`` is another name for ``eflags``. The view is the same whether the
     hit came through an int3 or a slot.
+
+    The engine builds the view over the thread's registers as read (*raw*), or
+    with *raw* None over thread *tid* itself, read when a handler asks: the
+    first register by one ``PTRACE_PEEKUSER``, the whole set at the second.
+    *values* are what the view shows instead of the thread's registers (rip at
+    the probe address). *frame*, for a stop inside a slot or the return
+    trampoline, is a :data:`Frame`: the registers saved at the thread's rsp (in
+    :data:`ptprobe.arch.SLOT_SAVED` order, read when first needed), how far above the
+    thread's rsp the program's is, and the memory to read them from.
     """
 
-    __slots__ = ("_raw", "_values", "_dirty", "_loader")
+    # (positional parameters and no empty set until a write: a view is made per hit)
+    __slots__ = ("_raw", "_tid", "_peeked", "_values", "_dirty", "_saved", "_frame", "asked")
 
-    def __init__(self, raw: linux.Registers, values: Dict[str, int],
-                 loader: Optional[Callable[[], Dict[str, int]]] = None) -> None:
+    def __init__(self, raw: Optional[linux.Registers], values: Dict[str, int], tid: int = 0,
+                 frame: Optional["Frame"] = None) -> None:
         self._raw = raw
-        self._values = values           # values that differ from the raw registers
-        self._dirty: Set[str] = set()
-        self._loader = loader           # the program's rax/r11/rcx from a slot's stack, on demand
+        self._tid = tid
+        self._peeked: Optional[Tuple[str, int]] = None     # the one register read alone
+        self._values = values           # the view's values that differ from the thread's registers
+        self._dirty: Optional[Set[str]] = None
+        self._frame = frame
+        self._saved: Tuple[str, ...] = frame[0] if frame is not None else ()   # not read yet
+        #: True once a register of the thread (not one the view knows) was asked for
+        self.asked = False
 
     def get(self, name: str) -> int:
         """The program's value of register *name* (a name of :data:`REGISTER_NAMES`)."""
         value = self._values.get(name)
         if value is not None:
             return value
-        if self._loader is not None and name in _STACKED:
+        raw = self._raw
+        if raw is not None and not self._saved and name != "rsp":
+            self.asked = True
+            return getattr(raw, name)       # (the common case, shortest)
+        if name in self._saved:
             self.load_stacked()
             return self._values[name]
-        return getattr(self._raw, name)
+        if name == "rsp" and self._frame is not None and self._frame[1]:
+            value = self._values["rsp"] = self.thread_value("rsp") + self._frame[1]
+            return value
+        return self.thread_value(name)
 
+    def thread_value(self, name: str) -> int:
+        """Register *name* as the stopped thread has it (not the program's view:
+        inside a slot, rsp points at the slot's frame)."""
+        self.asked = True
+        raw = self._raw
+        if raw is None:
+            peeked = self._peeked
+            if peeked is None:
+                value = linux.peek_register(self._tid, name)
+                if value is not None:
+                    self._peeked = (name, value)
+                    return value
+            elif peeked[0] == name:
+                return peeked[1]
+            raw = self.raw
+        return getattr(raw, name)
+
+    @property
+    def raw(self) -> linux.Registers:
+        """The thread's whole register set (read now if it was not)."""
+        raw = self._raw
+        if raw is None:
+            raw = self._raw = linux.get_regs(self._tid)
+        return raw
+
+    @property
+    def loaded(self) -> bool:
+        """True once the whole register set was read."""
+        return self._raw is not None
 
     def _set(self, name: str, value: int) -> None:
-        if self._loader is not None and name in _STACKED:
+        if name in self._saved:
             self.load_stacked()
         self._values[name] = int(value) & linux.U64
-        self._dirty.add(name)
+        if self._dirty is None:
+            self._dirty = {name}
+        else:
+            self._dirty.add(name)
 
     def load_stacked(self) -> None:
         """Read the registers a slot saved on the stack now (the engine needs them
         all to finish a slot by hand)."""
-        if self._loader is not None:
-            for name, value in self._loader().items():
-                self._values.setdefault(name, value)
-            self._loader = None
+        saved = self._saved
+        if saved:
+            assert self._frame is not None
+            data = self._frame[2].read(self.thread_value("rsp"), 8 * len(saved))
+            for index, name in enumerate(saved):
+                self._values.setdefault(name, int.from_bytes(data[8 * index:8 * index + 8], "little"))
+            self._saved = ()
 
     def move_to(self, address: int) -> None:
         """Show the program at *address* (the next site of a chained patch): rip
@@ -96,9 +159,9 @@ class Regs:
         self._values["rip"] = address
 
     @property
-    def changed(self) -> Set[str]:
+    def changed(self) -> AbstractSet[str]:
         """Names of the registers a handler wrote."""
-        return self._dirty
+        return self._dirty or _NOTHING
 
     def as_dict(self) -> Dict[str, int]:
         return {name: self.get(name) for name in REGISTER_NAMES}
@@ -219,10 +282,12 @@ class Args(Sequence):
 
     def __init__(self, hit: Hit) -> None:
         self._hit = hit
-        self._len = hit.probe.argument_count(hit)
+        self._len = -1                  # counted when first needed
         self._values: Dict[int, Value] = {}
 
     def __len__(self) -> int:
+        if self._len < 0:
+            self._len = self._hit.probe.argument_count(self._hit)
         return self._len
 
     def __iter__(self) -> Iterator[Value]:
@@ -231,7 +296,7 @@ class Args(Sequence):
             values = self._hit.probe.arguments(self._hit)
             self._values.update(enumerate(values))
             return iter(values)
-        return (self[index] for index in range(self._len))
+        return (self[index] for index in range(len(self)))
 
     @overload
     def __getitem__(self, index: int) -> Value: ...
@@ -240,17 +305,23 @@ class Args(Sequence):
     def __getitem__(self, index: slice) -> List[Value]: ...
 
     def __getitem__(self, index):
+        if index.__class__ is int and index >= 0:
+            # the common case (hit.args[0]), with the fewest calls: no count needed,
+            # the probe refuses an index past the end (ArgumentSource.argument)
+            value = self._values.get(index)
+            if value is None:
+                try:
+                    value = self._values[index] = self._hit.probe.argument(self._hit, index)
+                except LookupError:
+                    raise IndexError("argument index out of range") from None
+            return value
         if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(self._len))]
+            return [self[i] for i in range(*index.indices(len(self)))]
         if index < 0:
-            index += self._len
-        if not 0 <= index < self._len:
+            index += len(self)
+        if not 0 <= index < len(self):
             raise IndexError("argument index out of range")
-        value = self._values.get(index)
-        if value is None:
-            value = self._hit.probe.argument(self._hit, index)
-            self._values[index] = value
-        return value
+        return self[index]
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, (list, tuple, Args)):

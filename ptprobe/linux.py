@@ -18,6 +18,7 @@ import errno as _errno
 import functools
 import os
 import struct
+from typing import Optional
 
 from ptrace.binding import func as _pt
 from ptrace.binding.linux_struct import siginfo as _siginfo
@@ -220,6 +221,25 @@ def get_rsp(tid: int) -> int:
     if rsp == -1:
         raise _fail(tid, "read registers")
     return rsp & U64
+
+
+#: Offset of each register in the user area (it starts with user_regs_struct).
+REGISTER_OFFSETS = {name: getattr(_regs, name).offset for name, _ in _regs._fields_}
+
+
+def peek_register(tid: int, name: str) -> Optional[int]:
+    """Register *name* alone (one PTRACE_PEEKUSER), unsigned; None when the
+    answer is -1, which is also how the call fails: the caller reads the whole
+    set instead, which tells a value of -1 from an error."""
+    value = _hot(PTRACE_PEEKUSER, tid, REGISTER_OFFSETS[name], 0)
+    return None if value == -1 else value & U64
+
+
+def poke_register(tid: int, name: str, value: int) -> None:
+    """Set register *name* alone (one PTRACE_POKEUSER; the kernel checks it as
+    PTRACE_SETREGS does)."""
+    if _hot(PTRACE_POKEUSER, tid, REGISTER_OFFSETS[name], ctypes.c_ulong(value & U64)) == -1:
+        raise _fail(tid, "write registers")
 
 
 def get_fpregs(tid: int) -> FpRegisters:

@@ -75,7 +75,7 @@ class Session:
         self.max_trampoline_pages = max_trampoline_pages
         self.follow = follow
         self.observer = observer or Observer()
-        self.placement = Placement({True: "single", False: "off"}.get(colocate, colocate))  # type: ignore[arg-type]
+        self.placement = Placement({True: "hitting", False: "off"}.get(colocate, colocate))  # type: ignore[arg-type]
         self._owner = threading.get_ident()
         # in run mode ptprobe's filter also stops the program's own filter installs
         patcher_options = dict(slots=slots, seccomp=seccomp, allow_no_new_privs=self.allow_no_new_privs,
@@ -83,6 +83,7 @@ class Session:
                                watch=mode == "run")
         self.in_program = in_program
         self.loop = EventLoop()
+        self.placement.counts = lambda: [(t.tid, t.stops) for t in list(self.loop.threads.values())]
         self.hits = Hits(self.loop, slot_kind=slots, on_handler_error=self._handler_error)
         self.filter_watch = FilterWatch(self.loop, self.observer.notice)
         self.hits.other_syscall = self.filter_watch.on_call
@@ -351,6 +352,7 @@ class Session:
                     self.loop.run(until=self._ended)
                 finally:
                     self.placement.release()
+                    self.placement.check()
                     self.actions.drain()
                     if not self.attached:
                         self.loop.close()
@@ -525,9 +527,10 @@ def run(argv: Sequence[str], *, env: Optional[Dict[str, str]] = None, **options)
     program's own code (constructors included) has run.
 
     Options: ``slots`` ("return" or "seed"), ``seccomp`` (False: int3 only),
-    ``max_trampoline_pages``, ``follow``, ``observer``, ``colocate`` (True:
-    share one CPU with a single-threaded program, "all": with every thread,
-    False: never; see :mod:`ptprobe.placement`).
+    ``max_trampoline_pages``, ``follow``, ``observer``, ``colocate`` (True or
+    "hitting": share one CPU with the threads that hit probes often, and with a
+    single-threaded program; "single": only with a single-threaded program;
+    "all": with every thread; False: never; see :mod:`ptprobe.placement`).
     """
     session = Session(mode="run", **options)
     try:

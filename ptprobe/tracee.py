@@ -43,7 +43,7 @@ class Thread:
     """One traced thread and what the tracer knows of its current stop."""
 
     __slots__ = ("tid", "process", "stopped", "pending_signal", "group_stop", "interrupted",
-                 "stepping", "deferred_signals", "exited", "in_hit", "fresh")
+                 "stepping", "deferred_signals", "exited", "in_hit", "fresh", "stops")
 
     def __init__(self, tid: int, process: "Process") -> None:
         self.tid = tid
@@ -57,6 +57,7 @@ class Thread:
         self.exited = False
         self.in_hit: Optional[object] = None   # the site whose hit is being handled
         self.fresh = True             # its first stop has not been handled yet
+        self.stops = 0                # probe stops so far (read by the CPU placement)
 
     def resume(self) -> None:
         """Resume from the current stop, delivering the pending signal."""

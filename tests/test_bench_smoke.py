@@ -142,3 +142,22 @@ def test_call_graphs(report):
         _positive(row, "bare_ns", "ptprobe_ns")
         assert row["uftrace_ns"] is None or row["uftrace_ns"] > 0
     assert "lua" not in section                   # --quick leaves the whole program out
+
+
+def test_placement(report):
+    """The placement section: every policy on every case (1-16 hitting threads, a
+    single-threaded program, one hitting thread beside 7 that hit nothing), and the
+    rounds per second of the threads that hit nothing, also without a tracer."""
+    section = report["placement"]
+    assert section["policies"] == ["single", "all", "hitting", "off"]
+    rows = {(r["hitters"], r["busy"], r["policy"]): r for r in section["rows"]}
+    for case in ((0, 0), (1, 0), (2, 0), (4, 0), (16, 0), (1, 7)):
+        for policy in section["policies"]:
+            row = rows[case + (policy,)]
+            assert "error" not in row, row
+            _positive(row, "us_per_hit", "hits_per_s")
+            if case[1]:
+                # a --quick phase lasts a few ms: under "all", where all 9 threads share
+                # one CPU, the threads that hit nothing may not run in it at all
+                assert isinstance(row["busy_ops_per_s"], (int, float)) and row["busy_ops_per_s"] >= 0, row
+    assert section["busy_untraced_ops_per_s"]["7"] > 0

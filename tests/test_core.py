@@ -12,6 +12,8 @@ import os
 import signal
 import struct
 import subprocess
+import threading
+import time
 from collections import Counter
 from typing import Dict, List, Tuple
 
@@ -100,13 +102,15 @@ TWO_CPUS = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs tw
 
 
 @TWO_CPUS
-@pytest.mark.parametrize("colocate", [True, "all", False], ids=["colocate", "colocate-all", "no-colocate"])
+@pytest.mark.parametrize("colocate", [True, "single", "all", False],
+                         ids=["colocate", "colocate-single", "colocate-all", "no-colocate"])
 @pytest.mark.parametrize("program", ["single-threaded", "multi-threaded"])
 def test_placement(program, colocate):
-    """By default a single-threaded program and ptprobe share one CPU while ptprobe
-    waits, and a program that starts threads keeps its own affinity, threads too;
-    "all" pins every thread with ptprobe; False pins nothing. The tracer gets its
-    own affinity back afterwards."""
+    """A single-threaded program and ptprobe share one CPU while ptprobe waits, by
+    default and with "single"; with "single" a program that starts threads keeps
+    its own affinity, threads too (by default, see the next test, threads that hit
+    often are pinned with ptprobe, and only they); "all" pins every thread with
+    ptprobe; False pins nothing. The tracer gets its own affinity back afterwards."""
     if program == "single-threaded":
         path = build("core_simple.c", "-O1")
         argv, spec, hits = [path], f"uprobe:{path}:compute", 11
@@ -124,9 +128,121 @@ def test_placement(program, colocate):
     if colocate == "all" or (colocate and program == "single-threaded"):
         ((tracer, tracee),) = seen
         assert tracer == tracee and len(tracer) == 1 and tracer <= own
+    elif colocate is True:
+        # whether these 200 hits were enough to be pinned depends on the machine's speed:
+        # a thread runs on ptprobe's CPU or where it was allowed to
+        for tracer, tracee in seen:
+            assert tracee in (own, tracer) and tracer <= own
     else:
         assert seen == {(own, own)}
     assert frozenset(os.sched_getaffinity(0)) == own
+
+
+def _task_affinities(pid: int) -> Dict[int, frozenset]:
+    masks = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            masks[int(task)] = frozenset(os.sched_getaffinity(int(task)))
+        except OSError:
+            continue        # gone meanwhile
+    return masks
+
+
+@TWO_CPUS
+def test_placement_hitting_pins_the_threads_that_hit():
+    """The default placement pins the threads that hit probes often to one CPU, with
+    ptprobe; the threads that do not hit (busy ones and the main thread) keep their
+    own affinity; threads that stop hitting get theirs back, and so does ptprobe;
+    nothing stays pinned after the run. Affinities are sampled from another thread
+    while ptprobe waits."""
+    path = build("place_hitters.c", "-O1", "-pthread")
+    own = frozenset(os.sched_getaffinity(0))
+    tracer_tid = threading.get_native_id()
+    hitters: set = set()
+    last_hit = [0.0, 0.0]           # first and last hit (time.monotonic)
+    samples: List[Tuple[float, frozenset, Dict[int, frozenset]]] = []
+    done = threading.Event()
+
+    def handler(hit):
+        hitters.add(hit.tid)
+        last_hit[1] = time.monotonic()
+        last_hit[0] = last_hit[0] or last_hit[1]
+
+    def sample(pid: int) -> None:
+        while not done.wait(0.02):
+            try:
+                samples.append((time.monotonic(), frozenset(os.sched_getaffinity(tracer_tid)),
+                                _task_affinities(pid)))
+            except OSError:
+                return      # the program is gone
+
+    sampler: List[threading.Thread] = []
+
+    def start(session):
+        sampler.append(threading.Thread(target=sample, args=(session.main_pid,)))
+        sampler[0].start()
+
+    try:
+        # two threads hit for 1.5 s then spin 1.5 s more; three others spin for 3 s
+        status, out, (probe,), _ = run_traced([path, "2", "3", "1500", "1500"],
+                                              [(f"uprobe:{path}:hit_nop5", handler)], on_armed=start)
+    finally:
+        done.set()
+        for thread in sampler:
+            thread.join()
+    assert status == 0
+    assert f"hits {probe.hits}" in out.splitlines()
+    assert len(hitters) == 2
+    first, last = last_hit
+    assert last - first > 1.0
+    # while they hit: both pinned, to ptprobe's one CPU
+    hitting = [(tracer, masks) for at, tracer, masks in samples if first + 0.3 < at < last]
+    assert any(len(tracer) == 1 and all(masks.get(tid) == tracer for tid in hitters) for tracer, masks in hitting)
+    # the others never (once their creation has been seen), the hitters only there
+    settled = [(tracer, masks) for at, tracer, masks in samples if at > first + 0.3]
+    assert len(settled) > 20
+    for tracer, masks in settled:
+        assert all(mask == own for tid, mask in masks.items() if tid not in hitters), masks
+        assert all(masks[tid] in (own, tracer) for tid in hitters if tid in masks)
+    # 0.3 s after the last hit: everything is back
+    quiet = [(tracer, masks) for at, tracer, masks in samples if at > last + 0.3]
+    assert quiet
+    for tracer, masks in quiet:
+        assert tracer == own and all(mask == own for mask in masks.values()), (tracer, masks)
+    assert frozenset(os.sched_getaffinity(0)) == own
+
+
+@TWO_CPUS
+def test_placement_hitting_across_waits_and_detach():
+    """Threads found hitting during one wait() are pinned from the start of the next;
+    between waits, and after the detach, every thread and ptprobe have their own
+    affinity."""
+    path = build("place_hitters.c", "-O1", "-pthread")
+    own = frozenset(os.sched_getaffinity(0))
+    seen: List[Tuple[int, frozenset, frozenset]] = []      # (wait, tracer, hitting thread)
+    rounds = [0]
+
+    def handler(hit):
+        seen.append((rounds[0], frozenset(os.sched_getaffinity(0)), frozenset(os.sched_getaffinity(hit.tid))))
+
+    pids: List[int] = []
+    with captured_stdout(), watchdog(60, pids), ptprobe.run([path, "1", "1", "5000", "0"]) as session:
+        pids.append(session.main_pid)
+        session.probe(f"uprobe:{path}:hit_nop5", handler)
+        for rounds[0] in range(3):
+            assert session.wait(timeout=0.4) is None
+            assert frozenset(os.sched_getaffinity(0)) == own
+            assert set(_task_affinities(session.main_pid).values()) == {own}
+        session.detach()
+        assert set(_task_affinities(session.main_pid).values()) == {own}
+        os.kill(session.main_pid, signal.SIGKILL)
+    assert frozenset(os.sched_getaffinity(0)) == own
+    pinned = [(tracer, tracee) for _, tracer, tracee in seen if len(tracer) == 1]
+    assert pinned and all(tracee == tracer for tracer, tracee in pinned)
+    # the second and third waits start with the hitting thread pinned: their first hit shows it
+    for wait in (1, 2):
+        first = next(entry for entry in seen if entry[0] == wait)
+        assert len(first[1]) == 1 and first[2] == first[1], first
 
 
 @TWO_CPUS

@@ -166,6 +166,124 @@ def test_handler_writes_rax_rcx_r11_rbx(slots, capfd):
     assert want in out, out
 
 
+MECHANISMS = pytest.mark.parametrize("options", [{"slots": "seed"}, {"slots": "return"}, {"seccomp": False}],
+                                     ids=["seed", "return", "int3"])
+
+
+@MECHANISMS
+@pytest.mark.parametrize("name", ["rbx", "rdi", "rcx"])
+def test_handler_reading_one_register(options, name, capfd):
+    """A handler that reads one register gets the program's value (read alone, by
+    PTRACE_PEEKUSER, or from the slot's stack for rcx), also when that value is -1,
+    which PEEKUSER cannot tell from an error."""
+    binary = fast_build("fast_regs.c")
+    k = _probe_k(binary)
+    index = {"rbx": 1, "rdi": 5, "rcx": 2}[name]
+    seen: List[int] = []
+
+    def handler(hit):
+        seen.append(getattr(hit.regs, name))
+
+    for seed in (0x0123456789ABCDEF, k[index] ^ linux.U64):       # the second makes it -1
+        status, (probe,) = _run([binary, "modify", hex(seed)], [(f"uprobe:{binary}:regs_site", handler)],
+                                **options)
+        out = capfd.readouterr().out
+        assert status == 0, out
+        assert probe.hits == 1 and probe.errors == 0
+        assert seen.pop() == seed ^ k[index]
+    assert not seen
+
+
+@MECHANISMS
+def test_uprobe_args_are_the_argument_registers(options, capfd):
+    """hit.args of a uprobe: the six argument registers as a sequence (index, negative
+    index, slice, iteration, len, comparison with a list, IndexError past the end)."""
+    binary = fast_build("fast_regs.c")
+    k = _probe_k(binary)
+    seed = 0x0123456789ABCDEF
+    want = [seed ^ k[i] for i in (5, 4, 3, 2, 8, 9)]     # rdi, rsi, rdx, rcx, r8, r9
+    seen: list = []
+
+    def handler(hit):
+        args = hit.args
+        errors = []
+        try:
+            args[6]
+        except IndexError:
+            errors.append("6")
+        try:
+            args[-7]
+        except IndexError:
+            errors.append("-7")
+        seen.append((args[0], args[-1], args[3], args[1:3], len(args), list(args), args == want, errors))
+
+    status, (probe,) = _run([binary, "modify", hex(seed)], [(f"uprobe:{binary}:regs_site", handler)], **options)
+    out = capfd.readouterr().out
+    assert status == 0, out
+    assert probe.errors == 0
+    assert seen == [(want[0], want[5], want[3], want[1:3], 6, want, True, ["6", "-7"])]
+
+
+@MECHANISMS
+def test_handler_reading_registers_at_some_hits(options, capfd):
+    """Hits whose handler reads registers and hits whose handler reads none, in turn
+    (after a handler that read, ptprobe reads the next stop's registers whole at
+    once): the values are the program's at every hit, and the program's registers
+    come through every one of them unchanged."""
+    binary = fast_build("fast_regs.c")
+    k = _probe_k(binary)
+    seed, passes = 0x0123456789ABCDEF, 60
+    problems: List[str] = []
+    count = [0]
+
+    def handler(hit):
+        n = count[0]
+        count[0] += 1
+        if n % 3 == 0:
+            return                              # reads nothing
+        r = hit.regs
+        for name, index in (("rdi", 5), ("rbx", 1), ("rcx", 2))[:1 + n % 3]:
+            if r[name] != (seed + n) ^ k[index]:
+                problems.append(f"hit {n}: {name}={r[name]:#x}, program had {(seed + n) ^ k[index]:#x}")
+        if r.rip != hit.address:
+            problems.append(f"hit {n}: rip={r.rip:#x}")
+
+    status, (probe,) = _run([binary, "check", hex(seed), str(passes)], [(f"uprobe:{binary}:regs_site", handler)],
+                            **options)
+    out = capfd.readouterr().out
+    assert f"check ok {passes}" in out, out
+    assert status == 0
+    assert probe.hits == passes and probe.errors == 0
+    assert problems == []
+
+
+@MECHANISMS
+@pytest.mark.parametrize("names", [("rbx",), ("rbx", "rax"), ("rbx", "rax", "rcx", "r11")],
+                         ids=["rbx", "rbx-rax", "rbx-rax-rcx-r11"])
+def test_handler_writes_some_registers(options, names, capfd):
+    """The registers a handler writes, one, two or more (written alone by
+    PTRACE_POKEUSER, into the slot's stack, or as the whole set), reach the
+    program; every other register comes through unchanged (the program checks)."""
+    binary = fast_build("fast_regs.c")
+    k = _probe_k(binary)
+    seed = 0x77
+    new = {"rax": 0xAAAA00000000AAAA, "rcx": 0xCCCC0000CCCC0001, "r11": 0x1111000011110011,
+           "rbx": 0xBBBB0000BBBB000B}
+
+    def handler(hit):
+        for name in names:
+            setattr(hit.regs, name, new[name])
+
+    status, (probe,) = _run([binary, "modify", hex(seed)], [(f"uprobe:{binary}:regs_site", handler)], **options)
+    out = capfd.readouterr().out
+    assert status == 0, out
+    assert probe.hits == 1 and probe.errors == 0
+    index = {"rax": 0, "rcx": 2, "r11": 11, "rbx": 1}
+    want = " ".join(f"{name}={new[name] if name in names else seed ^ k[index[name]]:#x}"
+                    for name in ("rax", "rcx", "r11", "rbx"))
+    assert want in out, out
+
+
 @SLOTS
 def test_handler_moves_rip(slots, capfd):
     binary = fast_build("fast_regs.c")

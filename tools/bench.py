@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark ptprobe's probe hits against the C limit and the kernel's uprobes.
 
-    python3 tools/bench.py [--json] [--runs N] [--hits N] [--quick]
+    python3 tools/bench.py [--json] [--runs N] [--hits N] [--quick] [--no-lua] [--placement-only]
 
 What it measures (every number a median of --runs runs):
 
@@ -29,7 +29,12 @@ What it measures (every number a median of --runs runs):
   with no stop, against the kernel's uprobes and against stops;
 * call graphs (tools/bench_calls.py): the cost of a recorded call against the
   bare call and uftrace, and a whole Lua interpreter recorded (``--no-lua``
-  leaves it out).
+  leaves it out);
+* CPU placement policies on multi-threaded programs (also alone, with
+  ``--placement-only``): 1, 2, 4 and 16 hitting threads and a single-threaded
+  program, and one hitting thread beside 7 that hit nothing (whose rounds per
+  second are measured too, and without a tracer), under ``colocate`` "single"
+  (the default before "hitting"), "all", "hitting" (the default) and "off".
 
 Hit rates come from the target itself: it times its measured phase with the
 vDSO clock after a warm-up, so start-up and arming are not counted. Each
@@ -38,10 +43,12 @@ placements: ``default`` (the scheduler decides), ``same`` (tracer and tracee
 pinned to one CPU) and ``split`` (tracer on one CPU, tracee on another);
 ptprobe's own placement is off in these three and measured in two more:
 ``auto``, nothing imposed, ptprobe left to its default policy, which pins
-itself and a single-threaded program to one CPU (with one hitting thread the
-target is then single-threaded, its main thread runs the loop; with two it
-has three threads, and the policy leaves it to the scheduler); and ``all``,
-nothing imposed, ``colocate="all"``: every thread pinned with ptprobe.
+itself and a single-threaded program to one CPU, and the threads that hit
+probes often (with one hitting thread the target is then single-threaded, its
+main thread runs the loop; with two it has three threads, two of them hitting);
+and ``all``, nothing imposed, ``colocate="all"``: every thread pinned with
+ptprobe. Under these two the warm-up is at least OWN_WARMUP hits per thread:
+the default policy watches the threads for a moment before it pins them.
 
 Ratios are throughput ratios: ``jmp/int3`` is the jmp's hits/s over the int3's
 on the same site (above 1: the jmp is faster); ``ptprobe/C`` is ptprobe's
@@ -92,6 +99,15 @@ PLACEMENTS = ["default", "same", "split"]
 AUTO = "auto"        # ptprobe only: nothing imposed, ptprobe's own placement (colocate=True)
 ALL = "all"          # ptprobe only: nothing imposed, colocate="all" (every thread pinned with ptprobe)
 OWN_PLACEMENTS = {AUTO: True, ALL: "all"}
+#: warm-up hits per thread under ptprobe's own placement, at least: its default policy
+#: pins the threads that hit often after watching them for a moment (placement.REVIEW_PERIOD)
+OWN_WARMUP = 5000
+
+#: the placement section: (hitting threads, threads that hit nothing); 0 hitting threads
+#: = a single-threaded program whose main thread hits
+PLACEMENT_CASES: List[Tuple[int, int]] = [(0, 0), (1, 0), (2, 0), (4, 0), (16, 0), (1, 7)]
+#: colocate values compared there: "single" was the default before "hitting"
+PLACEMENT_POLICIES = ["single", "all", "hitting", "off"]
 NOISY = 1.5          # the table marks a median whose runs spread more than this (max/min)
 FAIR_THREADS = [16, 64]
 FAIR_MECHANISMS = ["native", "return", "seed", "int3"]
@@ -207,7 +223,8 @@ def ctracer_once(tracer: str, mode: str, n: int, threads: int, warmup: int,
 
 
 def ptprobe_once(target: str, outfile: str, site: str, mechanism: str, handler: bool, n: int,
-                 threads: int, warmup: int, placement: Placement, where: str) -> Dict[str, int]:
+                 threads: int, warmup: int, placement: Placement, where: str,
+                 own_warmup: int = OWN_WARMUP) -> Dict[str, int]:
     observer = QuietObserver()
     slots = "seed" if mechanism == "seed" else "return"
     seccomp = mechanism != "int3"
@@ -216,6 +233,8 @@ def ptprobe_once(target: str, outfile: str, site: str, mechanism: str, handler: 
     with placement.tracer(where) as tracee_cpu:
         # auto, one hitting thread: a single-threaded target (THREADS 0), what the policy is for
         workers = 0 if where == AUTO and threads == 1 else threads
+        if where in OWN_PLACEMENTS:
+            warmup = max(warmup, own_warmup)
         # in_program=False: these cases measure the stop path (a probe without a handler
         # would otherwise count inside the program: see the "in the program" section)
         session = ptprobe.run([target, site, str(n), str(workers), str(warmup), outfile],
@@ -273,6 +292,97 @@ def run_fairness(target: str, outfile: str, seconds: int, mechanisms: List[str],
                 result["fairness"].append(fairness_once(target, outfile, mechanism, threads, seconds))
             except (BenchError, ptprobe.PtprobeError, OSError, subprocess.SubprocessError) as exc:
                 result["errors"].append(f"fairness {mechanism}/{threads}: {exc}")
+
+
+def placement_once(target: str, outfile: str, policy: str, hitters: int, busy: int, n: int,
+                   warmup: int) -> Dict[str, int]:
+    """One run of the placement section: *hitters* threads hit a nop5 site (a stop
+    each: in_program=False, no handler), *busy* more threads never do; ptprobe's
+    placement is *policy*, nothing else is imposed."""
+    observer = QuietObserver()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(outfile)
+    argv = [target, "nop5", str(n), str(hitters), str(warmup), outfile] + ([str(busy)] if busy else [])
+    session = ptprobe.run(argv, observer=observer, colocate=policy, in_program=False)
+    with session:
+        probe = session.probe(f"uprobe:{target}:site_nop5")
+        status = session.wait()
+    if status != 0:
+        raise BenchError(f"placement {policy} {hitters}+{busy}: target exited with {status}")
+    expected = (n + warmup) * max(hitters, 1)
+    if probe.hits != expected:
+        raise BenchError(f"placement {policy} {hitters}+{busy}: {probe.hits} hits, expected {expected}")
+    with open(outfile) as fh:
+        return parse_line(fh.read())
+
+
+def busy_untraced(target: str, busy: int, runs: int) -> float:
+    """Rounds per second of *busy* threads beside one untraced thread calling the
+    site (for about half a second): what they get done with no tracer at all."""
+    rates = []
+    for _ in range(runs):
+        values = parse_line(subprocess.run([target, "nop5", "200000000", "1", "0", "-", str(busy)], check=True,
+                                           capture_output=True, text=True, timeout=600).stdout)
+        rates.append(values["busy_ops"] / values["busy_ns"] * 1e9)
+    return statistics.median(rates)
+
+
+def run_placement(target: str, outfile: str, runs: int, hits: int, own_warmup: int = OWN_WARMUP) -> Dict:
+    """us per hit of every placement policy on PLACEMENT_CASES, and what the threads
+    that hit nothing get done (rounds per second). The policies take turns run by
+    run, so that each sees the same machine (other work on it comes and goes)."""
+    rows = []
+    for hitters, busy in PLACEMENT_CASES:
+        threads = max(hitters, 1)
+        n = hits if threads <= 4 else max(1000, hits // 4)
+        warmup = own_warmup if threads <= 4 else own_warmup // 4
+        log(f"placement: {hitters} hitting thread(s), {busy} busy, policies {', '.join(PLACEMENT_POLICIES)} ...")
+        samples: Dict[str, List[Dict[str, int]]] = {policy: [] for policy in PLACEMENT_POLICIES}
+        errors: Dict[str, str] = {}
+        for run in range(runs):
+            order = PLACEMENT_POLICIES if run % 2 == 0 else PLACEMENT_POLICIES[::-1]
+            for policy in order:
+                if policy in errors:
+                    continue
+                try:
+                    samples[policy].append(placement_once(target, outfile, policy, hitters, busy, n, warmup))
+                except (BenchError, ptprobe.PtprobeError, OSError) as exc:
+                    errors[policy] = str(exc)
+        for policy in PLACEMENT_POLICIES:
+            if policy in errors:
+                rows.append(dict(hitters=hitters, busy=busy, policy=policy, error=errors[policy]))
+                continue
+            row = dict(hitters=hitters, busy=busy, policy=policy, **summarize(samples[policy]))
+            if busy:
+                row["busy_ops_per_s"] = statistics.median(s["busy_ops"] / s["busy_ns"] * 1e9
+                                                          for s in samples[policy])
+            rows.append(row)
+    untraced = {busy: busy_untraced(target, busy, runs) for _, busy in PLACEMENT_CASES if busy}
+    return {"rows": rows, "busy_untraced_ops_per_s": untraced, "policies": PLACEMENT_POLICIES}
+
+
+def format_placement(data: Dict) -> str:
+    lines = ["CPU placement policies (no handler, in_program=False: every hit stops; nothing else pinned), "
+             "us per hit, median:"]
+    policies = data["policies"]
+    lines.append(f"  {'hitting threads':<26}" + "".join(f"{p:>10}" for p in policies) + f"{'hitting/all':>13}")
+    table: Dict[Tuple[int, int], Dict[str, Dict]] = {}
+    for row in data["rows"]:
+        table.setdefault((row["hitters"], row["busy"]), {})[row["policy"]] = row
+    for (hitters, busy), cells in table.items():
+        label = ("1 (single-threaded program)" if hitters == 0 else
+                 f"{hitters}" + (f" + {busy} that hit nothing" if busy else ""))
+        values = [cells.get(p, {}).get("us_per_hit") for p in policies]
+        line = f"  {label:<26}" + "".join(f"{v:10.2f}" if v else f"{'-':>10}" for v in values)
+        hit, al = cells.get("hitting", {}).get("us_per_hit"), cells.get("all", {}).get("us_per_hit")
+        lines.append(line + (f"{hit / al:13.2f}" if hit and al else ""))
+    for busy, rate in data["busy_untraced_ops_per_s"].items():
+        cells = {row["policy"]: row.get("busy_ops_per_s") for row in data["rows"] if row["busy"] == int(busy)}
+        lines.append(f"  the {busy} threads that hit nothing, M rounds/s: untraced {rate / 1e6:.0f}, "
+                     + ", ".join(f"{p} {cells[p] / 1e6:.0f}" for p in policies if cells.get(p) is not None))
+    errors = [f"  {row['policy']} {row['hitters']}+{row['busy']}: {row['error']}" for row in data["rows"]
+              if "error" in row]
+    return "\n".join(lines + errors)
 
 
 # --------------------------------------------------------------------------- kernel uprobes
@@ -468,6 +578,15 @@ def run_benchmark(args) -> Dict:
 
     workdir = Path(tempfile.mkdtemp(prefix="ptprobe-bench-"))
     kernel = KernelUprobes()
+    own_warmup = OWN_WARMUP // 10 if args.quick else OWN_WARMUP
+    if args.placement_only:
+        result["kernel"]["reason"] = "not measured (--placement-only)"
+        try:
+            target, _ = build(workdir)
+            result["placement"] = run_placement(target, str(workdir / "out.txt"), runs, hits, own_warmup)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return result
     try:
         target, tracer = build(workdir)
         outfile = str(workdir / "out.txt")
@@ -518,7 +637,7 @@ def run_benchmark(args) -> Dict:
                     log(f"ptprobe {site} {mechanism}{' +handler' if handler else ''} threads={threads} {where} ...")
                     try:
                         stats = repeat(lambda: ptprobe_once(target, outfile, site, mechanism, handler, hits,
-                                                            threads, warmup, placement, where), runs)
+                                                            threads, warmup, placement, where, own_warmup), runs)
                     except (BenchError, ptprobe.PtprobeError, OSError) as exc:
                         result["errors"].append(f"ptprobe {site}/{mechanism}/{threads}/{where}: {exc}")
                         continue
@@ -579,25 +698,30 @@ def run_benchmark(args) -> Dict:
 
         # -- fairness
         run_fairness(target, outfile, args.fair_seconds, fair_mechanisms, result)
+        # -- placement policies on multi-threaded programs
+        try:
+            result["placement"] = run_placement(target, outfile, runs, hits, own_warmup)
+        except (BenchError, OSError, subprocess.SubprocessError) as exc:
+            result["errors"].append(f"placement: {exc}")
     finally:
         kernel.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
 
-        # -- actions inside the program (tools/bench_inprogram.py)
-        log("in the program: counting and recording ...")
-        try:
-            import bench_inprogram
-            result["in_program"] = bench_inprogram.run(runs, bool(args.quick))
-        except (SystemExit, OSError, subprocess.SubprocessError, ptprobe.PtprobeError) as exc:
-            result["errors"].append(f"in the program: {exc}")
+    # -- actions inside the program (tools/bench_inprogram.py)
+    log("in the program: counting and recording ...")
+    try:
+        import bench_inprogram
+        result["in_program"] = bench_inprogram.run(runs, bool(args.quick))
+    except (SystemExit, OSError, subprocess.SubprocessError, ptprobe.PtprobeError) as exc:
+        result["errors"].append(f"in the program: {exc}")
 
-        # -- call graphs (tools/bench_calls.py; the whole-program case needs Lua's sources)
-        log("call graphs ...")
-        try:
-            import bench_calls
-            result["calls"] = bench_calls.run(runs, bool(args.quick), lua=not args.no_lua)
-        except (SystemExit, OSError, subprocess.SubprocessError, ptprobe.PtprobeError) as exc:
-            result["errors"].append(f"call graphs: {exc}")
+    # -- call graphs (tools/bench_calls.py; the whole-program case needs Lua's sources)
+    log("call graphs ...")
+    try:
+        import bench_calls
+        result["calls"] = bench_calls.run(runs, bool(args.quick), lua=not args.no_lua)
+    except (SystemExit, OSError, subprocess.SubprocessError, ptprobe.PtprobeError) as exc:
+        result["errors"].append(f"call graphs: {exc}")
 
     compute_ratios(result)
     return result
@@ -746,6 +870,9 @@ def format_table(result: Dict) -> str:
                 f"({'/'.join(a['mechanisms'])})")
         add("")
     lines.extend(format_fairness(result))
+    if result.get("placement"):
+        add(format_placement(result["placement"]))
+        add("")
     if result.get("in_program"):
         import bench_inprogram
         add(bench_inprogram.format_report(result["in_program"]))
@@ -787,6 +914,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--fairness-only", action="store_true", help="measure only the per-thread fairness")
     parser.add_argument("--no-lua", action="store_true",
                         help="call graphs: skip the whole-program case (it downloads Lua's sources once)")
+    parser.add_argument("--placement-only", action="store_true",
+                        help="only the section on CPU placement policies (multi-threaded programs)")
     args = parser.parse_args(argv)
     if args.fair_seconds is None:
         args.fair_seconds = 1 if args.quick else 10

@@ -1,6 +1,6 @@
 /* bench_target.c - the loops tools/bench.py measures (built non-PIE at run time).
  *
- *   bench_target MODE N [THREADS [WARMUP [OUTFILE]]]
+ *   bench_target MODE N [THREADS [WARMUP [OUTFILE [BUSY]]]]
  *
  * Each of THREADS worker threads (default 1) calls the probe site WARMUP times
  * (default 0), waits at a barrier, then calls it N times.  The target times the
@@ -13,6 +13,11 @@
  * to OUTFILE (default stdout).  Warm-up and thread creation stay outside the
  * measured time, so a tracer's start-up cost does not count.  THREADS 0 makes
  * a single-threaded program: the main thread runs the loop (reported as T=1).
+ *
+ * BUSY (default 0) more threads never call the site: they count loop rounds
+ * from their start to the end, and the line gets "busy_ops=R busy_ns=T", the
+ * rounds they made in the T nanoseconds of the measured phase (as the main
+ * thread sees it): what a program's threads that hit no probe get done.
  *
  * MODE names the probe site.  Every site is a global label (probe it as
  * "uprobe:PATH:LABEL"; the kernel takes its file offset) at the first byte of
@@ -160,6 +165,29 @@ static long long now_ns(void)
 
 static int threaded = 1;     /* 0: THREADS was 0, the main thread runs the loop itself */
 
+/* the busy threads' round counters, one cache line each */
+static struct {
+    volatile unsigned long rounds;
+    char pad[56];
+} busy_counts[64] __attribute__((aligned(64)));
+static volatile int busy_stop;
+
+static void *busy(void *arg)
+{
+    volatile unsigned long *rounds = &busy_counts[(long)arg].rounds;
+    while (!busy_stop)
+        (*rounds)++;
+    return NULL;
+}
+
+static unsigned long busy_total(int n)
+{
+    unsigned long total = 0;
+    for (int i = 0; i < n; i++)
+        total += busy_counts[i].rounds;
+    return total;
+}
+
 struct span {
     long long start, end;
 };
@@ -250,6 +278,7 @@ int main(int argc, char **argv)
     int threads = argc > 3 ? atoi(argv[3]) : 1;
     warmup = argc > 4 ? strtol(argv[4], NULL, 0) : 0;
     const char *outfile = argc > 5 ? argv[5] : "-";
+    int busies = argc > 6 ? atoi(argv[6]) : 0;
     if (strcmp(mode, "many") == 0)
         return run_many(iterations);
     if (strcmp(mode, "fair") == 0)
@@ -257,13 +286,23 @@ int main(int argc, char **argv)
     for (const struct mode *m = modes; m->name; m++)
         if (strcmp(m->name, mode) == 0)
             site_fn = m->fn;
-    if (site_fn == NULL || threads < 0 || threads > 64 || iterations < 0) {
+    if (site_fn == NULL || threads < 0 || threads > 64 || iterations < 0 || busies < 0 || busies > 64) {
         fprintf(stderr, "%s: bad mode, count or thread count\n", argv[0]);
         return 2;
     }
-    pthread_t tids[64];
+    pthread_t tids[64], busy_tids[64];
     struct span spans[64];
-    long long first = 0, last = 0;
+    long long first = 0, last = 0, busy_start = 0, busy_end = 0;
+    unsigned long busy_before = 0, busy_after = 0;
+    for (int i = 0; i < busies; i++)
+        if (pthread_create(&busy_tids[i], NULL, busy, (void *)(long)i) != 0) {
+            perror("pthread_create");
+            return 1;
+        }
+    if (threads == 0 && busies) {
+        fprintf(stderr, "%s: BUSY threads need THREADS > 0\n", argv[0]);
+        return 2;
+    }
     if (threads == 0) {
         threaded = 0;
         threads = 1;
@@ -279,6 +318,8 @@ int main(int argc, char **argv)
             return 1;
         }
     pthread_barrier_wait(&start_line);
+    busy_start = now_ns();
+    busy_before = busy_total(busies);
     for (int i = 0; i < threads; i++) {
         pthread_join(tids[i], NULL);
         if (i == 0 || spans[i].start < first)
@@ -286,15 +327,22 @@ int main(int argc, char **argv)
         if (i == 0 || spans[i].end > last)
             last = spans[i].end;
     }
+    busy_after = busy_total(busies);
+    busy_end = now_ns();
 report:;
+    busy_stop = 1;
+    for (int i = 0; i < busies; i++)
+        pthread_join(busy_tids[i], NULL);
     long long elapsed = last - first;
     FILE *out = strcmp(outfile, "-") == 0 ? stdout : fopen(outfile, "w");
     if (out == NULL) {
         perror(outfile);
         return 1;
     }
-    fprintf(out, "mode=%s threads=%d iterations=%ld ns=%lld\n", mode, threads,
-            iterations * threads, elapsed);
+    fprintf(out, "mode=%s threads=%d iterations=%ld ns=%lld", mode, threads, iterations * threads, elapsed);
+    if (busies)
+        fprintf(out, " busy=%d busy_ops=%lu busy_ns=%lld", busies, busy_after - busy_before, busy_end - busy_start);
+    fprintf(out, "\n");
     fclose(out);
     return 0;
 }

@@ -17,7 +17,7 @@ import errno
 import os
 import signal
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import AbstractSet, Callable, Optional, Tuple
 
 from .. import arch, linux, procfs
 from ..errors import FaultError, NoSuchProcessError, PtprobeError
@@ -29,6 +29,8 @@ from .loop import EventLoop
 from .returns import Returns
 
 ErrorReport = Callable[[object, object, BaseException], None]
+#: Hits._int3_hit or Hits._slot_hit: (thread, site, its registers if they were read)
+HitHandler = Callable[[Thread, Site, Optional[linux.Registers]], None]
 _EPROTO = (-errno.EPROTO) & linux.U64
 
 
@@ -58,6 +60,23 @@ def finish_seed_slot(raw: linux.Registers, mem: linux.Memory, offset: int, resum
         raw.orig_rax = linux.U64
 
 
+def write_back(tid: int, regs: Regs, names: AbstractSet[str], rip: Optional[int] = None) -> None:
+    """Write the view's registers *names* (and *rip*, if given) into the thread:
+    up to two by ``PTRACE_POKEUSER`` each, more as the whole set."""
+    if len(names) + (rip is not None) <= 2:
+        for name in names:
+            linux.poke_register(tid, name, regs.get(name))
+        if rip is not None:
+            linux.set_rip(tid, rip)     # PTRACE_POKEUSER costs the kernel a third of SETREGS
+        return
+    raw = regs.raw
+    for name in names:
+        setattr(raw, name, regs.get(name))
+    if rip is not None:
+        raw.rip = rip
+    linux.set_regs(tid, raw)
+
+
 class Hits:
     """Handles the stops of armed sites."""
 
@@ -74,22 +93,28 @@ class Hits:
         #: a seccomp stop for a system call that is not the slots' (the session wires
         #: the program's own filter installs here: see engine/filters.py)
         self.other_syscall: Optional[Callable[[Thread, linux.Registers], None]] = None
+        #: read a stop's whole register set at once instead of rip alone: the last
+        #: handler that ran asked for registers, so the next one likely will too
+        self.read_ahead = False
         loop.subscribe(SlotStop, self._on_slot_stop)
         loop.subscribe(Trap, self._on_trap)
 
     def site_changed(self, site: Site) -> None:
-        """Recompute whether *site* only counts; the hot path is on once any does."""
-        if site.refresh_counting():
-            self.loop.fast = self.counted
+        """Recompute whether *site* only counts. The hot path is on once a site is
+        armed: it takes the hits of sites that only count, and hands those with
+        handlers to their handlers without decoding the stop into an event."""
+        site.refresh_counting()
+        self.loop.fast = self.counted
 
     # --- the hot path --------------------------------------------------------------------
     def counted(self, tid: int, status: int) -> bool:
         """A hit on a site whose probes only count, resumed at once with the fewest
         system calls (self-returning slot: read rip and continue; int3: read rip,
         write it, continue; seed slot: read the registers and the saved ones,
-        write them, continue). False leaves the stop to the loop's dispatch: not
-        such a hit, or a thread or loop state (held, signals to deliver) that
-        needs the general path."""
+        write them, continue). A hit of a site whose probes have handlers goes
+        straight to them (:meth:`_direct`). False leaves the stop to the loop's
+        dispatch: not such a hit, or a thread or loop state (held, signals to
+        deliver, its first stop) that needs the general path."""
         thread = self.loop.threads.get(tid)
         if thread is None or thread.deferred_signals or thread.group_stop or self.loop.holding:
             return False
@@ -97,54 +122,97 @@ class Hits:
         if proc.release_on_stop:
             return False
         patcher = proc.space.patcher
-        raw: Optional[linux.Registers] = None
+        raw: Optional[linux.Registers] = None           # a seed slot's registers
+        ahead: Optional[linux.Registers] = None         # the whole set, read at once (read_ahead)
+        direct: Optional[HitHandler] = None
         try:
             if status == TRAP_STOP:
-                rip = linux.get_rip(tid)
+                if self.read_ahead:
+                    ahead = linux.get_regs(tid)
+                    rip = ahead.rip
+                else:
+                    rip = linux.get_rip(tid)
                 site = patcher.int3_sites.get(rip)
                 if site is None and rip == patcher.return_stop and linux.is_int3_trap(tid):
                     return self.returns.returned_fast(thread)
-                if site is None or not site.counting_only or not linux.is_int3_trap(tid):
+                if site is None or not linux.is_int3_trap(tid):
                     return False
-                to = continuation(site)
-                if to is None:
-                    return False
-                linux.set_rip(tid, to)
+                if not site.counting_only:
+                    direct = self._int3_hit
+                else:
+                    to = continuation(site)
+                    if to is None:
+                        return False
+                    linux.set_rip(tid, to)
             elif status != SLOT_STOP:
                 return False
             elif self.slot_kind == "return":
-                rip = linux.get_rip(tid)
+                if self.read_ahead:
+                    ahead = linux.get_regs(tid)
+                    rip = ahead.rip
+                else:
+                    rip = linux.get_rip(tid)
                 site = patcher.slot_sites.get(rip)
                 if site is None and rip == patcher.return_stop:
                     return self.returns.returned_fast(thread)
-                if site is None or not site.counting_only or site.slot_kind != "return":
+                if site is None or site.slot_kind != "return":
                     return False
+                if not site.counting_only:
+                    direct = self._slot_hit
             else:
                 raw = linux.get_regs(tid)
                 site = patcher.slot_sites.get(raw.rip)
                 if site is None and raw.rip == patcher.return_stop:
                     return self.returns.returned_fast(thread)
-                if site is None or not site.counting_only or site.slot_kind != "seed":
+                if site is None or site.slot_kind != "seed":
                     return False
-                finish_seed_slot(raw, proc.space.mem, arch.SEED_SLOT_SIZE, site.resume)
-                linux.set_regs(tid, raw)
-            if site.returns:
-                rsp = raw.rsp if raw is not None else linux.get_rsp(tid) + (
-                    arch.SLOT_FRAME_SIZE if status == SLOT_STOP else 0)
+                if not site.counting_only:
+                    direct = self._slot_hit         # (with the registers read here)
+                else:
+                    finish_seed_slot(raw, proc.space.mem, arch.SEED_SLOT_SIZE, site.resume)
+                    linux.set_regs(tid, raw)
+            if direct is None and site.returns:
+                if raw is not None:
+                    rsp = raw.rsp
+                else:
+                    rsp = (ahead.rsp if ahead is not None else linux.get_rsp(tid)) + (
+                        arch.SLOT_FRAME_SIZE if status == SLOT_STOP else 0)
                 self.returns.entered_fast(thread, site, rsp)
         except (NoSuchProcessError, FaultError):
             return False            # killed meanwhile: the general path sees its end
+        if direct is not None:
+            return self._direct(thread, site, direct, raw if raw is not None else ahead)
         site.hits += 1
         for probe in site.probes:
             probe.stop_hits += 1
+        thread.stops += 1
         try:
             linux.cont(tid)
         except NoSuchProcessError:
             thread.exited = True
         return True
 
+    def _direct(self, thread: Thread, site: Site, hit: "HitHandler", raw: Optional[linux.Registers]) -> bool:
+        """Handle a hit of *site* with handlers from the hot path: what the loop's
+        dispatch would do for it, without decoding the stop (*hit* is
+        :meth:`_int3_hit` or :meth:`_slot_hit`; *raw*: the registers, if they were
+        read)."""
+        if thread.fresh:
+            return False            # its first stop: the loop has bookkeeping to do
+        thread.stopped = True
+        try:
+            hit(thread, site, raw)
+        except NoSuchProcessError as exc:
+            thread.in_hit = None
+            if exc.pid == thread.tid:
+                thread.stopped = False      # killed while its stop was handled: its exit comes next
+            else:
+                self.loop.done(thread)      # another process vanished meanwhile: this thread goes on
+        return True
+
     # --- handlers ---------------------------------------------------------------------------
     def _run_handlers(self, site: Site, regs: Regs, thread: Thread) -> None:
+        thread.stops += 1
         self._call_probes(site, regs, thread)
         for extra in site.chained:
             # the next instruction, inside this site's patch: as if the thread had gone on
@@ -186,44 +254,44 @@ class Hits:
     def _on_trap(self, event: Trap) -> None:
         thread = event.thread
         tid = thread.tid
-        raw = linux.get_regs(tid)
+        rip = linux.get_rip(tid)
         patcher = thread.process.space.patcher
-        site = patcher.int3_sites.get(raw.rip)
-        if site is None and raw.rip == patcher.return_stop and linux.is_int3_trap(tid):
-            self.returns.returned(thread, raw)
+        site = patcher.int3_sites.get(rip)
+        if site is None and rip == patcher.return_stop and linux.is_int3_trap(tid):
+            self.returns.returned(thread, linux.get_regs(tid))
             return
-        if site is not None or raw.rip in patcher.retired:
+        if site is not None or rip in patcher.retired:
             if linux.is_int3_trap(tid):
                 if site is not None:
-                    self._int3_hit(thread, site, raw)
+                    self._int3_hit(thread, site)
                 else:
                     # a trap from a site disarmed since: run the restored instruction
-                    linux.set_rip(tid, raw.rip - 1)
+                    linux.set_rip(tid, rip - 1)
                     self.loop.done(thread)
                 return
         thread.pending_signal = signal.SIGTRAP      # the program's own trap
         self.loop.done(thread)
 
-    def _int3_hit(self, thread: Thread, site: Site, raw: linux.Registers) -> None:
-        regs = Regs(raw, {"rip": site.address})
+    def _int3_hit(self, thread: Thread, site: Site, raw: Optional[linux.Registers] = None) -> None:
+        tid = thread.tid
+        regs = Regs(raw, {"rip": site.address}, tid)
         thread.in_hit = site
         self._run_handlers(site, regs, thread)
+        self.read_ahead = regs.asked
         changed = regs.changed
-        for name in changed:
-            setattr(raw, name, regs.get(name))
         rip = regs.get("rip")
         if rip == site.address:
             to = continuation(site)
             if to is None:
+                raw = regs.raw
+                for name in changed:
+                    setattr(raw, name, regs.get(name))
                 self._step_over(thread, site, raw)
                 thread.in_hit = None
                 self.loop.done(thread)
                 return
-            raw.rip = to
-        if changed <= {"rip"}:
-            linux.set_rip(thread.tid, raw.rip)      # PTRACE_POKEUSER costs the kernel a third of SETREGS
-        else:
-            linux.set_regs(thread.tid, raw)
+            rip = to
+        write_back(tid, regs, changed - {"rip"}, rip)
         thread.in_hit = None
         self.loop.done(thread)
 
@@ -275,57 +343,36 @@ class Hits:
         tid = thread.tid
         space = thread.process.space
         patcher = space.patcher
-        raw = linux.get_regs(tid)
-        if raw.orig_rax != arch.SLOT_SYSCALL_NR and self.other_syscall is not None:
-            self.other_syscall(thread, raw)
-            return
-        site = patcher.slot_sites.get(raw.rip)
-        if site is None and raw.rip == patcher.return_stop:
-            self.returns.returned(thread, raw)
-            return
-        if site is None and self.action_stop(thread, raw):
-            # a stub or an exit trampoline of the in-program actions (ring full, ...)
-            self.loop.done(thread)
-            return
+        site = patcher.slot_sites.get(linux.get_rip(tid))
         if site is None:
-            frame = patcher.slot_frame_at(raw.rip, after_syscall=True)
-            if frame is not None:
-                # a slot whose site was disarmed: finish the slot, no handlers
-                self._finish_slot(thread, raw, patcher, frame)
-            else:
-                # the slot's syscall number, made by someone else: it fails
-                raw.orig_rax = linux.U64
-                raw.rax = _EPROTO
-                linux.set_regs(tid, raw)
-            self.loop.done(thread)
+            self._other_slot_stop(thread)
             return
-        mem = space.mem
-        sp = raw.rsp
+        self._slot_hit(thread, site)
 
-        def stacked() -> Dict[str, int]:
-            values = arch.SLOT_SAVED.unpack(mem.read(sp, arch.SLOT_SAVED.size))
-            return dict(zip(arch.SLOT_SAVED_REGISTERS, values))
-
-        regs = Regs(raw, {"rip": site.address, "rsp": sp + arch.SLOT_FRAME_SIZE}, stacked)
+    def _slot_hit(self, thread: Thread, site: Site, raw: Optional[linux.Registers] = None) -> None:
+        tid = thread.tid
+        mem = thread.process.space.mem
+        regs = Regs(raw, {"rip": site.address}, tid, (arch.SLOT_SAVED_REGISTERS, arch.SLOT_FRAME_SIZE, mem))
         thread.in_hit = site
         self._run_handlers(site, regs, thread)
+        self.read_ahead = regs.asked
         changed = regs.changed
         if site.slot_kind == "return" and "rip" not in changed and "rsp" not in changed:
             # the slot's own tail restores rax, r11 and rcx from the stack and jumps back
             if changed:
                 saved = changed & set(arch.SLOT_SAVED_REGISTERS)
                 if saved:
-                    mem.write(sp, arch.SLOT_SAVED.pack(*(regs.get(n) for n in arch.SLOT_SAVED_REGISTERS)))
+                    mem.write(regs.thread_value("rsp"),
+                              arch.SLOT_SAVED.pack(*(regs.get(n) for n in arch.SLOT_SAVED_REGISTERS)))
                 others = changed - saved
                 if others:
-                    for name in others:
-                        setattr(raw, name, regs.get(name))
-                    linux.set_regs(tid, raw)
+                    write_back(tid, regs, others)
             thread.in_hit = None
             self.loop.done(thread)
             return
         # finish the slot here, as the program state in the view says
         regs.load_stacked()
+        raw = regs.raw
         for name in arch.SLOT_SAVED_REGISTERS + ("rsp",):
             setattr(raw, name, regs.get(name))
         for name in changed:
@@ -334,6 +381,34 @@ class Hits:
         raw.orig_rax = linux.U64
         linux.set_regs(tid, raw)
         thread.in_hit = None
+        self.loop.done(thread)
+
+    def _other_slot_stop(self, thread: Thread) -> None:
+        """A slot syscall stop that is not a site's hit: the return trampoline, a
+        recording stub with a full ring, a slot whose site was disarmed, or the
+        slot syscall number made by someone else."""
+        tid = thread.tid
+        patcher = thread.process.space.patcher
+        raw = linux.get_regs(tid)
+        if raw.orig_rax != arch.SLOT_SYSCALL_NR and self.other_syscall is not None:
+            self.other_syscall(thread, raw)
+            return
+        if raw.rip == patcher.return_stop:
+            self.returns.returned(thread, raw)
+            return
+        if self.action_stop(thread, raw):
+            # a stub or an exit trampoline of the in-program actions (ring full, ...)
+            self.loop.done(thread)
+            return
+        frame = patcher.slot_frame_at(raw.rip, after_syscall=True)
+        if frame is not None:
+            # a slot whose site was disarmed: finish the slot, no handlers
+            self._finish_slot(thread, raw, patcher, frame)
+        else:
+            # the slot's syscall number, made by someone else: it fails
+            raw.orig_rax = linux.U64
+            raw.rax = _EPROTO
+            linux.set_regs(tid, raw)
         self.loop.done(thread)
 
     def _finish_slot(self, thread: Thread, raw: linux.Registers, patcher: Patcher,

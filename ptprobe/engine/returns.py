@@ -162,15 +162,7 @@ class Returns:
             return
         chain = frame.chain()
         mem = space.mem
-        sp = raw.rsp
-        loader: Optional[Callable[[], Dict[str, int]]] = None
-        if form.saved:
-            saved = form.saved
-
-            def read_saved() -> Dict[str, int]:
-                return dict(zip(saved, arch.SLOT_SAVED.unpack(mem.read(sp, arch.SLOT_SAVED.size))))
-            loader = read_saved
-        regs = Regs(raw, {"rip": chain[-1].return_address, "rsp": slot + 8}, loader)
+        regs = Regs(raw, {"rip": chain[-1].return_address, "rsp": slot + 8}, tid, (form.saved, 0, mem))
         thread.in_hit = frame
         pid = thread.process.pid
         for call in chain:
