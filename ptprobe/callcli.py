@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from typing import IO, Dict, List, Optional, Sequence
 
 import ptprobe
 from ptprobe import calltrace, discover
-from ptprobe.console import Console, ConsoleObserver, die_by, pids_and_names, ring_size, seconds
+from ptprobe.console import Console, ConsoleObserver, Signals, WaitInterrupted, die_by, pids_and_names, ring_size, seconds
 from ptprobe.errors import NoSuchProcessError, OutputError, ProbeSpecError, SymbolNotFoundError, UsageError
 
 #: the trace file record writes and report and graph read when none is named
@@ -222,30 +221,23 @@ class _Recording:
         self.session: Optional[ptprobe.Session] = None
         self.probes: List[ptprobe.Probe] = []
         self.process_names: Dict[int, str] = {}
-        self.signals: List[int] = []
-        self.waiting = False
+        self.signals = Signals(self._stop)
 
     # --- signals -------------------------------------------------------------------------------
-    def on_signal(self, signum: int, _frame: object) -> None:
-        self.signals.append(signum)
-        if self.waiting:
-            raise _Stop(signum)
+    def _stop(self) -> None:
         if self.session is not None:
             self.session.request_stop()
 
     # --- the run -------------------------------------------------------------------------------
     def run(self) -> int:
-        old = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-        try:
-            return self._run()
-        except _Stop as stop:
-            self.waiting = False
-            die_by(stop.signum)
-            return 128 + stop.signum
-        finally:
-            self.file.discard()
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
+        with self.signals:
+            try:
+                return self._run()
+            except WaitInterrupted as stop:
+                die_by(stop.signum)
+                return 128 + stop.signum
+            finally:
+                self.file.discard()
 
     def _run(self) -> int:
         session = self._start()
@@ -256,13 +248,8 @@ class _Recording:
             session.detach()
             self._write(session)
             if self.program and session.returncode is None:
-                # the program runs on: wait for it (leaving the session waits too); a
-                # signal now (a second one) ends the wait, and the program goes on alone
-                if len(self.signals) > 1:
-                    raise _Stop(self.signals[-1])
-                self.waiting = True
-                session.wait()
-                self.waiting = False
+                # the program runs on: wait for it (leaving the session waits too)
+                self.signals.wait_for(session)
         if self.program:
             status = session.returncode if session.returncode is not None else 0
             if status < 0:
@@ -337,9 +324,9 @@ class _Recording:
         second to learn the names of new processes (and to see a stop request made
         while wait() was getting ready)."""
         deadline = time.monotonic() + self.duration if self.duration else None
-        while not self.signals:
+        while not self.signals.received:
             timeout = 1.0 if deadline is None else min(1.0, max(deadline - time.monotonic(), 0.001))
-            if session.wait(timeout=timeout) is not None or not session.attached or self.signals:
+            if session.wait(timeout=timeout) is not None or not session.attached or self.signals.received:
                 return
             for pid in session.processes:
                 if pid not in self.process_names:
@@ -365,11 +352,3 @@ class _Recording:
                 if pid in session.roots:
                     self.observer.notice(f"process {pid} exited " +
                                          (f"with status {code}" if code >= 0 else f"by signal {-code}"))
-
-
-class _Stop(Exception):
-    """A signal while record waits for the program it let go: stop waiting."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum

@@ -15,7 +15,6 @@ import fnmatch
 import json
 import os
 import re
-import signal
 import sys
 import time
 import traceback
@@ -23,7 +22,8 @@ from typing import IO, Any, Callable, Dict, List, NoReturn, Optional, Sequence, 
 
 import ptprobe
 from ptprobe import callcli, discover, manual, render
-from ptprobe.console import SHOWN_ERRORS, Console, ConsoleObserver, die_by, isatty, pids_and_names, ring_size, seconds
+from ptprobe.console import (SHOWN_ERRORS, Console, ConsoleObserver, Signals, WaitInterrupted, die_by, isatty, pids_and_names,
+                             ring_size, seconds)
 from ptprobe.aggregate import Aggregation
 from ptprobe.errors import NoSuchProcessError, ProbeSpecError, PtprobeError, SymbolNotFoundError, UsageError
 from ptprobe.filter import STRING_SIZE, Context, Filter
@@ -286,14 +286,6 @@ def _check_arguments(probe: ptprobe.Probe, settings: _Settings) -> None:
 
 # --------------------------------------------------------------------------- tracing
 
-class _Stop(Exception):
-    """A signal while run waits for the program it let go: stop waiting."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
 class _Tracer:
     """One run or attach: the session, what each hit does, the loop with its
     periodic work, and the reports at the end."""
@@ -305,8 +297,7 @@ class _Tracer:
         self.session: Optional[ptprobe.Session] = None
         self.probes: List[ptprobe.Probe] = []
         self.latency: List[ptprobe.Probe] = []       # --latency: return probes that only time calls
-        self.signals: List[int] = []
-        self.waiting = False            # run, detached: waiting for the program
+        self.signals = Signals(self._stop)
         self.names: Dict[int, str] = {}
         stream, name = _open_output(settings, console)
         self.out = Output(stream, name, on_close=self._stop)
@@ -346,19 +337,13 @@ class _Tracer:
             self.out.write(self.line(hit) + "\n")
 
     # --- signals ---------------------------------------------------------------------------
-    def on_signal(self, signum: int, _frame: object) -> None:
-        self.signals.append(signum)
-        if self.waiting:
-            raise _Stop(signum)
-        self._stop()
-
     def _stop(self) -> None:
         if self.session is not None:
             self.session.request_stop()
 
     @property
     def stopping(self) -> bool:
-        return bool(self.signals) or self.out.closed
+        return bool(self.signals.received) or self.out.closed
 
     # --- the run ------------------------------------------------------------------------------
     def start(self) -> ptprobe.Session:
@@ -548,56 +533,48 @@ def _trace(args: argparse.Namespace, console: Console) -> int:
     out = tracer.out
     console.status_on = (not settings.quiet and not settings.no_status and isatty(sys.stderr)
                          and not (settings.printing and out.line_buffered))
-    old = {s: signal.signal(s, tracer.on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     session: Optional[ptprobe.Session] = None
     summarised = False
-    try:
-        session = tracer.start()
-        tracer.session = session
-        with session:
-            tracer.arm(session)
-            if not tracer.stopping:
-                tracer.trace(session)
-            session.detach()
-            console.clear()
-            tracer.print_latency()
-            tracer.print_aggregations()
-            out.flush()
+    with tracer.signals:
+        try:
+            session = tracer.start()
+            tracer.session = session
+            with session:
+                tracer.arm(session)
+                if not tracer.stopping:
+                    tracer.trace(session)
+                session.detach()
+                console.clear()
+                tracer.print_latency()
+                tracer.print_aggregations()
+                out.flush()
+                if out.problem:
+                    console.line(f"ptprobe: {out.problem}")
+                tracer.summary(session)
+                tracer.report_exit(session)
+                summarised = True
+                if settings.command == "run" and session.returncode is None:
+                    # let go: the program runs on, and run exits with its status
+                    tracer.signals.wait_for(session)
             if out.problem:
-                console.line(f"ptprobe: {out.problem}")
-            tracer.summary(session)
-            tracer.report_exit(session)
-            summarised = True
-            if settings.command == "run" and session.returncode is None:
-                # let go: the program runs on and run exits with its status; a signal
-                # now (a second one) ends the wait, and the program runs on alone
-                if len(tracer.signals) > 1:
-                    raise _Stop(tracer.signals[-1])
-                tracer.waiting = True
-                session.wait()
-                tracer.waiting = False
-        if out.problem:
-            return ptprobe.errors.OutputError.exit_code
-        if settings.command == "run":
-            status = session.returncode if session.returncode is not None else 0
-            if status < 0:
-                die_by(-status)
-            return status
-        return 0
-    except _Stop as stop:
-        tracer.waiting = False
-        die_by(stop.signum)
-        return 128 + stop.signum
-    except PtprobeError as exc:
-        console.line(f"ptprobe: {exc}")
-        if session is not None and tracer.probes and not summarised and not isinstance(exc, UsageError):
-            tracer.summary(session)
-        return exc.exit_code
-    finally:
-        console.clear()
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        out.close()
+                return ptprobe.errors.OutputError.exit_code
+            if settings.command == "run":
+                status = session.returncode if session.returncode is not None else 0
+                if status < 0:
+                    die_by(-status)
+                return status
+            return 0
+        except WaitInterrupted as stop:
+            die_by(stop.signum)
+            return 128 + stop.signum
+        except PtprobeError as exc:
+            console.line(f"ptprobe: {exc}")
+            if session is not None and tracer.probes and not summarised and not isinstance(exc, UsageError):
+                tracer.summary(session)
+            return exc.exit_code
+        finally:
+            console.clear()
+            out.close()
 
 
 # --------------------------------------------------------------------------- list

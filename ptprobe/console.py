@@ -14,7 +14,7 @@ import shutil
 import signal
 import sys
 import traceback
-from typing import IO, List, Optional, Sequence, Tuple
+from typing import IO, Callable, Dict, List, Optional, Sequence, Tuple
 
 import ptprobe
 from ptprobe.errors import UsageError
@@ -122,6 +122,57 @@ def pids_and_names(targets: Sequence[str]) -> Tuple[List[int], List[str]]:
                 raise UsageError(f"{text!r} is not a process id", text)
             pids.append(number)
     return pids, names
+
+
+# --------------------------------------------------------------------------- signals
+class WaitInterrupted(Exception):
+    """A signal while a command waits for a program it let go: stop waiting."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class Signals:
+    """Ctrl-C, SIGTERM and SIGHUP for a command that traces, installed for the
+    ``with`` block: while tracing, each one calls *on_signal* (which asks the
+    session to stop); while the command waits for a program it let go
+    (:meth:`wait_for`), one ends the wait with :class:`WaitInterrupted`."""
+
+    CAUGHT = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self, on_signal: Callable[[], None]) -> None:
+        self.received: List[int] = []
+        self._on_signal = on_signal
+        self._waiting = False
+        self._old: Dict[int, object] = {}
+
+    def __enter__(self) -> "Signals":
+        self._old = {sig: signal.signal(sig, self._handle) for sig in self.CAUGHT}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._waiting = False
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.received.append(signum)
+        if self._waiting:
+            raise WaitInterrupted(signum)
+        self._on_signal()
+
+    def wait_for(self, session: ptprobe.Session) -> None:
+        """Wait until the program the session let go ends; a second signal (the
+        first one stopped the tracing) or one that comes now ends the wait, and the
+        program runs on alone."""
+        if len(self.received) > 1:
+            raise WaitInterrupted(self.received[-1])
+        self._waiting = True
+        try:
+            session.wait()
+        finally:
+            self._waiting = False
 
 
 # --------------------------------------------------------------------------- ending
