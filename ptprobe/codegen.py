@@ -494,8 +494,11 @@ def graph_entry_source(entry_header: int, exit_header: int, layout: RingLayout, 
     lines += [
         "mov r8, rax",                                        # the thread pointer, for the record
         "mov rdx, qword ptr [rsi]",
-        # frames whose slot lies at or below this call's are dead (a longjmp skipped
-        # their returns): dropped here, so that the depth recorded is the true one
+        # frames whose slot lies below this call's are dead (a longjmp skipped their
+        # returns), and so is one in the same slot unless the slot holds the exit
+        # trampoline's address: then this call is a tail call of that frame's call,
+        # which stays, and returns through the trampoline once this one has.
+        # Dead frames are dropped here, so that the depth recorded is the true one
         f"lea rdi, [rsp + {frame:#x}]",
         "e_dead:",
         "test rdx, rdx",
@@ -503,7 +506,12 @@ def graph_entry_source(entry_header: int, exit_header: int, layout: RingLayout, 
         "mov rax, rdx",
         "shl rax, 5",
         f"cmp qword ptr [rsi + rax + {SHADOW_HEADER - FRAME_BYTES + 8:#x}], rdi",
-        "ja e_push",                         # (the same slot: a new call where an old one died)
+        "ja e_push",
+        "jb e_pop",
+        f"movabs rax, {graph.trampoline:#x}",
+        "cmp qword ptr [rdi], rax",
+        "je e_push",
+        "e_pop:",
         "dec rdx",
         "jmp e_dead",
         "e_push:",

@@ -13,6 +13,7 @@ import os
 from collections import Counter, defaultdict
 from typing import Dict, List, Tuple
 
+import capstone
 import pytest
 
 from conftest import build
@@ -21,6 +22,7 @@ from helpers import GUARD, Target, captured_stdout, code_in_memory, tracer_pid, 
 import ptprobe
 from ptprobe import calltrace
 from ptprobe.calltrace import LOST, RETURNED, UNFINISHED, Call
+from ptprobe.elf import ElfFile
 
 MCOUNT = ("-O1", "-pg", "-mfentry", "-mnop-mcount", "-fno-pie", "-no-pie", "-pthread")
 PATCHABLE = ("-O1", "-fpatchable-function-entry=5", "-pthread")
@@ -104,6 +106,34 @@ def test_longjmp_out_of_three_frames():
         (deep3,) = deep2.children
         assert (deep2.status, deep3.status) == (LOST, LOST)
         assert deep1.end_ns is None                        # a lost exit is marked, never invented
+
+
+def test_tail_calls_share_a_return_address():
+    """At -O2, tail_a jmps to tail_b and tail_b to tail_c: three calls, one return
+    address. Each is recorded under the one that tail-called it, and all three
+    return (the innermost first) when tail_c does; the program gets its values."""
+    n = 200
+    path = target(("-O2",) + MCOUNT[1:])
+    elf = ElfFile(path)
+    for caller, callee in (("tail_a", "tail_b"), ("tail_b", "tail_c")):
+        sym, dest = elf.get_symbol(caller), elf.get_symbol(callee).address
+        code = elf.read(sym.address, sym.size)
+        jumps = [i for i in capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64).disasm(code, sym.address)
+                 if i.mnemonic == "jmp" and i.op_str == hex(dest)]
+        assert jumps, f"{caller} does not tail-call {callee}: the test needs gcc's sibling calls"
+    status, out, probe = record([path, "tail", str(n)])
+    expected = sum(2 * (i + 1) + 3 for i in range(n))
+    assert status == 0 and f"tail {expected}" in out
+    calls = probe.calls.calls
+    assert Counter(c.name for c in calls if c.name.startswith("tail_")) == {"tail_a": n, "tail_b": n, "tail_c": n}
+    assert all(c.status == RETURNED for c in calls)
+    (main,) = [c for c in probe.calls.roots if c.name == "main"]
+    assert [c.name for c in main.children] == ["tail_a"] * n
+    for a in main.children:
+        (b,) = a.children
+        (c,) = b.children
+        assert (b.name, c.name, c.children) == ("tail_b", "tail_c", [])
+        assert a.start_ns <= b.start_ns <= c.start_ns <= c.end_ns <= b.end_ns <= a.end_ns
 
 
 def test_signal_handler_calls_a_recorded_function():

@@ -170,7 +170,9 @@ class SpaceGraph:
         slot = rsp + 8
         for index in self.shadow_of.values():
             for ret, frame_slot in reversed(self.frames(index, every=True)):
-                if frame_slot == slot:
+                # (a tail call's frame returns to the trampoline: the call it is a
+                # tail call of has the address to go on at)
+                if frame_slot == slot and ret != self.trampoline:
                     raw.rip = ret
                     raw.rsp = rsp + 16
                     raw.rax, raw.rdx = saved_rax, saved_rdx

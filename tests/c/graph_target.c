@@ -11,6 +11,9 @@
  *                               prints "pid P forked" from each process
  *   graph_target exec           execer() -> exec of itself with "fib 5" (frames pending)
  *   graph_target exit           quitter() calls inner(), then exit(3) inside it
+ *   graph_target tail N         N times: tail_a() tail-calls tail_b(), which tail-calls
+ *                               tail_c() (at -O2: jmp, the return address shared);
+ *                               prints "tail S"
  *   graph_target wait [PACE]    calls outer() in a loop, printing "progress N" every 100000
  *                               calls, until a byte arrives on stdin; prints "sum S calls N";
  *                               with PACE, sleeps a millisecond after every PACE calls
@@ -68,6 +71,10 @@ NOINLINE void execer(void)
     execv("/proc/self/exe", args);
 }
 
+NOINLINE long tail_c(long x) { sink += x; return x + 3; }
+NOINLINE long tail_b(long x) { return tail_c(x * 2); }
+NOINLINE long tail_a(long x) { return tail_b(x + 1); }
+
 NOINLINE void quitter(void) { inner(7); fflush(stdout); exit(3); }
 
 static long n_calls;
@@ -111,6 +118,11 @@ int main(int argc, char **argv)
     } else if (!strcmp(mode, "exec")) {
         execer();
         return 4;
+    } else if (!strcmp(mode, "tail")) {
+        long sum = 0;
+        for (long i = 0; i < n; i++)
+            sum += tail_a(i);
+        printf("tail %ld\n", sum);
     } else if (!strcmp(mode, "exit")) {
         quitter();
     } else if (!strcmp(mode, "wait")) {
