@@ -481,15 +481,25 @@ def _find_shadow(graph: GraphLayout, missing: str, prefix: str) -> List[str]:
 _ENTRY_SAVED = ("r8", "r11", "rdi", "rsi", "rdx", "rcx", "rax")       # pushed in reverse: rax first
 
 
-def graph_entry_source(entry_header: int, exit_header: int, layout: RingLayout, graph: GraphLayout,
-                       *, lossless: bool = True, nr: int = arch.SLOT_SYSCALL_NR) -> str:
-    """A function's entry stub: push a frame on the thread's shadow stack, make the
-    function return through the exit trampoline, and record the entry (its depth,
-    or -1 when no exit will come: an unknown thread or a full shadow stack).
-    Only at a function's entry: the flags and the red zone are dead there... the
-    red zone is stepped over all the same."""
-    frame = 0x80 + 8 * len(_ENTRY_SAVED)
-    lines = ["lea rsp, [rsp - 0x80]"] + [f"push {r}" for r in reversed(_ENTRY_SAVED)]
+#: the exit record's header minus the entry record's (the exit's stub id follows)
+GRAPH_EXIT_HEADER_DELTA = make_header(1, EXIT_RECORD) - make_header(0, ENTRY_RECORD)
+#: a function's entry stub (:func:`graph_entry_stub`): its code, then the routine's address
+GRAPH_STUB_SIZE = 40
+_GRAPH_STUB_POINTER = 32
+
+
+def graph_entry_source(layout: RingLayout, graph: GraphLayout, *, lossless: bool = True,
+                       nr: int = arch.SLOT_SYSCALL_NR) -> str:
+    """The entry routine every recorded function of an address space calls from its
+    entry stub (:func:`graph_entry_stub`, which has stepped over the red zone and
+    pushed the entry record's header): push a frame on the thread's shadow stack,
+    make the function return through the exit trampoline, and record the entry
+    (its depth, or -1 when no exit will come: an unknown thread or a full shadow
+    stack). Only at a function's entry: the flags are dead there."""
+    header_at = 8 * len(_ENTRY_SAVED) + 8                  # above the saved registers and our return
+    header = f"qword ptr [rsp + {header_at:#x}]"
+    frame = 0x80 + header_at + 8                          # the function's return address
+    lines = [f"push {r}" for r in reversed(_ENTRY_SAVED)]
     lines += ["e_lookup:"] + _find_shadow(graph, "e_miss", "e_")
     lines += [
         "mov r8, rax",                                        # the thread pointer, for the record
@@ -526,7 +536,9 @@ def graph_entry_source(entry_header: int, exit_header: int, layout: RingLayout, 
         "mov rax, qword ptr [rdx]",
         "mov qword ptr [rsi], rax",
         "mov qword ptr [rsi + 0x8], rdx",
-        f"mov qword ptr [rsi + 0x10], {exit_header:#x}",
+        f"mov rax, {header}",
+        f"add rax, {GRAPH_EXIT_HEADER_DELTA:#x}",
+        "mov qword ptr [rsi + 0x10], rax",                    # the exit record's header
         f"movabs rax, {graph.trampoline:#x}",
         "mov qword ptr [rdx], rax",
         "jmp e_record",
@@ -542,11 +554,27 @@ def graph_entry_source(entry_header: int, exit_header: int, layout: RingLayout, 
         "rdfsbase r8",
         "e_record:",
     ]
-    lines += _reserve_source(ENTRY_RECORD, layout, lossless, nr, f"{entry_header:#x}", "e_done", "e_", "r8")
-    lines += ["mov qword ptr [rcx + 0x18], rdi", f"mov qword ptr [rcx], {entry_header:#x}", "e_done:"]
+    lines += _reserve_source(ENTRY_RECORD, layout, lossless, nr, header, "e_done", "e_", "r8")
+    lines += ["mov qword ptr [rcx + 0x18], rdi", f"mov rax, {header}", "mov qword ptr [rcx], rax", "e_done:"]
     lines += [f"pop {r}" for r in _ENTRY_SAVED]
-    lines.append("lea rsp, [rsp + 0x80]")            # then: jmp resume (appended, rel32)
+    lines.append("ret")
     return "\n".join(lines)
+
+
+def graph_entry_stub(entry_header: int, routine: int, at: int, resume: int) -> bytes:
+    """A recorded function's entry stub placed at *at* (GRAPH_STUB_SIZE bytes):
+    step over the red zone, push the entry record's header, call the space's
+    entry routine (*routine*, through the address stored after the code: any
+    distance), step back and ``jmp resume``."""
+    if not 0 <= entry_header < 1 << 31:
+        raise ValueError(f"entry header {entry_header:#x} does not fit a push imm32")
+    call_end = 16
+    code = (b"\x48\x8d\x64\x24\x80"                                  # lea rsp, [rsp - 0x80]
+            + b"\x68" + struct.pack("<I", entry_header)                   # push header
+            + b"\xff\x15" + struct.pack("<i", _GRAPH_STUB_POINTER - call_end)  # call [rip + routine]
+            + b"\x48\x8d\xa4\x24\x88\x00\x00\x00")                      # lea rsp, [rsp + 0x88]
+    code = place_stub(code, at, resume)
+    return code + b"\xcc" * (_GRAPH_STUB_POINTER - len(code)) + struct.pack("<Q", routine)
 
 
 def graph_exit_source(layout: RingLayout, graph: GraphLayout, *, lossless: bool = True,
@@ -588,29 +616,3 @@ def graph_exit_source(layout: RingLayout, graph: GraphLayout, *, lossless: bool 
               "pop rdx", "pop rax", "jmp r10",
               "x_broken:", f"mov eax, {nr:#x}", "syscall", "ud2"]
     return "\n".join(lines)
-
-
-_ENTRY_PLACEHOLDER = 0x0ABCDE | ((ENTRY_RECORD // 8) << HEADER_SIZE_SHIFT)
-_EXIT_PLACEHOLDER = 0x0ABCDD | ((EXIT_RECORD // 8) << HEADER_SIZE_SHIFT)
-_entry_templates: Dict[Tuple[RingLayout, GraphLayout, bool, int], bytes] = {}
-
-
-def graph_entry_body(entry_header: int, exit_header: int, layout: RingLayout, graph: GraphLayout,
-                     *, lossless: bool = True, nr: int = arch.SLOT_SYSCALL_NR) -> bytes:
-    """The code of :func:`graph_entry_source` but its final ``jmp resume``: assembled
-    once per layout, then only the two headers differ (thousands of functions are
-    armed at once)."""
-    key = (layout, graph, lossless, nr)
-    template = _entry_templates.get(key)
-    if template is None:
-        template = arch.assemble(graph_entry_source(_ENTRY_PLACEHOLDER, _EXIT_PLACEHOLDER, layout, graph,
-                                                    lossless=lossless, nr=nr))
-        _entry_templates[key] = template
-    out = template
-    for old, new, times in ((_ENTRY_PLACEHOLDER | HEADER_PENDING, entry_header | HEADER_PENDING, 1),
-                            (_ENTRY_PLACEHOLDER, entry_header, 1), (_EXIT_PLACEHOLDER, exit_header, 1)):
-        before, after = struct.pack("<I", old), struct.pack("<I", new)
-        if out.count(before) != times:   # pragma: no cover - the source is fixed
-            raise ValueError("graph entry template: a placeholder is not where it should be")
-        out = out.replace(before, after)
-    return out

@@ -17,10 +17,10 @@ import capstone
 import pytest
 
 from conftest import build
-from helpers import GUARD, Target, captured_stdout, code_in_memory, tracer_pid, watchdog
+from helpers import GUARD, RecordingObserver, Target, captured_stdout, code_in_memory, tracer_pid, watchdog
 
 import ptprobe
-from ptprobe import calltrace
+from ptprobe import calltrace, codegen
 from ptprobe.calltrace import LOST, RETURNED, UNFINISHED, Call
 from ptprobe.elf import ElfFile
 
@@ -224,6 +224,20 @@ def test_attach_record_detach_program_right():
         assert total == 2 * calls * (calls - 1) + 6 * calls
     finally:
         t.kill()
+
+
+def test_entry_stubs_are_small_and_a_full_budget_is_said():
+    """A function's entry stub is a few bytes calling one routine per process, so
+    the default 64 trampoline pages hold thousands; with a single page (taken by
+    the slots) nothing fits: one notice says so, nothing is recorded, and the
+    program runs right."""
+    assert codegen.GRAPH_STUB_SIZE <= 64
+    observer = RecordingObserver()
+    status, out, probe = record([target(), "fib", "10"], max_trampoline_pages=1, observer=observer)
+    assert status == 0 and "fib 55" in out
+    assert probe.calls is None or probe.calls.calls == []
+    (notice,) = [n for n in observer.notices if "no room" in n]
+    assert "not recorded" in notice
 
 
 def test_trace_file_round_trip(tmp_path):

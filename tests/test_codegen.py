@@ -132,3 +132,24 @@ def test_ring_capacity_must_be_a_power_of_two():
     bad = codegen.RingLayout(**{**LAYOUT.__dict__, "capacity": 3 << 20})
     with pytest.raises(ValueError):
         codegen.record_stub_code(0x500000, stub(), bad)
+
+
+def test_graph_entry_stub_calls_the_routine_through_its_pointer():
+    """A function's entry stub: over the red zone, the entry header pushed, the
+    space's entry routine called through the address stored after the code (any
+    distance), back, and jmp to the site's resume; the routine returns with ret."""
+    routine = 0x7F00DEAD0000
+    header = codegen.make_header(6, codegen.ENTRY_RECORD)
+    code = codegen.graph_entry_stub(header, routine, SLOT, RESUME)
+    assert len(code) == codegen.GRAPH_STUB_SIZE
+    ops = [(i.mnemonic, i.op_str) for i in arch.iter_instructions(code[:29], SLOT)]
+    assert ops == [("lea", "rsp, [rsp - 0x80]"), ("push", hex(header)), ("call", "qword ptr [rip + 0x10]"),
+                   ("lea", "rsp, [rsp + 0x88]"), ("jmp", hex(RESUME))]
+    assert int.from_bytes(code[32:40], "little") == routine            # rip after the call: SLOT + 16
+    assert codegen.make_header(7, codegen.EXIT_RECORD) - header == codegen.GRAPH_EXIT_HEADER_DELTA
+    graph = codegen.GraphLayout(table=0x7F0000200000, entries=4096, trampoline=0x7F0000300000, frames=2047)
+    body = arch.assemble(codegen.graph_entry_source(LAYOUT, graph))
+    assert [i.mnemonic for i in arch.iter_instructions(body, SLOT)][-1] == "ret"
+    assert len(codegen.syscall_return_offsets(body)) == 2               # a thread not entered; the ring full
+    with pytest.raises(ValueError):
+        codegen.graph_entry_stub(1 << 31, routine, SLOT, RESUME)

@@ -1,10 +1,11 @@
 """Call graphs recorded inside the program: the tracer's side of the shadow stacks.
 
-The program does the work (``codegen.graph_entry_source`` pushes a frame on the
-thread's shadow stack and makes the function return through the exit
-trampoline, ``codegen.graph_exit_source`` pops it and records the exit); what
+The program does the work (each function's entry stub calls the space's entry
+routine, ``codegen.graph_entry_source``, which pushes a frame on the thread's
+shadow stack and makes the function return through the exit trampoline,
+``codegen.graph_exit_source``, which pops it and records the exit); what
 ptprobe does is here, for one address space (:class:`SpaceGraph`): write its
-exit trampoline, enter each thread in the table before it runs a recorded
+entry routine and exit trampoline, enter each thread in the table before it runs a recorded
 function, copy the tables into a fork's child, give every hijacked return
 address back at detach, and resolve the rare return whose frame the trampoline
 cannot find. See ``docs/design.md``, "Call graphs".
@@ -30,10 +31,11 @@ class SpaceGraph:
     """The call-graph state of one address space."""
 
     def __init__(self, space: AddressSpace, region: DataRegion, trampoline: int,
-                 trampoline_stops: Tuple[int, int]) -> None:
+                 trampoline_stops: Tuple[int, int], entry: int) -> None:
         self.space = space
         self.region = region
         self.trampoline = trampoline
+        self.entry = entry                           # the entry routine the functions' stubs call
         self.full_stop, self.broken_stop = trampoline_stops
         self.layout = region.graph_layout(trampoline)
         self.shadow_of: Dict[int, int] = {}          # tid -> shadow stack index
@@ -142,7 +144,8 @@ class SpaceGraph:
     def fork(self, child_space: AddressSpace, child_region: DataRegion) -> "SpaceGraph":
         """The child's graph: the table and the stacks in use, copied (the forking
         thread goes on in the child with its pending returns)."""
-        graph = SpaceGraph(child_space, child_region, self.trampoline, (self.full_stop, self.broken_stop))
+        graph = SpaceGraph(child_space, child_region, self.trampoline, (self.full_stop, self.broken_stop),
+                           self.entry)
         src, dst = self.region.view, child_region.view
         table = self.region.layout.table_at
         dst[table:table + 16 * GRAPH_ENTRIES] = src[table:table + 16 * GRAPH_ENTRIES]
@@ -180,6 +183,13 @@ class SpaceGraph:
                     linux.set_regs(thread.tid, raw)
                     return True
         return False
+
+
+def entry_routine(layout: codegen.RingLayout, graph: codegen.GraphLayout, lossless: bool) -> Tuple[bytes, List[int]]:
+    """The entry routine's code and the offsets of the rips of its stops (a thread
+    not entered; the ring full, if *lossless*)."""
+    code = arch.assemble(codegen.graph_entry_source(layout, graph, lossless=lossless))
+    return code, codegen.syscall_return_offsets(code)
 
 
 def exit_trampoline(layout: codegen.RingLayout, graph: codegen.GraphLayout, lossless: bool

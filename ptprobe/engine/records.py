@@ -27,7 +27,7 @@ from ..errors import PtprobeError
 from ..hit import UNREADABLE, Record
 from ..patching import Site
 from ..tracee import AddressSpace, Process, Thread
-from .calls import SpaceGraph, exit_trampoline
+from .calls import SpaceGraph, entry_routine, exit_trampoline
 
 ErrorReport = Callable[[object, object, BaseException], None]
 ARG_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
@@ -110,6 +110,8 @@ class _SpaceData:
         self.graph: Optional[SpaceGraph] = None
         #: the committed headers of call records: header -> (0 entry / 1 exit, function)
         self.call_headers: Dict[int, Tuple[int, str]] = {}
+        #: functions whose entry stub found no room (said once)
+        self.no_room = 0
 
 
 class Actions:
@@ -216,6 +218,7 @@ class Actions:
             return
         graph = data.graph or self._graph_of(data, site)
         if graph is None:
+            self._no_room(data, site)
             return
         if self.calls is None:
             self.calls = CallTrace()
@@ -226,37 +229,47 @@ class Actions:
         data.stubs.append(_Stub(site, [int], codegen.EXIT_RECORD, kind="exit"))
         entry_header = codegen.make_header(entry_id, codegen.ENTRY_RECORD)
         exit_header = codegen.make_header(exit_id, codegen.EXIT_RECORD)
-        body = codegen.graph_entry_body(entry_header, exit_header, data.region.ring_layout(), graph.layout,
-                                        lossless=self.lossless)
-        at = patcher.stub_room(site, len(body) + arch.JMP_REL32_SIZE)
+        assert exit_header - entry_header == codegen.GRAPH_EXIT_HEADER_DELTA
+        at = patcher.stub_room(site, codegen.GRAPH_STUB_SIZE)
         if at is None:
+            self._no_room(data, site)
             return
         name = data.stubs[entry_id].name
         data.call_headers[entry_header] = (0, name)
         data.call_headers[exit_header] = (1, name)
-        code = codegen.place_stub(body, at, site.resume)
-        stops = codegen.syscall_return_offsets(code)          # a thread not entered; the ring full
-        patcher.set_stub(site, at, code, stops[1] if len(stops) > 1 else None)
-        self._stops[at + stops[0]] = ("enter", data)
+        patcher.set_stub(site, at, codegen.graph_entry_stub(entry_header, graph.entry, at, site.resume), None)
         site.action = "graph"
         self.recording = True
         patcher.aim(site, at)
 
+    def _no_room(self, data: _SpaceData, site: Site) -> None:
+        if not data.no_room:
+            self.notice(f"process {data.pid}: no room for more call-graph code (the trampoline pages are at "
+                        f"their maximum): calls of {site.label} and of the functions armed after it are not "
+                        "recorded, and stop the program")
+        data.no_room += 1
+
     def _graph_of(self, data: _SpaceData, site: Site) -> Optional[SpaceGraph]:
-        """The space's call graph: its exit trampoline written, its threads entered."""
+        """The space's call graph: its exit trampoline and entry routine written, its
+        threads entered."""
         patcher = data.space.patcher
         layout = data.region.ring_layout()
         code, full, broken = exit_trampoline(layout, data.region.graph_layout(0), self.lossless)
         at = patcher.code_room(len(code), [site.address], site.obj)
-        if at is None:
-            self.notice(f"process {data.pid}: no room for the exit trampoline: calls not recorded")
+        entry_code, entry_stops = entry_routine(layout, data.region.graph_layout(at or 0), self.lossless)
+        entry = patcher.code_room(len(entry_code), [site.address], site.obj) if at is not None else None
+        if at is None or entry is None:
             return None
         data.space.mem.write(at, code)
-        graph = SpaceGraph(data.space, data.region, at, (at + full if full >= 0 else -1, at + broken))
+        data.space.mem.write(entry, entry_code)
+        graph = SpaceGraph(data.space, data.region, at, (at + full if full >= 0 else -1, at + broken), entry)
         data.graph = graph
         if full >= 0:
             self._stops[at + full] = ("full", data)
         self._stops[at + broken] = ("broken", data)
+        self._stops[entry + entry_stops[0]] = ("enter", data)
+        if len(entry_stops) > 1:
+            self._stops[entry + entry_stops[1]] = ("full", data)
         for thread in data.space.owner.threads.values():
             if thread.stopped and not thread.exited:
                 self._note(data, thread)
