@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from collections import Counter, defaultdict
 from typing import Dict, List, Tuple
 
@@ -258,3 +259,28 @@ def test_trace_file_round_trip(tmp_path):
                                                              "ptprobe_trace_version": 99}})
     with pytest.raises(calltrace.TraceFormatError):
         calltrace.read_trace(io.StringIO("not json"))
+
+
+@pytest.mark.parametrize("only_calls", [True, False])
+def test_a_run_of_call_records_ends_at_the_first_record_not_committed(only_calls):
+    """The ring reader hands over runs of committed call records unread: a run ends
+    at a header still pending, at a zeroed one, or (in a space with other stubs) at
+    another stub's record; the fast check (every stub writes calls) agrees."""
+    from ptprobe.engine import records
+    headers = {codegen.make_header(i, codegen.ENTRY_RECORD): (i % 2, f"f{i // 2}") for i in range(3000)}
+    keys = list(headers)
+    other = codegen.make_header(3000, 64)
+
+    def ring(*words: int) -> bytes:
+        return b"".join(struct.pack("<4Q", w, 1, 2, 3) for w in words)
+
+    full = ring(*keys[:50])
+    assert records._call_run(full, 0, len(full), headers, only_calls) == 50
+    assert records._call_run(full, 32 * 10, len(full), headers, only_calls) == 40
+    assert records._call_run(full, 0, len(full) - 5, headers, only_calls) == 49        # the last one not whole
+    for stop in (keys[7] | codegen.HEADER_PENDING, 0, keys[2999] | codegen.HEADER_PENDING):
+        chunk = ring(*keys[:7], stop, *keys[8:20])
+        assert records._call_run(chunk, 0, len(chunk), headers, only_calls) == 7
+    if not only_calls:
+        chunk = ring(*keys[:3], other, *keys[4:9])
+        assert records._call_run(chunk, 0, len(chunk), headers, only_calls) == 3
