@@ -360,6 +360,7 @@ class Session:
             if timeout is not None:
                 signal.setitimer(signal.ITIMER_REAL, 0, 0)
                 signal.signal(signal.SIGALRM, old)
+                self.loop.stop_requested = False      # (an alarm after the loop returned)
 
     def _ended(self) -> bool:
         """run: the program exited; attach: every process attached to exited."""
@@ -383,8 +384,10 @@ class Session:
             self.lifecycle.returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
 
     def request_stop(self) -> None:
-        """Make :meth:`wait` return soon. Call it from the session's thread, or
-        from a signal handler when the session runs in the main thread."""
+        """Make :meth:`wait` return soon; made while no wait() runs, it makes the
+        next one return at once (the probes stay armed). Call it from the
+        session's thread, or from a signal handler when the session runs in the
+        main thread."""
         self.loop.request_stop()
 
     # --- detaching -------------------------------------------------------------------------------

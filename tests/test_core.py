@@ -313,6 +313,20 @@ def test_placement_thread_created_while_pinned_seen_after(tmp_path):
 
 # ---------------------------------------------------------------------------- attach / detach
 
+def test_a_stop_requested_before_wait_is_kept(loop_target):
+    """request_stop() before wait() (a signal between arming and waiting): that
+    wait() returns at once with the program running, and only that one."""
+    target = loop_target
+    with watchdog(60, [target.pid]), ptprobe.attach(target.pid, observer=RecordingObserver()) as session:
+        probe = session.probe(f"uprobe:{target.path}:work")
+        session.request_stop()
+        assert session.wait() is None
+        assert session.attached and probe.hits == 0
+        assert session.wait(timeout=0.3) is None       # the request was used up: this one runs
+        assert probe.hits > 0
+        session.detach()
+
+
 @pytest.mark.parametrize("name, mechanism", [("work", "int3"), ("work_nop5", "jmp")])
 def test_attach_probe_detach(loop_target, name, mechanism):
     target = loop_target

@@ -191,10 +191,13 @@ class EventLoop:
 
     def run(self, until: Callable[[], bool] = lambda: False) -> None:
         """Handle events until *until()* is true, :meth:`request_stop` is called
-        or no traced thread is left."""
-        self.stop_requested = False
-        while self.threads and not self.stop_requested and not until():
-            self.step()
+        (also before: a request made while the loop did not run is kept for the
+        next run) or no traced thread is left. Returning uses the request up."""
+        try:
+            while self.threads and not self.stop_requested and not until():
+                self.step()
+        finally:
+            self.stop_requested = False
 
     def request_stop(self) -> None:
         """Make :meth:`run` return soon (also from a signal handler): a running
