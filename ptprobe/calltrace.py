@@ -200,15 +200,19 @@ def trace_events(trace: CallTrace) -> List[Dict[str, Any]]:
     return list(_iter_events(trace))
 
 
+def _meta_events(trace: CallTrace) -> List[Dict[str, Any]]:
+    """The events that name the processes and threads of *trace*."""
+    threads = sorted({(c.pid, c.tid) for c in trace.calls})
+    return ([{"ph": "M", "name": "process_name", "pid": pid, "tid": pid,
+              "args": {"name": trace.process_names.get(pid, f"process {pid}")}}
+             for pid in sorted({p for p, _ in threads})]
+            + [{"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": f"thread {tid}"}}
+               for pid, tid in threads])
+
+
 def _iter_events(trace: CallTrace) -> Iterator[Dict[str, Any]]:
-    calls = trace.calls
-    threads = sorted({(c.pid, c.tid) for c in calls})
-    for pid in sorted({p for p, _ in threads}):
-        name = trace.process_names.get(pid, f"process {pid}")
-        yield {"ph": "M", "name": "process_name", "pid": pid, "tid": pid, "args": {"name": name}}
-    for pid, tid in threads:
-        yield {"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": f"thread {tid}"}}
-    for call in calls:
+    yield from _meta_events(trace)
+    for call in trace.calls:
         if call.end_ns is not None:
             yield {"name": call.name, "cat": "function", "ph": "X", "pid": call.pid, "tid": call.tid,
                    "ts": _us(call.start_ns), "dur": _us(call.end_ns - call.start_ns), "args": {"depth": call.depth}}
@@ -228,8 +232,7 @@ def write_trace(trace: CallTrace, out: IO[str], *, command: Optional[List[str]] 
     calls = trace.calls
     other = {"format": FORMAT_NAME, "ptprobe_trace_version": TRACE_VERSION, "clock": "CLOCK_MONOTONIC",
              "command": command or [], "calls": len(calls), "unpatchable": trace.unpatchable}
-    threads = sorted({(c.pid, c.tid) for c in calls})
-    head = [json.dumps(e, separators=(",", ":")) for e in _iter_events(trace) if e["ph"] == "M"] if threads else []
+    head = [json.dumps(e, separators=(",", ":")) for e in _meta_events(trace)]
     out.write('{"traceEvents":[' + ",".join(head))
     names: Dict[str, str] = {}
     lines: List[str] = []
