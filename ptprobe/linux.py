@@ -31,6 +31,7 @@ from .errors import FaultError, NoSuchProcessError, TracePermissionError, Tracer
 PTRACE_CONT = 7
 PTRACE_KILL = 8
 PTRACE_SINGLESTEP = 9
+PTRACE_SYSCALL = 24
 PTRACE_GETREGS = 12
 PTRACE_SETREGS = 13
 PTRACE_GETFPREGS = 14
@@ -176,6 +177,11 @@ def cont(tid: int, sig: int = 0) -> None:
 
 def singlestep(tid: int, sig: int = 0) -> None:
     _ptrace(PTRACE_SINGLESTEP, tid, 0, sig, "single-step")
+
+
+def syscall_resume(tid: int, sig: int = 0) -> None:
+    """PTRACE_SYSCALL: run to the next system call entry or exit."""
+    _ptrace(PTRACE_SYSCALL, tid, 0, sig, "resume to a syscall stop")
 
 
 def detach(tid: int, sig: int = 0) -> None:

@@ -379,6 +379,8 @@ class AddressSpace:
         if why is not None:
             name = linux.SYSCALL_NAMES.get(nr, f"system call {nr:#x}")
             raise SyscallRefusedError(f"{name} not made in process {self.pid}: {why}", self.pid, nr, why)
+        # (judged now: the filters this syscall may install are judged by their installer)
+        unstep = not thread.group_stop and self.seccomp_refusal(linux.SYS_getpid, thread=thread) is None
         tid = thread.tid
         in_group_stop = thread.group_stop
         saved = linux.get_regs(tid)
@@ -386,6 +388,7 @@ class AddressSpace:
         # stopped at a clone/fork/vfork/exec event, the thread is still inside that
         # syscall: its result is written into rax only when it is resumed
         completing = linux.stop_event(tid) in _COMPLETING_EVENTS
+        unstep = unstep and not completing
         patched: Optional[Tuple[int, bytes]] = None
         if self.syscall_gadget is not None:
             at = self.syscall_gadget
@@ -403,6 +406,8 @@ class AddressSpace:
             linux.set_regs(tid, regs)
             saw_seccomp, finished = _step_syscall(thread, at, regs, self.wait_thread)
             result = linux.signed64(linux.get_regs(tid).rax)
+            if unstep:
+                saw_seccomp |= _unstep(thread, at, regs, self.wait_thread)
             if completing and finished is not None:
                 # keep that syscall's result (a new thread's tid, say), not the
                 # -ENOSYS placeholder rax held at the event stop
@@ -466,6 +471,45 @@ def _step_syscall(thread: Thread, at: int, regs: linux.Registers,
             elif event == 0:
                 thread.deferred_signals.append(sig)
             linux.singlestep(thread.tid)
+    finally:
+        thread.stepping = False
+
+
+def _unstep(thread: Thread, at: int, regs: linux.Registers, wait_thread: Callable[[int], int]) -> bool:
+    """Clear the single-step flag the steps of a remote syscall left on *thread*
+    (stopped at *at* + 2): were ptprobe killed before resuming it, the thread would
+    trap (SIGTRAP) at its next instruction, or at the end of the system call it
+    was restarting. Any resume but a step clears it: the thread makes a getpid at
+    *at* under PTRACE_SYSCALL, stopping at its entry and its exit, and runs
+    nothing else. Returns whether a seccomp stop was seen."""
+    call = linux.copy_regs(regs)
+    call.rip = at
+    call.rax = linux.SYS_getpid
+    call.orig_rax = linux.U64
+    linux.set_regs(thread.tid, call)
+    saw_seccomp = False
+    syscall_stops = 0
+    thread.stepping = True
+    try:
+        linux.syscall_resume(thread.tid)
+        while True:
+            status = wait_thread(thread.tid)
+            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                thread.exited = True
+                raise NoSuchProcessError(f"thread {thread.tid} exited during a remote syscall", thread.tid)
+            sig = os.WSTOPSIG(status)
+            event = status >> 16
+            if event == linux.PTRACE_EVENT_SECCOMP:
+                saw_seccomp = True
+            elif event == linux.PTRACE_EVENT_STOP:
+                thread.interrupted = False
+            elif event == 0 and sig == signal.SIGTRAP and linux.get_rip(thread.tid) == at + 2:
+                syscall_stops += 1
+                if syscall_stops == 2:          # the exit's: done
+                    return saw_seccomp
+            elif event == 0:
+                thread.deferred_signals.append(sig)
+            linux.syscall_resume(thread.tid)
     finally:
         thread.stepping = False
 
