@@ -410,6 +410,12 @@ class Probes:
                 raise TracerError(f"{parsed.path}: {exc.strerror}") from None
             if parsed.kind == "calls":
                 sites, probe.unpatchable = call_sites(elf, parsed.symbol or "*", parsed.exclude)
+                if not sites and not probe.unpatchable:
+                    raise SymbolNotFoundError(
+                        f"no function of {parsed.path} matches {parsed.symbol or '*'!r}"
+                        + (f" (leaving out {', '.join(map(repr, parsed.exclude))})" if parsed.exclude else "")
+                        + ("" if any(True for _ in elf.iter_symbols()) else " (it has no symbols: stripped?)"),
+                        parsed.symbol or "*")
                 if not sites:
                     raise SymbolNotFoundError(
                         f"no function of {parsed.path} matching {parsed.symbol or '*'!r} has a patchable entry "
@@ -533,7 +539,12 @@ class Probes:
             if proc.exited:
                 continue
             proc.space.refresh_objects()
-            armed_any |= self.arm(proc.space, probe, raise_errors=True)
+            armed = self.arm(proc.space, probe, raise_errors=True)
+            if not armed:
+                # its object may be loaded later: watch the loader (only then: a
+                # breakpoint there would outlive a ptprobe that is killed)
+                self.watch_loader(proc.space)
+            armed_any |= armed
         self.probes.append(probe)
         return armed_any
 
@@ -591,10 +602,13 @@ class Probes:
 
     # --- the dynamic loader -----------------------------------------------------------------
     def watch_loader(self, space: AddressSpace) -> bool:
-        """Arm the loader probe (``_dl_debug_state``) in *space*; True if armed."""
+        """Arm the loader probe (``_dl_debug_state``) in *space*; True if armed
+        (also before)."""
         space.refresh_objects()
         for obj in space.objects.values():
             if os.path.basename(obj.path).startswith("ld-linux") and obj.elf.find_symbol("_dl_debug_state"):
+                if (id(self.loader), obj.identity) in space.armed:
+                    return True
                 try:
                     self._arm_in_object(space, self.loader, obj)
                 except PtprobeError as exc:

@@ -204,8 +204,7 @@ class Session:
                                      pids[0] if pids else 0)
         self.loop.stop_world()
         for proc in list(self.loop.processes.values()):
-            proc.space.refresh_objects()
-            self._probes.watch_loader(proc.space)
+            proc.space.refresh_objects()        # (the loader is watched once a probe needs it)
 
     def _seize(self, pid: int, strict: bool) -> bool:
         """Seize process *pid*; True if it is traced now. Not *strict*: a process that

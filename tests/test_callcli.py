@@ -225,6 +225,30 @@ def test_record_attach(tmp_path, how):
         t.kill()
 
 
+def test_record_attach_killed_leaves_the_program_running(tmp_path):
+    """ptprobe record --pid killed (SIGKILL, the OOM killer): the program runs on
+    through its patched entries (their stubs go on by themselves) and through a
+    later dlopen (no breakpoint is left on the dynamic loader: the loader is watched
+    only for probes whose object is not loaded yet)."""
+    prog = target()
+    t = Target([prog, "wait", "50", "dlopen"], ready="ready")
+    try:
+        proc = ptprobe_popen("record", "--pid", str(t.pid), "-o", str(tmp_path / "killed.json"))
+        try:
+            Lines(proc.stderr).wait_for(lambda ls: any("recording the calls of" in line for line in ls),
+                                        "recording")
+            proc.kill()
+            proc.wait(timeout=GUARD)
+        finally:
+            stop_popen(proc)
+        assert tracer_pid(t.pid) == 0
+        t.send(b"q")
+        assert t.proc.wait(timeout=GUARD) == 0
+        t.out.wait_for(lambda ls: "dlopen ok" in ls, "dlopen ok")
+    finally:
+        t.kill()
+
+
 # --------------------------------------------------------------------------- errors
 def test_record_errors(tmp_path):
     prog = target()
@@ -242,7 +266,11 @@ def test_record_errors(tmp_path):
          "matches no mapped object"),
         (["record", "-o", str(tmp_path / "x.json"), "--", plain], 6, "has a patchable entry"),
         (["record", "-F", "nosuch", "-o", str(tmp_path / "x.json"), "--", prog, "fib", "3"], 6,
-         "has a patchable entry"),
+         "matches 'nosuch'"),
+        (["record", "-N", "*", "-o", str(tmp_path / "x.json"), "--", prog, "fib", "3"], 6, "(leaving out '*')"),
+        (["record", "-o", str(tmp_path), "--", prog, "fib", "3"], 74, "it is a directory"),
+        (["record", "--object", "libnosuch.so", "-o", str(tmp_path / "x.json"), "--", prog, "fib", "3"], 5,
+         "libnosuch.so: no such file"),
         (["report", str(tmp_path / "missing.json")], 13, "No such file"),
         (["graph", str(prog)], 13, "not a trace file"),
     ]

@@ -14,9 +14,11 @@
  *   graph_target tail N         N times: tail_a() tail-calls tail_b(), which tail-calls
  *                               tail_c() (at -O2: jmp, the return address shared);
  *                               prints "tail S"
- *   graph_target wait [PACE]    calls outer() in a loop, printing "progress N" every 100000
+ *   graph_target wait [PACE [dlopen]]
+ *                               calls outer() in a loop, printing "progress N" every 100000
  *                               calls, until a byte arrives on stdin; prints "sum S calls N";
- *                               with PACE, sleeps a millisecond after every PACE calls
+ *                               with PACE, sleeps a millisecond after every PACE calls; with
+ *                               dlopen, then loads libm.so.6 and prints "dlopen ok"
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -28,6 +30,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 #include <fcntl.h>
+#include <dlfcn.h>
 
 #define NOINLINE __attribute__((noinline))
 static volatile long sink;
@@ -139,6 +142,8 @@ int main(int argc, char **argv)
                 usleep(1000);
         }
         printf("sum %ld calls %ld\n", sum, i);
+        if (argc > 3 && !strcmp(argv[3], "dlopen"))
+            printf(dlopen("libm.so.6", RTLD_NOW) ? "dlopen ok\n" : "dlopen failed\n");
     } else {
         return 2;
     }
