@@ -52,7 +52,8 @@ def add_commands(sub: "argparse._SubParsersAction", epilog: str) -> None:
                      help="attach to running processes instead of starting one: a process id "
                      "(1234, 1234,5678) or a name; repeatable")
     rec.add_argument("-o", "--output", default=DEFAULT_FILE, metavar="FILE",
-                     help="the trace file ('-': stdout); default %(default)s")
+                     help="the trace file ('-': stdout, which a program run by record shares); "
+                     "default %(default)s")
     rec.add_argument("-F", "--function", dest="functions", action="append", default=[], metavar="PATTERN",
                      help="record only the functions matching PATTERN (* ? [..]; repeatable: any of "
                      "them); default every function")
@@ -154,6 +155,8 @@ class _TraceFile:
         self._temp: Optional[str] = None
         if path == "-":
             return
+        if os.path.isdir(path):
+            raise OutputError(f"cannot write {path}: it is a directory", path)
         folder = os.path.dirname(os.path.abspath(path))
         try:
             fd, self._temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
@@ -172,7 +175,12 @@ class _TraceFile:
                 return
             with open(self._temp, "w", encoding="utf-8") as out:
                 calltrace.write_trace(trace, out, command=command)
-            os.replace(self._temp, self.path)
+            try:
+                os.replace(self._temp, self.path)
+            except OSError as exc:
+                kept, self._temp = self._temp, None             # (kept: the recording is in it)
+                raise OutputError(f"cannot write {self.path}: {exc.strerror}; the trace is in {kept}",
+                                  self.path) from None
             self._temp = None
         except OSError as exc:
             raise OutputError(f"cannot write {self.path}: {exc.strerror}", self.path) from None
@@ -295,6 +303,8 @@ class _Recording:
                         "loaded later is named without a pattern", text)
                 chosen.extend(matches)
             else:
+                if not any(discover.name_matches(os.path.basename(name), text) or name == text for name in mapped):
+                    discover.find_object(text)   # a library loaded later, or a typo (ObjectFileError)
                 chosen.append(text)
         kept = [obj for obj in dict.fromkeys(chosen)
                 if not any(fnmatch.fnmatchcase(obj, p) or fnmatch.fnmatchcase(os.path.basename(obj), p)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import gc
 import json
-from typing import IO, Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import IO, Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 from .errors import TraceFormatError
 
@@ -85,6 +85,10 @@ class CallTrace:
         self._calls: List[Call] = []                         # in order of entry
         self._roots: List[Call] = []                         # outermost calls, in order
         self._stacks: Dict[Tuple[int, int], List[Call]] = {}
+        #: threads gone (exited, exec'd) whose last records may still come: the ring is
+        #: read in order, and a record of another thread not committed yet holds back
+        #: those behind it; a new entry of that thread id starts a new stack
+        self._gone: Set[Tuple[int, int]] = set()
         self._pending: List[tuple] = []
         self.process_names: Dict[int, str] = {}
         #: object -> the names of the functions that were to be recorded but have no
@@ -149,6 +153,7 @@ class CallTrace:
     def _pair(self) -> None:
         pending, self._pending = self._pending, []
         stacks = self._stacks
+        gone = self._gone
         calls = self._calls
         roots = self._roots
         add_call = calls.append
@@ -160,6 +165,9 @@ class CallTrace:
                     key = (pid, tid)
                     stack = stacks.get(key)
                 if kind == 0:
+                    if gone and key in gone:
+                        gone.discard(key)               # a new thread, or a new image: its own stack
+                        stack = stacks[key] = []
                     if stack is None:
                         stack = stacks[key] = []
                     if value is not None:
@@ -183,12 +191,14 @@ class CallTrace:
                     call.status = RETURNED
                 else:
                     if kind == 2:
-                        stacks.pop((pid, tid), None)
+                        gone.add((pid, tid))
                     elif kind == 3:
-                        for gone in [k for k in stacks if k[0] == pid]:
-                            del stacks[gone]
+                        for old in [k for k in stacks if k[0] == pid]:
+                            del stacks[old]
+                        gone.difference_update([k for k in gone if k[0] == pid])
                     else:
                         stacks.clear()
+                        gone.clear()
                     key, stack = (0, 0), None
 
 
@@ -353,7 +363,8 @@ def report(trace: CallTrace, sort: str = "total") -> str:
     lines = [f"{'total':>12}  {'self':>12}  {'calls':>9}  {'average':>12}  {'no return':>9}  function"]
     for name, (calls, total, self_ns, unreturned) in sorted(rows.items(), key=key):
         returned = calls - unreturned
-        lines.append(f"{_time(total):>12}  {_time(self_ns):>12}  {calls:>9}  "
+        lines.append(f"{_time(total if returned else None):>12}  {_time(self_ns if returned else None):>12}  "
+                     f"{calls:>9}  "
                      f"{_time(total / returned if returned else None):>12}  {unreturned or '':>9}  {name}")
     return "\n".join(lines)
 
@@ -397,5 +408,6 @@ def _graph_lines(calls: Iterable[Call], depth: int, lines: List[str]) -> None:
         total = sum(c.duration_ns or 0 for c in group)
         open_calls = sum(1 for c in group if c.end_ns is None)
         mark = f"  ({open_calls} without return)" if open_calls else ""
-        lines.append(f"{_time(total):>12}  {len(group):>7}  {'  ' * depth}{name}{mark}")
+        shown = _time(total if open_calls < len(group) else None)     # ('-': none returned)
+        lines.append(f"{shown:>12}  {len(group):>7}  {'  ' * depth}{name}{mark}")
         _graph_lines([child for c in group for child in c.children], depth + 1, lines)

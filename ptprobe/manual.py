@@ -217,7 +217,7 @@ and exit, with the time and thread, into memory it shares with ptprobe; its
 return addresses are taken over in the program, not by stops, and all given
 back when recording ends, also for threads inside recorded functions.
 
-  gcc -O2 -pg -mfentry -mnop-mcount -o prog prog.c
+  gcc -O2 -pg -mfentry -mnop-mcount -fno-pie -no-pie -o prog prog.c
   ptprobe record -- ./prog args             writes ptprobe.json
   ptprobe record --pid 1234 --duration 5    a running process, 5 seconds
   ptprobe report                            total, self time and calls per function
@@ -237,8 +237,9 @@ a hot program recorded for seconds makes a large file: narrow it with -F and
 -N.""")
 
 _topic("exit", "exit codes", """
-run exits with the program's status (and dies by the same signal). ptprobe's
-own errors print one line, 'ptprobe: ...', on stderr and exit with:
+run and record -- exit with the program's status (and die by the same
+signal). ptprobe's own errors print one line, 'ptprobe: ...', on stderr and
+exit with:
 
   2   bad usage, probe spec, -f format, --filter or --agg expression
   3   no such process
@@ -250,7 +251,8 @@ own errors print one line, 'ptprobe: ...', on stderr and exit with:
   9   program cannot be started
   10  memory fault in the tracee
   11  other tracer error
-  13  not a ptprobe trace file, or of another version (report, graph)
+  13  trace file missing, unreadable, not ptprobe's or of another version
+      (report, graph)
   70  internal error (PTPROBE_DEBUG=1 prints the traceback)
   74  the output cannot be written (-o FILE on a full disk)""")
 

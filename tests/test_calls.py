@@ -284,3 +284,21 @@ def test_a_run_of_call_records_ends_at_the_first_record_not_committed(only_calls
     if not only_calls:
         chunk = ring(*keys[:3], other, *keys[4:9])
         assert records._call_run(chunk, 0, len(chunk), headers, only_calls) == 3
+
+
+def test_a_thread_gone_before_its_last_records_are_read():
+    """The ring is read in order, and a record of another thread not committed yet
+    holds back those behind it: a thread's end can be known before its last exit
+    record is read. That exit still ends its call; a later entry of the same
+    thread id (a new thread) starts on its own."""
+    trace = calltrace.CallTrace()
+    trace.add_events([(0, 1, 7, "worker", 100, 0), (0, 1, 7, "leaf", 200, 1)])
+    trace.thread_gone(1, 7)
+    trace.add_events([(1, 1, 7, "leaf", 300, 0), (1, 1, 7, "worker", 400, 0)])
+    trace.thread_gone(1, 7)
+    trace.add_events([(0, 1, 7, "reborn", 500, 0)])          # the id again: a new thread
+    trace.finish()
+    worker, leaf, reborn = trace.calls
+    assert (worker.status, worker.end_ns, leaf.status, leaf.end_ns) == (RETURNED, 400, RETURNED, 300)
+    assert leaf in worker.children and (reborn.status, reborn.depth) == (UNFINISHED, 0)
+    assert [c.name for c in trace.roots] == ["worker", "reborn"]
