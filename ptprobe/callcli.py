@@ -95,8 +95,9 @@ def add_commands(sub: "argparse._SubParsersAction", epilog: str) -> None:
     gra.add_argument("file", nargs="?", default=DEFAULT_FILE, metavar="FILE",
                      help="the trace file; default %(default)s")
     gra.add_argument("--tid", type=int, metavar="TID", help="only the thread TID")
-    gra.add_argument("-F", "--function", metavar="NAME",
-                     help="only the trees under the calls of NAME (the outermost ones, when it recurses)")
+    gra.add_argument("-F", "--function", metavar="PATTERN",
+                     help="only the trees under the calls of the functions PATTERN matches (a name, or "
+                     "* ? [..]; the outermost calls, when they recurse)")
 
 
 def main(args: argparse.Namespace, console: Console, out: IO[str]) -> int:
@@ -111,7 +112,8 @@ def main(args: argparse.Namespace, console: Console, out: IO[str]) -> int:
             out.write(f"\n{skipped} function{'' if skipped == 1 else 's'} not recorded (no patchable entry): "
                       f"{_names(sorted(n for names in trace.unpatchable.values() for n in names))}\n")
         return 0
-    if args.function is not None and not any(c.name == args.function for c in trace.calls):
+    if args.function is not None and not any(c.name == args.function or fnmatch.fnmatchcase(c.name, args.function)
+                                             for c in trace.calls):
         raise SymbolNotFoundError(f"{args.file}: no call of {args.function!r}", args.function)
     if args.tid is not None and not any(c.tid == args.tid for c in trace.calls):
         raise UsageError(f"{args.file}: no thread {args.tid} (threads: "

@@ -17,6 +17,7 @@ thread was inside it, or the program exited or exec'd from it) or has *no exit*
 
 from __future__ import annotations
 
+import fnmatch
 import gc
 import json
 from typing import IO, Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
@@ -372,8 +373,8 @@ def report(trace: CallTrace, sort: str = "total") -> str:
 def graph(trace: CallTrace, thread: Optional[int] = None, function: Optional[str] = None) -> str:
     """The call tree of each thread, calls of one function under one parent
     merged (total time, calls), as uftrace's graph shows it; only thread *thread*
-    if given; with *function*, the trees under its calls (the outermost ones, when
-    it recurses)."""
+    if given; with *function* (a name, or a pattern: * ? [..]), the trees under
+    the calls of the functions it matches (the outermost ones, when they recurse)."""
     lines: List[str] = []
     threads: Dict[Tuple[int, int], List[Call]] = {}
     for root in _tops(trace.roots, function) if function is not None else trace.roots:
@@ -388,12 +389,13 @@ def graph(trace: CallTrace, thread: Optional[int] = None, function: Optional[str
 
 
 def _tops(roots: Iterable[Call], function: str) -> List[Call]:
-    """The calls of *function* with no call of it above them, in order."""
+    """The calls of the functions *function* matches with no such call above
+    them, in order."""
     found: List[Call] = []
     work = list(reversed(list(roots)))
     while work:
         call = work.pop()
-        if call.name == function:
+        if call.name == function or fnmatch.fnmatchcase(call.name, function):
             found.append(call)
         else:
             work.extend(reversed(call.children))

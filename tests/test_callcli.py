@@ -116,6 +116,7 @@ def test_record_run_report_graph(tmp_path, flags):
     assert sum(calls for _, calls, _ in rows[1:]) == fib_calls(n)
     only = graph_rows(ptprobe_cli("graph", "-F", "fib", cwd=str(tmp_path)).stdout)
     assert only[0] == (0, 1, "fib") and sum(c for _, c, _ in only) == fib_calls(n)
+    assert graph_rows(ptprobe_cli("graph", "-F", "f?b*", cwd=str(tmp_path)).stdout) == only     # a pattern too
 
 
 def test_record_function_patterns(tmp_path):
