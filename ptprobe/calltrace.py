@@ -86,9 +86,10 @@ class CallTrace:
         self._calls: List[Call] = []                         # in order of entry
         self._roots: List[Call] = []                         # outermost calls, in order
         self._stacks: Dict[Tuple[int, int], List[Call]] = {}
-        #: threads gone (exited, exec'd) whose last records may still come: the ring is
-        #: read in order, and a record of another thread not committed yet holds back
-        #: those behind it; a new entry of that thread id starts a new stack
+        #: threads gone (exited, exec'd, or their process) whose last records may still
+        #: come: the ring is read in order, and a record of another thread not
+        #: committed yet holds back those behind it; a new entry of that thread id
+        #: starts a new stack
         self._gone: Set[Tuple[int, int]] = set()
         self._pending: List[tuple] = []
         self.process_names: Dict[int, str] = {}
@@ -194,9 +195,7 @@ class CallTrace:
                     if kind == 2:
                         gone.add((pid, tid))
                     elif kind == 3:
-                        for old in [k for k in stacks if k[0] == pid]:
-                            del stacks[old]
-                        gone.difference_update([k for k in gone if k[0] == pid])
+                        gone.update(k for k in stacks if k[0] == pid)
                     else:
                         stacks.clear()
                         gone.clear()
@@ -295,6 +294,11 @@ def validate(doc: Any) -> None:
             raise TraceFormatError(f"event {i}: an X event without dur")
         if event["ph"] == "B" and event["args"].get("status") not in (LOST, UNFINISHED, NO_EXIT):
             raise TraceFormatError(f"event {i}: a B event without a status")
+    count = other.get("calls")
+    found = sum(1 for event in doc["traceEvents"] if event["ph"] != "M")
+    if isinstance(count, int) and count != found:
+        raise TraceFormatError(f"{found} call events where otherData.calls says {count}: the file was cut "
+                               "or edited")
 
 
 def read_trace(source: IO[str]) -> CallTrace:

@@ -300,6 +300,11 @@ def test_report_and_graph_errors(tmp_path):
     assert result.returncode == 6 and "no call of 'nosuch'" in error_line(result)
     result = ptprobe_cli("report", "--sort", "size", str(out))
     assert result.returncode == 2 and "--sort" in error_line(result)
+    doc = json.loads(out.read_text())                        # cut short, and still JSON
+    doc["traceEvents"] = doc["traceEvents"][:-2]
+    (tmp_path / "cut.json").write_text(json.dumps(doc))
+    result = ptprobe_cli("report", str(tmp_path / "cut.json"))
+    assert result.returncode == 13 and "otherData.calls says" in error_line(result)
 
 
 def test_record_needs_jmp_slots():

@@ -296,9 +296,12 @@ def test_a_thread_gone_before_its_last_records_are_read():
     trace.thread_gone(1, 7)
     trace.add_events([(1, 1, 7, "leaf", 300, 0), (1, 1, 7, "worker", 400, 0)])
     trace.thread_gone(1, 7)
-    trace.add_events([(0, 1, 7, "reborn", 500, 0)])          # the id again: a new thread
+    trace.add_events([(0, 1, 7, "reborn", 500, 0), (0, 1, 8, "other", 510, 0)])   # the id again: a new thread
+    trace.process_gone(1)                                     # and the process's end, known first
+    trace.add_events([(1, 1, 8, "other", 520, 0)])
     trace.finish()
-    worker, leaf, reborn = trace.calls
+    worker, leaf, reborn, other = trace.calls
     assert (worker.status, worker.end_ns, leaf.status, leaf.end_ns) == (RETURNED, 400, RETURNED, 300)
     assert leaf in worker.children and (reborn.status, reborn.depth) == (UNFINISHED, 0)
-    assert [c.name for c in trace.roots] == ["worker", "reborn"]
+    assert (other.status, other.end_ns) == (RETURNED, 520)
+    assert [c.name for c in trace.roots] == ["worker", "reborn", "other"]
