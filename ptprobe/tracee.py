@@ -432,6 +432,19 @@ class AddressSpace:
         return f"<AddressSpace of {self.pid}>"
 
 
+def _next_stop(thread: Thread, wait_thread: Callable[[int], int]) -> Tuple[int, int]:
+    """(signal, ptrace event) of *thread*'s next stop in a remote syscall; its
+    exit raises, and a PTRACE_INTERRUPT used up here is forgotten."""
+    status = wait_thread(thread.tid)
+    if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+        thread.exited = True
+        raise NoSuchProcessError(f"thread {thread.tid} exited during a remote syscall", thread.tid)
+    event = status >> 16
+    if event == linux.PTRACE_EVENT_STOP:
+        thread.interrupted = False
+    return os.WSTOPSIG(status), event
+
+
 def _step_syscall(thread: Thread, at: int, regs: linux.Registers,
                   wait_thread: Callable[[int], int]) -> Tuple[bool, Optional[int]]:
     """Step *thread* through the syscall at *at*; returns (saw_seccomp_stop, the
@@ -442,16 +455,11 @@ def _step_syscall(thread: Thread, at: int, regs: linux.Registers,
     try:
         linux.singlestep(thread.tid)
         while True:
-            status = wait_thread(thread.tid)
-            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
-                thread.exited = True
-                raise NoSuchProcessError(f"thread {thread.tid} exited during a remote syscall", thread.tid)
-            sig = os.WSTOPSIG(status)
-            event = status >> 16
+            sig, event = _next_stop(thread, wait_thread)
             if event == linux.PTRACE_EVENT_SECCOMP:
                 saw_seccomp = True
             elif event == linux.PTRACE_EVENT_STOP:
-                thread.interrupted = False      # a PTRACE_INTERRUPT consumed here
+                pass
             elif event == 0 and sig == signal.SIGTRAP:
                 now = linux.get_regs(thread.tid)
                 if now.rip == at + 2:
@@ -493,16 +501,11 @@ def _unstep(thread: Thread, at: int, regs: linux.Registers, wait_thread: Callabl
     try:
         linux.syscall_resume(thread.tid)
         while True:
-            status = wait_thread(thread.tid)
-            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
-                thread.exited = True
-                raise NoSuchProcessError(f"thread {thread.tid} exited during a remote syscall", thread.tid)
-            sig = os.WSTOPSIG(status)
-            event = status >> 16
+            sig, event = _next_stop(thread, wait_thread)
             if event == linux.PTRACE_EVENT_SECCOMP:
                 saw_seccomp = True
             elif event == linux.PTRACE_EVENT_STOP:
-                thread.interrupted = False
+                pass
             elif event == 0 and sig == signal.SIGTRAP and linux.get_rip(thread.tid) == at + 2:
                 syscall_stops += 1
                 if syscall_stops == 2:          # the exit's: done
