@@ -88,8 +88,8 @@ class CallTrace:
         self._stacks: Dict[Tuple[int, int], List[Call]] = {}
         #: threads gone (exited, exec'd, or their process) whose last records may still
         #: come: the ring is read in order, and a record of another thread not
-        #: committed yet holds back those behind it; a new entry of that thread id
-        #: starts a new stack
+        #: committed yet holds back those behind it; an outermost entry of that thread
+        #: id (depth 0) starts a new stack
         self._gone: Set[Tuple[int, int]] = set()
         self._pending: List[tuple] = []
         self.process_names: Dict[int, str] = {}
@@ -167,8 +167,10 @@ class CallTrace:
                     key = (pid, tid)
                     stack = stacks.get(key)
                 if kind == 0:
-                    if gone and key in gone:
-                        gone.discard(key)               # a new thread, or a new image: its own stack
+                    if value == 0 and gone and key in gone:
+                        # an outermost call of a thread id that is gone: a new thread (or a
+                        # new image); a late entry of the old thread has its depth
+                        gone.discard(key)
                         stack = stacks[key] = []
                     if stack is None:
                         stack = stacks[key] = []

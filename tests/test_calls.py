@@ -292,9 +292,9 @@ def test_a_thread_gone_before_its_last_records_are_read():
     record is read. That exit still ends its call; a later entry of the same
     thread id (a new thread) starts on its own."""
     trace = calltrace.CallTrace()
-    trace.add_events([(0, 1, 7, "worker", 100, 0), (0, 1, 7, "leaf", 200, 1)])
+    trace.add_events([(0, 1, 7, "worker", 100, 0)])
     trace.thread_gone(1, 7)
-    trace.add_events([(1, 1, 7, "leaf", 300, 0), (1, 1, 7, "worker", 400, 0)])
+    trace.add_events([(0, 1, 7, "leaf", 200, 1), (1, 1, 7, "leaf", 300, 0), (1, 1, 7, "worker", 400, 0)])
     trace.thread_gone(1, 7)
     trace.add_events([(0, 1, 7, "reborn", 500, 0), (0, 1, 8, "other", 510, 0)])   # the id again: a new thread
     trace.process_gone(1)                                     # and the process's end, known first
