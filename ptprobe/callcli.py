@@ -23,8 +23,9 @@ from typing import IO, Dict, List, Optional, Sequence
 
 import ptprobe
 from ptprobe import calltrace, discover
-from ptprobe.console import Console, ConsoleObserver, Signals, WaitInterrupted, die_by, pids_and_names, ring_size, seconds
-from ptprobe.errors import NoSuchProcessError, OutputError, ProbeSpecError, SymbolNotFoundError, UsageError
+from ptprobe.console import (Console, ConsoleObserver, Signals, WaitInterrupted, die_by, pids_and_names, processes,
+                             ring_size, seconds)
+from ptprobe.errors import OutputError, ProbeSpecError, SymbolNotFoundError, UsageError
 
 #: the trace file record writes and report and graph read when none is named
 DEFAULT_FILE = "ptprobe.json"
@@ -281,13 +282,7 @@ class _Recording:
     def _start(self) -> ptprobe.Session:
         if self.program:
             return ptprobe.run(self.program, **self.options)
-        pids = list(self.pids)
-        for name in self.names:
-            found = discover.find_processes(name)
-            if not found:
-                raise NoSuchProcessError(f"no process named {name!r}", 0)
-            pids.extend(p for p in found if p not in pids)
-        return ptprobe.attach(pids, strict=not self.names, **self.options)
+        return ptprobe.attach(processes(self.pids, self.names), strict=not self.names, **self.options)
 
     def _chosen_objects(self, session: ptprobe.Session) -> List[str]:
         """The objects to record: the executables of the processes, or --object's

@@ -23,9 +23,9 @@ from typing import IO, Any, Callable, Dict, List, NoReturn, Optional, Sequence, 
 import ptprobe
 from ptprobe import callcli, discover, manual, render
 from ptprobe.console import (SHOWN_ERRORS, Console, ConsoleObserver, Signals, WaitInterrupted, die_by, isatty, pids_and_names,
-                             ring_size, seconds)
+                             processes, ring_size, seconds)
 from ptprobe.aggregate import Aggregation
-from ptprobe.errors import NoSuchProcessError, ProbeSpecError, PtprobeError, SymbolNotFoundError, UsageError
+from ptprobe.errors import ProbeSpecError, PtprobeError, SymbolNotFoundError, UsageError
 from ptprobe.filter import STRING_SIZE, Context, Filter
 from ptprobe.output import Format, Output, UPROBE_INTEGER_ARGS, default_line, json_record
 
@@ -351,12 +351,7 @@ class _Tracer:
         options = dict(settings.options, observer=self.observer)
         if settings.command == "run":
             return ptprobe.run(settings.program, **options)
-        pids = list(settings.pids)
-        for name in settings.names:
-            found = discover.find_processes(name)
-            if not found:
-                raise NoSuchProcessError(f"no process named {name!r}", 0)
-            pids.extend(p for p in found if p not in pids)
+        pids = processes(settings.pids, settings.names)
         for pid in pids:
             self.names[pid] = discover.process_name(pid)
         # processes found by name may include some ptprobe may not trace: leave those out

@@ -17,7 +17,8 @@ import traceback
 from typing import IO, Callable, Dict, List, Optional, Sequence, Tuple
 
 import ptprobe
-from ptprobe.errors import UsageError
+from ptprobe import discover
+from ptprobe.errors import NoSuchProcessError, UsageError
 
 #: handler errors reported one by one; the rest are counted
 SHOWN_ERRORS = 10
@@ -122,6 +123,17 @@ def pids_and_names(targets: Sequence[str]) -> Tuple[List[int], List[str]]:
                 raise UsageError(f"{text!r} is not a process id", text)
             pids.append(number)
     return pids, names
+
+
+def processes(pids: Sequence[int], names: Sequence[str]) -> List[int]:
+    """*pids*, then the processes named each of *names* (one at least for each)."""
+    out = list(pids)
+    for name in names:
+        found = discover.find_processes(name)
+        if not found:
+            raise NoSuchProcessError(f"no process named {name!r}", 0)
+        out.extend(p for p in found if p not in out)
+    return out
 
 
 # --------------------------------------------------------------------------- signals

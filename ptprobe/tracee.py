@@ -361,9 +361,13 @@ class AddressSpace:
     def seccomp_refusal(self, nr: int, *args: int, thread: Optional[Thread] = None) -> Optional[str]:
         """Why system call *nr* with *args* must not be made in this process (None: it
         may), from the thread that :meth:`syscall` would use."""
-        thread = thread or self.stopped_thread()
+        return self._refusals(thread or self.stopped_thread(), (nr, *args))[0]
+
+    def _refusals(self, thread: Thread, *calls: Tuple[int, ...]) -> List[Optional[str]]:
+        """:meth:`seccomp_refusal` of each (nr, *args) of *calls*, the filters read once."""
         at = self.syscall_gadget if self.syscall_gadget is not None else linux.get_rip(thread.tid)
-        return self.seccomp_filters().refusal(nr, args, at + 2)
+        stack = self.seccomp_filters()
+        return [stack.refusal(call[0], call[1:], at + 2) for call in calls]
 
     def syscall(self, nr: int, *args: int, thread: Optional[Thread] = None) -> Tuple[int, bool]:
         """Make the tracee run syscall *nr*; returns (result, saw_seccomp_stop).
@@ -375,12 +379,13 @@ class AddressSpace:
         judged) is not made: :class:`SyscallRefusedError`.
         """
         thread = thread or self.stopped_thread()
-        why = self.seccomp_refusal(nr, *args, thread=thread)
+        # (the getpid of _unstep judged now: filters this syscall may install are
+        # judged by their installer)
+        why, getpid_refused = self._refusals(thread, (nr, *args), (linux.SYS_getpid,))
         if why is not None:
             name = linux.SYSCALL_NAMES.get(nr, f"system call {nr:#x}")
             raise SyscallRefusedError(f"{name} not made in process {self.pid}: {why}", self.pid, nr, why)
-        # (judged now: the filters this syscall may install are judged by their installer)
-        unstep = not thread.group_stop and self.seccomp_refusal(linux.SYS_getpid, thread=thread) is None
+        unstep = not thread.group_stop and getpid_refused is None
         tid = thread.tid
         in_group_stop = thread.group_stop
         saved = linux.get_regs(tid)
